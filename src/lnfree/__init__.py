@@ -1,0 +1,55 @@
+"""lnfree: mechanistic interpretability of transformers with and without LayerNorm.
+
+The public API, imported lazily so that `import lnfree` stays fast:
+
+>>> import lnfree
+>>> model = lnfree.zoo.load("tiny-ln")                       # doctest: +SKIP
+>>> res = lnfree.direct_logit_attribution(model, tokens)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+# TransformerLens 3.9 deprecates HookedTransformer in favour of 4.x's TransformerBridge; this
+# package is built on HookedTransformer on purpose (see README), so the warning is noise here.
+warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LNFreeTransformer": "lnfree.model",
+    "RemovableLayerNorm": "lnfree.layernorm",
+    "bootstrap": "lnfree.stats",
+    "Estimate": "lnfree.stats",
+    "load_model": "lnfree.loading",
+    "gpt2_tokenizer": "lnfree.tokenizer",
+    "direct_logit_attribution": "lnfree.analysis.dla",
+    "compare_dla": "lnfree.analysis.dla",
+    "activation_patching": "lnfree.analysis.patching",
+    "attribution_patching": "lnfree.analysis.patching",
+    "patching_error": "lnfree.analysis.patching",
+    "compare_patching": "lnfree.analysis.patching",
+    "find_entropy_neurons": "lnfree.analysis.confidence",
+    "ablate_neurons": "lnfree.analysis.confidence",
+    "calibration": "lnfree.analysis.confidence",
+    "compare_confidence": "lnfree.analysis.confidence",
+    "remove_layernorm": "lnfree.removal",
+    "cross_entropy": "lnfree.evaluation",
+}
+_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lnfree.{name}")
+    raise AttributeError(f"module 'lnfree' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

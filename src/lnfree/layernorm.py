@@ -1,0 +1,137 @@
+"""A LayerNorm whose per-token scale can be live, frozen to a constant, or removed.
+
+`RemovableLayerNorm` replaces TransformerLens's `LayerNorm` / `LayerNormPre` inside
+`LNFreeTransformer`. It computes exactly what TransformerLens computes while every path is
+`live` (same operations in the same order, so outputs are bit-for-bit identical) and keeps
+TransformerLens's hook names (`hook_scale`, `hook_normalized`), so caches and ActivationCache
+helpers keep working.
+
+One module can serve several *paths*: `ln1` feeds the query/key path and the value path of
+attention, and the paper removes those two independently. Each path is one LN *site* with its
+own mode and scale. Path "qk" (or the single path "main") uses the TransformerLens hook names;
+the value path adds `hook_scale_v` / `hook_normalized_v`.
+
+Modes, per path:
+- ``live``: x_c / sqrt(mean(x_c^2) + eps) * w + b, the ordinary LayerNorm.
+- ``frozen``: x_c / sigma * w + b with a fixed scalar sigma (the paper's "fake LN").
+- ``removed``: identity. The model has folded centering, w, b and 1/sigma into the weights
+  that read this path (see `LNFreeTransformer.remove_ln`). `hook_scale` still fires, with ones,
+  so code that divides by the cached scale stays exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+from jaxtyping import Float
+from transformer_lens.hook_points import HookPoint
+
+MODES = ("live", "frozen", "removed")
+
+StdRecorder = Callable[[str, torch.Tensor], None]
+
+
+class RemovableLayerNorm(nn.Module):
+    """LayerNorm with independently switchable scale sites (one per path).
+
+    Example:
+        >>> from transformer_lens import HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu")
+        >>> ln = RemovableLayerNorm(cfg, paths=("main",))
+        >>> ln.set_mode("main", "frozen", sigma=2.0)
+        >>> ln(torch.ones(1, 2, 8)).shape
+        torch.Size([1, 2, 8])
+    """
+
+    def __init__(
+        self,
+        cfg,
+        paths: tuple[str, ...] = ("main",),
+        w: Optional[nn.Parameter] = None,
+        b: Optional[nn.Parameter] = None,
+        has_params: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.eps = cfg.eps
+        self.paths = tuple(paths)
+        self.has_params = has_params
+        if has_params:
+            self.w = w if w is not None else nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+            self.b = b if b is not None else nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        self.modes: dict[str, str] = {p: "live" for p in self.paths}
+        # One scalar scale per path; nan while never set. Not persistent: the TransformerLens
+        # state dict stays unchanged, and checkpoints store scales explicitly.
+        self.register_buffer("sigma", torch.full((len(self.paths),), float("nan")), persistent=False)
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+        if len(self.paths) > 1:
+            self.hook_scale_v = HookPoint()
+            self.hook_normalized_v = HookPoint()
+        self.recorder: Optional[StdRecorder] = None
+
+    # ---- state -------------------------------------------------------------------------
+    def _index(self, path: str) -> int:
+        if path not in self.paths:
+            raise ValueError(f"path {path!r} is not one of this LayerNorm's paths {self.paths}")
+        return self.paths.index(path)
+
+    def get_sigma(self, path: str) -> Optional[float]:
+        value = float(self.sigma[self._index(path)])
+        return None if value != value else value
+
+    def set_mode(self, path: str, mode: str, sigma: Optional[float] = None) -> None:
+        """Set one path's mode; `sigma` is required for "frozen" unless already stored."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        i = self._index(path)
+        if sigma is not None:
+            self.sigma[i] = float(sigma)
+        if mode == "frozen" and self.get_sigma(path) is None:
+            raise ValueError(f"freezing path {path!r} needs a scale: pass sigma=")
+        self.modes[path] = mode
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(
+        self, x: Float[torch.Tensor, "batch pos d_model"], path: Optional[str] = None
+    ) -> Float[torch.Tensor, "batch pos d_model"]:
+        path = self.paths[0] if path is None else path
+        is_first = path == self.paths[0]
+        hook_scale = self.hook_scale if is_first else self.hook_scale_v
+        hook_normalized = self.hook_normalized if is_first else self.hook_normalized_v
+        mode = self.modes[path]
+        if mode == "removed":
+            if self.recorder is not None:
+                self._record(path, x)
+            hook_scale(torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device))
+            return hook_normalized(x)
+
+        # Same operations, in the same order, as transformer_lens.components.LayerNorm.
+        if self.cfg.dtype not in [torch.float32, torch.float64]:
+            x = x.to(torch.float32)
+        x = x - x.mean(-1, keepdim=True)
+        if mode == "live":
+            scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            if self.recorder is not None:
+                self.recorder(path, scale.detach()[..., 0])
+        else:
+            if self.recorder is not None:
+                self._record(path, x, centered=True)
+            sigma = self.sigma[self._index(path)].to(x.dtype)
+            scale = sigma.expand(x.shape[:-1] + (1,))
+        scale = hook_scale(scale)
+        x = hook_normalized(x / scale).to(self.cfg.dtype)
+        if self.has_params:
+            return x * self.w + self.b
+        return x
+
+    def _record(self, path: str, x: torch.Tensor, centered: bool = False) -> None:
+        x = x.detach().float()
+        if not centered:
+            x = x - x.mean(-1, keepdim=True)
+        self.recorder(path, (x.pow(2).mean(-1) + self.eps).sqrt())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{p}={m}" for p, m in self.modes.items())

@@ -1,0 +1,490 @@
+"""`LNFreeTransformer`: a HookedTransformer in which every LayerNorm is a removable site.
+
+Sites, in the order the paper removes them within a layer type:
+``blocks.{i}.ln1.qk`` (attention query/key input), ``blocks.{i}.ln1.v`` (attention value input),
+``blocks.{i}.ln2`` (MLP input) and ``ln_final``. Each is ``live``, ``frozen`` (fixed scalar scale,
+the paper's fake LN) or ``removed`` (scale, centering, w and b folded into the weights that read
+the site; the LayerNorm module becomes the identity).
+
+All LN logic of the package lives here and in `lnfree.layernorm`; analyses ask the model
+(`ln_mode`, `ln_scale`, `site_hook`) instead of re-deriving it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from jaxtyping import Int
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens.components import LayerNorm, LayerNormPre, TransformerBlock
+
+from lnfree.layernorm import MODES, RemovableLayerNorm
+
+ScalesArg = Union[None, float, int, Mapping[str, float]]
+SitesArg = Union[None, str, Sequence[str]]
+
+
+class LNFreeBlock(TransformerBlock):
+    """TransformerBlock whose ln1 is called once per path (query/key, value).
+
+    With every path live this computes exactly what `TransformerBlock.forward` computes.
+    """
+
+    def forward(self, resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None, attention_mask=None):
+        resid_pre = self.hook_resid_pre(resid_pre)
+        qk_in = self.ln1(resid_pre, "qk")
+        v_in = self.ln1(resid_pre, "v")
+        extra = 0.0 if shortformer_pos_embed is None else shortformer_pos_embed
+        attn_out = self.hook_attn_out(
+            self.attn(
+                query_input=qk_in + extra,
+                key_input=qk_in + extra,
+                value_input=v_in,
+                past_kv_cache_entry=past_kv_cache_entry,
+                attention_mask=attention_mask,
+            )
+        )
+        if self.cfg.attn_only:
+            return self.hook_resid_post(resid_pre + attn_out)
+        if self.cfg.parallel_attn_mlp:
+            mlp_in = resid_pre if not self.cfg.use_hook_mlp_in else self.hook_mlp_in(resid_pre.clone())
+            mlp_out = self.apply_mlp(self.ln2(mlp_in))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_in = resid_mid if not self.cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
+        mlp_out = self.apply_mlp(self.ln2(mlp_in))
+        return self.hook_resid_post(resid_mid + mlp_out)
+
+
+def _check_supported(cfg) -> None:
+    if cfg.normalization_type not in ("LN", "LNPre", None):
+        raise ValueError(
+            f"LNFreeTransformer needs LayerNorm (normalization_type 'LN' or 'LNPre'); this model uses "
+            f"{cfg.normalization_type!r}. RMSNorm models are not supported."
+        )
+    unsupported = {
+        "use_split_qkv_input": cfg.use_split_qkv_input,
+        "use_attn_in": cfg.use_attn_in,
+        "use_normalization_before_and_after": cfg.use_normalization_before_and_after,
+        "layer-norm activation (SoLU)": cfg.is_layer_norm_activation(),
+        "grouped-query attention": cfg.n_key_value_heads is not None,
+    }
+    bad = [name for name, on in unsupported.items() if on]
+    if bad:
+        raise ValueError(f"LNFreeTransformer does not support models with {', '.join(bad)}")
+
+
+class LNFreeTransformer(HookedTransformer):
+    """HookedTransformer with removable LayerNorm sites.
+
+    Example:
+        >>> from transformer_lens import HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_ctx=16, d_head=8, d_vocab=50,
+        ...                               act_fn="gelu_new", normalization_type="LN")
+        >>> model = LNFreeTransformer(cfg)
+        >>> tokens = torch.randint(0, 50, (4, 16))
+        >>> scales = model.estimate_ln_scales(tokens)
+        >>> with model.ln_frozen():             # every site frozen at its estimated scale
+        ...     frozen_logits = model(tokens)
+        >>> model.remove_ln()                   # fold the scales into the weights, for good
+        >>> torch.allclose(model(tokens), frozen_logits, atol=1e-5)
+        True
+        >>> model.is_ln_free
+        True
+    """
+
+    def __init__(self, cfg, tokenizer=None, move_to_device: bool = True, **kwargs):
+        cfg = HookedTransformerConfig.unwrap(cfg)
+        _check_supported(cfg)
+        super().__init__(cfg, tokenizer=tokenizer, move_to_device=move_to_device, **kwargs)
+        self._install_sites()
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_hooked(cls, model: HookedTransformer) -> "LNFreeTransformer":
+        """Wrap an existing HookedTransformer; parameters are shared, not copied.
+
+        The wrapped model is left untouched: later LN removal writes new parameters rather than
+        editing shared ones in place.
+
+        Example:
+            >>> from transformer_lens import HookedTransformer, HookedTransformerConfig
+            >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, d_vocab=20, act_fn="gelu")
+            >>> ht = HookedTransformer(cfg)
+            >>> m = LNFreeTransformer.from_hooked(ht)
+            >>> m.W_E.data_ptr() == ht.W_E.data_ptr()
+            True
+        """
+        if isinstance(model, LNFreeTransformer):
+            return model
+        if not isinstance(model, HookedTransformer):
+            raise TypeError(f"from_hooked expects a HookedTransformer, got {type(model).__name__}")
+        _check_supported(model.cfg)
+        memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+        memo[id(model.tokenizer)] = model.tokenizer
+        new = copy.deepcopy(model, memo)
+        new.__class__ = cls
+        new._install_sites()
+        return new
+
+    def _install_sites(self) -> None:
+        """Swap TransformerLens LayerNorms for RemovableLayerNorms, keeping their parameters."""
+        for block in self.blocks:
+            block.__class__ = LNFreeBlock
+            block.ln1 = self._as_removable(block.ln1, ("qk", "v"))
+            if hasattr(block, "ln2"):
+                block.ln2 = self._as_removable(block.ln2, ("main",))
+        if hasattr(self, "ln_final"):
+            self.ln_final = self._as_removable(self.ln_final, ("main",))
+        self.setup()
+
+    def _as_removable(self, ln: nn.Module, paths: tuple[str, ...]) -> nn.Module:
+        if isinstance(ln, RemovableLayerNorm):
+            return ln
+        if isinstance(ln, LayerNorm):
+            new = RemovableLayerNorm(self.cfg, paths, w=ln.w, b=ln.b)
+        elif isinstance(ln, LayerNormPre):
+            new = RemovableLayerNorm(self.cfg, paths, has_params=False)
+        elif isinstance(ln, nn.Identity):
+            new = RemovableLayerNorm(self.cfg, paths, has_params=False)
+            for p in paths:
+                new.modes[p] = "removed"
+        else:
+            raise ValueError(f"unsupported normalization module {type(ln).__name__}")
+        return new.to(self.cfg.device) if self.cfg.device is not None else new
+
+    def load_and_process_state_dict(self, state_dict, *args, **kwargs):
+        """As HookedTransformer's; re-installs LN sites afterwards (fold_ln swaps LN modules)."""
+        super().load_and_process_state_dict(state_dict, *args, **kwargs)
+        self._install_sites()
+
+    # ---- sites -------------------------------------------------------------------------
+    @property
+    def ln_sites(self) -> list[str]:
+        """All LN site names, in layer order: ln1.qk, ln1.v, ln2 per block, then ln_final."""
+        sites = []
+        for i, block in enumerate(self.blocks):
+            sites += [f"blocks.{i}.ln1.qk", f"blocks.{i}.ln1.v"]
+            if hasattr(block, "ln2"):
+                sites.append(f"blocks.{i}.ln2")
+        if hasattr(self, "ln_final"):
+            sites.append("ln_final")
+        return sites
+
+    def _site(self, site: str) -> tuple[RemovableLayerNorm, str]:
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a string like 'blocks.0.ln2', got {type(site).__name__}")
+        parts = site.split(".")
+        try:
+            if site == "ln_final" and hasattr(self, "ln_final"):
+                return self.ln_final, "main"
+            if parts[0] == "blocks" and 0 <= int(parts[1]) < self.cfg.n_layers:
+                block = self.blocks[int(parts[1])]
+                if len(parts) == 4 and parts[2] == "ln1" and parts[3] in ("qk", "v"):
+                    return block.ln1, parts[3]
+                if len(parts) == 3 and parts[2] == "ln2" and hasattr(block, "ln2"):
+                    return block.ln2, "main"
+        except (ValueError, IndexError):
+            pass
+        raise ValueError(
+            f"unknown LN site {site!r}; valid sites are 'blocks.{{i}}.ln1.qk', 'blocks.{{i}}.ln1.v', "
+            f"'blocks.{{i}}.ln2' for i in 0..{self.cfg.n_layers - 1}, and 'ln_final'"
+        )
+
+    def _sites(self, sites: SitesArg) -> list[str]:
+        if sites is None:
+            return self.ln_sites
+        if isinstance(sites, str):
+            sites = [sites]
+        sites = list(sites)
+        for s in sites:
+            self._site(s)
+        return sites
+
+    def ln_mode(self, site: str) -> str:
+        """"live", "frozen" or "removed" for one site."""
+        module, path = self._site(site)
+        return module.modes[path]
+
+    def ln_modes(self) -> dict[str, str]:
+        """Mode of every site, in `ln_sites` order."""
+        return {s: self.ln_mode(s) for s in self.ln_sites}
+
+    def ln_scale(self, site: str) -> Optional[float]:
+        """The fixed scale stored for a site (estimated or frozen), or None if never set."""
+        module, path = self._site(site)
+        return module.get_sigma(path)
+
+    def site_hook(self, site: str, kind: str = "scale") -> str:
+        """Hook name of a site's scale or normalized output, e.g. 'blocks.0.ln1.hook_scale_v'."""
+        if kind not in ("scale", "normalized"):
+            raise ValueError(f"kind must be 'scale' or 'normalized', got {kind!r}")
+        self._site(site)
+        if site.endswith(".ln1.qk"):
+            return site[: -len(".qk")] + f".hook_{kind}"
+        if site.endswith(".ln1.v"):
+            return site[: -len(".v")] + f".hook_{kind}_v"
+        return f"{site}.hook_{kind}"
+
+    @property
+    def is_ln_free(self) -> bool:
+        """True when every site is removed (the model is linear in its residual stream reads)."""
+        return all(m == "removed" for m in self.ln_modes().values())
+
+    # ---- scales ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def recording_ln_std(self, mask: Optional[torch.Tensor] = None) -> Iterator["LNStdStats"]:
+        """Record, during forward passes, each site's per-token input std (sqrt(var + eps)).
+
+        `mask` ([batch, pos] bool) selects the tokens counted. Yields an `LNStdStats` whose
+        `.means()` gives the mean std per site.
+        """
+        stats = LNStdStats(mask)
+        modules = {}
+        for site in self.ln_sites:
+            module, path = self._site(site)
+            modules.setdefault(id(module), (module, {}))[1][path] = site
+        try:
+            for module, path_to_site in modules.values():
+                module.recorder = stats.recorder_for(path_to_site)
+            yield stats
+        finally:
+            for module, _ in modules.values():
+                module.recorder = None
+
+    @torch.no_grad()
+    def estimate_ln_scales(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        batch_size: int = 16,
+        exclude_position_0: bool = False,
+        store: bool = True,
+        progress: bool = False,
+    ) -> dict[str, float]:
+        """Mean over batch and positions of each site's per-token input std, as the paper computes it.
+
+        Stored on the model (unless `store=False`) so that `freeze_ln()` without scales uses them.
+        Removed sites have no scale to estimate and are skipped.
+
+        Example:
+            >>> scales = model.estimate_ln_scales(tokens, exclude_position_0=True)
+            >>> scales["ln_final"]  # doctest: +SKIP
+            3.71
+        """
+        if self.is_ln_free:
+            raise ValueError("this model is LN-free (every site removed): there are no LN scales to estimate")
+        tokens = self._check_tokens(tokens)
+        if tokens.shape[1] < 2 and exclude_position_0:
+            raise ValueError("exclude_position_0=True needs sequences of at least 2 tokens")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        mask = torch.ones(tokens.shape, dtype=torch.bool)
+        if exclude_position_0:
+            mask[:, 0] = False
+        from tqdm.auto import tqdm
+
+        totals: dict[str, list[float]] = {}
+        for start in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="LN scales"):
+            batch = tokens[start : start + batch_size]
+            with self.recording_ln_std(mask[start : start + batch_size]) as stats:
+                self(batch.to(self.cfg.device), return_type=None)
+            for site, (s, n) in stats.sums.items():
+                acc = totals.setdefault(site, [0.0, 0])
+                acc[0] += s
+                acc[1] += n
+        scales = {s: totals[s][0] / totals[s][1] for s in self.ln_sites if self.ln_mode(s) != "removed"}
+        if store:
+            for site, value in scales.items():
+                module, path = self._site(site)
+                module.sigma[module._index(path)] = value
+        return scales
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor of token ids, got {type(tokens).__name__}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.numel() == 0:
+            raise ValueError(f"tokens must have shape [batch, pos] with batch, pos >= 1, got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        if tokens.min() < 0 or tokens.max() >= self.cfg.d_vocab:
+            raise ValueError(
+                f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(tokens.min())}, max {int(tokens.max())}"
+            )
+        if tokens.shape[1] > self.cfg.n_ctx:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the context length n_ctx={self.cfg.n_ctx}")
+        return tokens
+
+    def _resolve_scales(self, sites: list[str], scales: ScalesArg) -> dict[str, float]:
+        if scales is None:
+            out = {s: self.ln_scale(s) for s in sites}
+            missing = [s for s, v in out.items() if v is None]
+            if missing:
+                raise ValueError(
+                    f"no stored scale for {missing[:3]}{'...' if len(missing) > 3 else ''}: call "
+                    "model.estimate_ln_scales(tokens) first, or pass scales= (a float or a dict site -> float)"
+                )
+        elif isinstance(scales, bool) or not isinstance(scales, (int, float, Mapping)):
+            raise TypeError(f"scales must be None, a float, or a dict site -> float; got {type(scales).__name__}")
+        elif isinstance(scales, Mapping):
+            unknown = set(scales) - set(self.ln_sites)
+            if unknown:
+                self._site(sorted(unknown)[0])  # raises with the list of valid names
+            missing = [s for s in sites if s not in scales]
+            if missing:
+                raise ValueError(f"scales dict has no entry for sites {missing[:3]}; give one per site to freeze")
+            out = {s: scales[s] for s in sites}
+        else:
+            out = {s: float(scales) for s in sites}
+        for s, v in out.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"scale for {s} must be a finite positive number, got {v!r}")
+        return {s: float(v) for s, v in out.items()}
+
+    # ---- modes -------------------------------------------------------------------------
+    def freeze_ln(self, sites: SitesArg = None, scales: ScalesArg = None) -> "LNFreeTransformer":
+        """Replace the per-token scale of `sites` (None = all not removed) by a fixed scalar.
+
+        `scales`: a float for all, a dict site -> float, or None for the stored estimates.
+
+        Example:
+            >>> model.freeze_ln("blocks.0.ln2", scales=3.0).ln_mode("blocks.0.ln2")
+            'frozen'
+        """
+        explicit = sites is not None
+        sites = self._sites(sites)
+        if not explicit:
+            sites = [s for s in sites if self.ln_mode(s) != "removed"]
+        removed = [s for s in sites if self.ln_mode(s) == "removed"]
+        if removed:
+            raise ValueError(f"sites {removed} are removed (permanent) and cannot be frozen")
+        for site, value in self._resolve_scales(sites, scales).items():
+            module, path = self._site(site)
+            module.set_mode(path, "frozen", value)
+        return self
+
+    def unfreeze_ln(self, sites: SitesArg = None) -> "LNFreeTransformer":
+        """Make frozen `sites` (None = all frozen ones) live again; their stored scale is kept."""
+        explicit = sites is not None
+        for site in self._sites(sites):
+            mode = self.ln_mode(site)
+            if mode == "removed":
+                if explicit:
+                    raise ValueError(f"site {site} is removed; removal is permanent (reload the model to undo it)")
+                continue
+            module, path = self._site(site)
+            module.set_mode(path, "live")
+        return self
+
+    @contextlib.contextmanager
+    def ln_frozen(self, sites: SitesArg = None, scales: ScalesArg = None) -> Iterator["LNFreeTransformer"]:
+        """Context manager: freeze `sites`, restore the previous modes and scales on exit.
+
+        Example:
+            >>> with model.ln_frozen(scales=2.0):
+            ...     logits = model(tokens)
+        """
+        saved = {s: (self.ln_mode(s), self.ln_scale(s)) for s in self.ln_sites}
+        self.freeze_ln(sites, scales)
+        try:
+            yield self
+        finally:
+            for site, (mode, sigma) in saved.items():
+                if self.ln_mode(site) == "removed":
+                    continue
+                module, path = self._site(site)
+                module.sigma[module._index(path)] = float("nan") if sigma is None else sigma
+                module.modes[path] = mode
+
+    @torch.no_grad()
+    def remove_ln(self, sites: SitesArg = None, scales: ScalesArg = None) -> "LNFreeTransformer":
+        """Permanently remove `sites` (None = all): fold their fixed scale into the weights.
+
+        Frozen sites keep their scale; live sites take `scales` or the stored estimate. For each
+        site, centering, w, b and 1/sigma are folded into the weights that read it (W_Q/W_K,
+        W_V, W_in, W_U and their biases); the site becomes the identity and the logits equal
+        the frozen model's. When every site is removed, `cfg.normalization_type` becomes None.
+
+        Example:
+            >>> model.remove_ln(scales=3.0).is_ln_free
+            True
+        """
+        sites = [s for s in self._sites(sites) if self.ln_mode(s) != "removed"]
+        live = [s for s in sites if self.ln_mode(s) == "live"]
+        if live:
+            self.freeze_ln(live, scales)
+        for site in sites:
+            self._fold_site(site)
+        if self.is_ln_free:
+            self.cfg.normalization_type = None
+        return self
+
+    def _fold_site(self, site: str) -> None:
+        module, path = self._site(site)
+        sigma = module.get_sigma(path)
+        w = module.w.detach().float() if module.has_params else None
+        b = module.b.detach().float() if module.has_params else None
+        for weight, bias, reads_dim in self._readers(site):
+            W = weight.detach().float()
+            shape = [1] * W.ndim
+            shape[reads_dim] = -1
+            M = W * w.view(shape) if w is not None else W
+            M = (M - M.mean(reads_dim, keepdim=True)) / sigma  # fold centering, w and 1/sigma
+            if bias is not None and b is not None:
+                new_bias = bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim]))
+                self._set_param(bias, new_bias)
+            elif bias is None and b is not None and bool(b.abs().max() > 0):
+                raise ValueError(f"cannot fold the LN bias of {site}: the reading weight has no bias")
+            self._set_param(weight, M)
+        module.set_mode(path, "removed")
+        module.sigma[module._index(path)] = 1.0
+
+    def _readers(self, site: str) -> list[tuple[nn.Parameter, Optional[nn.Parameter], int]]:
+        """(weight, bias, index of the d_model dim) for every weight that reads a site."""
+        if site == "ln_final":
+            return [(self.unembed.W_U, self.unembed.b_U, 0)]
+        block = self.blocks[int(site.split(".")[1])]
+        if site.endswith("ln1.qk"):
+            return [(block.attn.W_Q, block.attn.b_Q, 1), (block.attn.W_K, block.attn.b_K, 1)]
+        if site.endswith("ln1.v"):
+            return [(block.attn.W_V, block.attn.b_V, 1)]
+        readers = [(block.mlp.W_in, block.mlp.b_in, 0)]
+        if hasattr(block.mlp, "W_gate"):
+            readers.append((block.mlp.W_gate, None, 0))
+        return readers
+
+    def _set_param(self, param: nn.Parameter, value: torch.Tensor) -> None:
+        """Replace a parameter by a new one (never in place: from_hooked models share tensors)."""
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p is param:
+                    setattr(module, name, nn.Parameter(value.to(p.dtype), requires_grad=p.requires_grad))
+                    return
+        raise RuntimeError("parameter to replace not found in model")
+
+
+class LNStdStats:
+    """Accumulates per-site sums of per-token input std (see `recording_ln_std`)."""
+
+    def __init__(self, mask: Optional[torch.Tensor] = None):
+        self.mask = mask
+        self.sums: dict[str, tuple[float, int]] = {}
+
+    def recorder_for(self, path_to_site: dict[str, str]):
+        def record(path: str, std: torch.Tensor) -> None:
+            site = path_to_site[path]
+            if self.mask is not None:
+                std = std[self.mask.to(std.device)]
+            s, n = self.sums.get(site, (0.0, 0))
+            self.sums[site] = (s + float(std.double().sum()), n + std.numel())
+
+        return record
+
+    def means(self) -> dict[str, float]:
+        return {site: s / n for site, (s, n) in self.sums.items() if n > 0}

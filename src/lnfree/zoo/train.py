@@ -1,0 +1,611 @@
+"""Train a small GPT-2-style base model (with LayerNorm) on CPU, from scratch.
+
+This module is self-contained: it only needs ``torch``, ``numpy``,
+``safetensors``, ``tokenizers``/``transformers`` and ``transformer_lens``.
+
+Pipeline (see ``docs/zoo_training.md``)::
+
+    python -m lnfree.zoo.train tokenizer --text /work/shared/corpus/train/*.txt --out runs/zoo
+    python -m lnfree.zoo.train heldout --tokenizer runs/zoo/tokenizer.json \
+        --text /work/shared/corpus/heldout/*.txt --out runs/zoo
+    python -m lnfree.zoo.train bench --data runs/zoo --steps 8
+    python -m lnfree.zoo.train pretrain --data runs/zoo --out runs/zoo/pretrain \
+        --max-minutes 75 --max-steps 2000 --seed 0
+
+Loading the result::
+
+    from lnfree.zoo.train import load_model, load_tokenizer
+    model = load_model("runs/zoo/pretrain")          # latest / final checkpoint
+    tok = load_tokenizer("runs/zoo/tokenizer.json")
+
+Checkpoint layout (``OUT`` = ``--out``)::
+
+    OUT/ckpt/step_000100/{model.safetensors,state.pt,config.json}
+    OUT/ckpt/latest.json          -> {"step": 100, "dir": "step_000100"}
+    OUT/final/{model.safetensors,config.json}   (written when training ends)
+    OUT/train_log.jsonl           one JSON record per log line
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+EOT = "<|endoftext|>"
+DEFAULT_HELDOUT = (
+    "/work/shared/corpus/heldout/austen_persuasion.txt",
+    "/work/shared/corpus/heldout/cfi_en.txt",
+)
+COMMON_NAMES = (
+    "John Mary Elizabeth Anne Emma James Henry William Charles George Thomas "
+    "Robert Edward Richard Jane Catherine Sarah Margaret Frank Harriet Robert "
+    "David Peter Paul Michael Susan Lucy Alice Sophia Fanny Maria Julia Edmund "
+    "Frederick Harry Jack Tom Sam Ben Kate Lydia Kitty Marianne Elinor Mark Luke "
+    "Matthew Joseph Daniel Samuel Isaac Jacob Moses Abraham Martha Rachel Ruth"
+).split()
+COMMON_NAMES = tuple(dict.fromkeys(COMMON_NAMES))
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+def train_tokenizer(text_files: Sequence[str | os.PathLike], vocab_size: int = 4096,
+                    out_path: str | os.PathLike = "tokenizer.json",
+                    boost_words: Sequence[str] = COMMON_NAMES, boost_count: int = 3000) -> str:
+    """Train a GPT-2-like byte-level BPE tokenizer and save it as ``tokenizer.json``.
+
+    ``<|endoftext|>`` is the only special token (id 0). ``out_path`` may be a
+    directory (``tokenizer.json`` is written inside) or a file path.
+    ``boost_words`` (default: common first names) are added ``boost_count`` times,
+    as ``" " + word``, to the *tokenizer* training text only, so that with a small
+    vocabulary they still become single tokens with a leading space (useful for
+    IOI-style name tasks). Pass ``boost_words=()`` for a plain corpus tokenizer.
+
+    >>> p = train_tokenizer(["book.txt"], 4096, "runs/zoo")   # doctest: +SKIP
+    >>> load_tokenizer(p).encode(" John")                       # doctest: +SKIP
+    [1234]
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    def lines():
+        for f in text_files:
+            with open(f, encoding="utf-8") as fh:
+                yield from fh
+        for w in dict.fromkeys(boost_words):
+            for _ in range(max(1, boost_count // 100)):
+                yield (" " + w) * 100 + "\n"
+
+    tok.train_from_iterator(lines(), trainer)
+    out = Path(out_path)
+    if out.is_dir() or out.suffix != ".json":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / "tokenizer.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tok.save(str(tmp))
+    os.replace(tmp, out)
+    return str(out)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load ``tokenizer.json`` as a ``transformers.PreTrainedTokenizerFast``.
+
+    bos/eos/unk/pad are all ``<|endoftext|>`` (TransformerLens needs bos and pad).
+    ``path`` may be the JSON file or a directory containing it.
+
+    >>> tok = load_tokenizer("runs/zoo/tokenizer.json")   # doctest: +SKIP
+    >>> tok.decode(tok.encode("Hello world"))             # doctest: +SKIP
+    'Hello world'
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(p), bos_token=EOT, eos_token=EOT, unk_token=EOT,
+        pad_token=EOT, model_max_length=1 << 30,
+    )
+
+
+def _raw(tokenizer):
+    """Return the underlying ``tokenizers.Tokenizer`` (fast path, no special tokens)."""
+    return getattr(tokenizer, "backend_tokenizer", tokenizer)
+
+
+def single_token_names(tokenizer, names: Iterable[str] = COMMON_NAMES) -> list[str]:
+    """Names ``n`` such that ``" " + n`` is one token.
+
+    >>> single_token_names(tok, ["John", "Zebedee"])   # doctest: +SKIP
+    ['John']
+    """
+    raw = _raw(tokenizer)
+    out = []
+    for n in dict.fromkeys(names):
+        if len(raw.encode(" " + n, add_special_tokens=False).ids) == 1:
+            out.append(n)
+    return out
+
+
+def _chunks(text: str, size: int = 1 << 20) -> list[str]:
+    """Split ``text`` into ~``size``-char pieces at paragraph boundaries (keeps all chars)."""
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind("\n\n", start, end)
+            end = cut + 2 if cut > start else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
+def encode_text(text: str, tokenizer) -> np.ndarray:
+    """Encode a (possibly very long) text into a 1-D uint16 array of token ids."""
+    raw = _raw(tokenizer)
+    encs = raw.encode_batch(_chunks(text), add_special_tokens=False)
+    ids = [np.asarray(e.ids, dtype=np.uint16) for e in encs]
+    return np.concatenate(ids) if ids else np.zeros(0, np.uint16)
+
+
+def eot_id(tokenizer) -> int:
+    """Id of ``<|endoftext|>``."""
+    return int(_raw(tokenizer).token_to_id(EOT))
+
+
+def tokenize_files(files: Sequence[str | os.PathLike], tokenizer) -> np.ndarray:
+    """Tokenize files into one uint16 stream; each file is a document, joined by EOT.
+
+    >>> ids = tokenize_files(["a.txt", "b.txt"], tok)   # doctest: +SKIP
+    >>> ids.dtype, ids[0] == eot_id(tok)                # doctest: +SKIP
+    (dtype('uint16'), True)
+    """
+    eot = np.asarray([eot_id(tokenizer)], dtype=np.uint16)
+    parts = []
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8")
+        parts += [eot, encode_text(text, tokenizer)]
+    parts.append(eot)
+    return np.concatenate(parts)
+
+
+def heldout_sequences(file: str | os.PathLike, tokenizer, n_seq: int = 100,
+                      seq_len: int = 256) -> np.ndarray:
+    """Consecutive rows ``[EOT] + (seq_len-1) tokens`` from a text file, shape [n, seq_len].
+
+    >>> heldout_sequences("persuasion.txt", tok, 100).shape   # doctest: +SKIP
+    (100, 256)
+    """
+    ids = encode_text(Path(file).read_text(encoding="utf-8"), tokenizer)
+    body = seq_len - 1
+    n = min(n_seq, len(ids) // body)
+    rows = ids[: n * body].reshape(n, body)
+    bos = np.full((n, 1), eot_id(tokenizer), dtype=np.uint16)
+    return np.concatenate([bos, rows], axis=1).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+def base_model_kwargs(d_vocab: int = 4096, **overrides) -> dict:
+    """Keyword arguments for ``HookedTransformerConfig`` of the zoo base model (GPT-2 style).
+
+    >>> base_model_kwargs(4096, n_layers=1)["n_layers"]
+    1
+    """
+    kw = dict(
+        n_layers=4, d_model=256, n_heads=8, d_head=32, d_mlp=768, n_ctx=256,
+        d_vocab=d_vocab, act_fn="gelu_new", normalization_type="LN",
+        positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
+        tokenizer_prepends_bos=True, default_prepend_bos=True,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def build_model(model_kwargs: dict, seed: int = 0, tokenizer=None):
+    """Build a freshly GPT-2-initialised ``HookedTransformer`` on CPU (float32).
+
+    >>> m = build_model(base_model_kwargs(4096, n_layers=1, d_model=32, n_heads=2,
+    ...                 d_head=16, d_mlp=64), seed=0)   # doctest: +SKIP
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(**model_kwargs, seed=seed, init_weights=True, device="cpu")
+    return HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a pretraining run (all JSON-serialisable)."""
+
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 200
+    max_steps: int = 2000
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_minutes: float | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    eval_every: int = 250
+    eval_seqs: int = 64
+    keep_ckpts: int = 2
+    threads: int = 2
+    model: dict = field(default_factory=base_model_kwargs)
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``.
+
+    >>> tc = TrainConfig(warmup_steps=10, max_steps=100)
+    >>> lr_at(0, tc) < lr_at(9, tc) == tc.lr, abs(lr_at(100, tc) - tc.min_lr) < 1e-12
+    (True, True)
+    """
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    frac = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (ndim >= 2) only, not on biases / LayerNorm."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+
+
+def sample_batch(tokens: np.ndarray, tc: TrainConfig, gen: torch.Generator,
+                 bos: int) -> torch.Tensor:
+    """``batch_size`` rows of ``[BOS] + (seq_len-1)`` tokens from random offsets."""
+    body = tc.seq_len - 1
+    offs = torch.randint(0, len(tokens) - body, (tc.batch_size,), generator=gen).numpy()
+    rows = np.stack([tokens[o:o + body] for o in offs]).astype(np.int64)
+    out = torch.empty((tc.batch_size, tc.seq_len), dtype=torch.long)
+    out[:, 0] = bos
+    out[:, 1:] = torch.from_numpy(rows)
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, seqs: np.ndarray | torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats/token) over rows of ``seqs`` [n, seq_len]."""
+    seqs = torch.as_tensor(np.asarray(seqs, dtype=np.int64))
+    model.eval()
+    tot, n = 0.0, 0
+    for i in range(0, len(seqs), batch_size):
+        b = seqs[i:i + batch_size]
+        loss = model(b, return_type="loss", loss_per_token=True)
+        tot += float(loss.sum())
+        n += loss.numel()
+    model.train()
+    return tot / max(1, n)
+
+
+# --- checkpoints -----------------------------------------------------------
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(sd, str(tmp))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, model, opt, gen: torch.Generator, tc: TrainConfig,
+                    step: int, extra: dict | None = None) -> Path:
+    """Atomically write ``out/ckpt/step_XXXXXX`` then point ``latest.json`` at it."""
+    ck = out / "ckpt"
+    ck.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp = ck / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_weights(model, tmp / "model.safetensors")
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "data_rng": gen.get_state(),
+        "extra_json": json.dumps(extra or {}),
+    }
+    torch.save(state, tmp / "state.pt")
+    (tmp / "config.json").write_text(json.dumps({"train": asdict(tc), "model": tc.model}, indent=1))
+    final = ck / name
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write_text(ck / "latest.json", json.dumps({"step": step, "dir": name}))
+    old = sorted(p for p in ck.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in old[:-tc.keep_ckpts]:
+        if p.name != name:
+            shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """Directory of the latest complete checkpoint under ``out/ckpt`` (or None)."""
+    f = Path(out) / "ckpt" / "latest.json"
+    if not f.exists():
+        return None
+    return Path(out) / "ckpt" / json.loads(f.read_text())["dir"]
+
+
+def load_model(path: str | os.PathLike, tokenizer=None):
+    """Load a trained zoo model as a ``HookedTransformer``.
+
+    ``path``: a run dir (uses ``final/`` if present, else the latest checkpoint) or a
+    dir holding ``model.safetensors`` + ``config.json``.
+
+    >>> model = load_model("runs/zoo/pretrain", load_tokenizer("runs/zoo/tokenizer.json"))  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not (p / "model.safetensors").exists():
+        p = p / "final" if (p / "final" / "model.safetensors").exists() else latest_checkpoint(p)
+    if p is None:
+        raise FileNotFoundError(f"no checkpoint under {path}")
+    conf = json.loads((p / "config.json").read_text())
+    model = build_model(conf["model"], seed=conf.get("train", {}).get("seed", 0), tokenizer=tokenizer)
+    model.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
+    model.eval()
+    return model
+
+
+# --- loop ------------------------------------------------------------------
+
+def _log(out: Path | None, rec: dict) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out is not None:
+        with open(out / "train_log.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
+             resume: bool = False, eval_sets: dict | None = None, bos: int = 0,
+             progress: bool = True) -> tuple:
+    """Train from scratch (or resume) and return ``(model, history)``.
+
+    ``history`` is a list of per-step losses for steps run in this call. Ends when
+    ``tc.max_steps`` are done or ``tc.max_minutes`` of wall clock have elapsed;
+    always writes a final checkpoint and ``out/final`` (if ``out`` is given).
+
+    >>> model, hist = pretrain(ids, TrainConfig(max_steps=3), "runs/tmp")   # doctest: +SKIP
+    """
+    torch.set_num_threads(tc.threads)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(tc.seed)
+    model = build_model(tc.model, seed=tc.seed)
+    model.train()
+    opt = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    step = 0
+    if resume and out is not None and (ck := latest_checkpoint(out)) is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
+        st = torch.load(ck / "state.pt", weights_only=True)
+        opt.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["torch_rng"])
+        gen.set_state(st["data_rng"])
+        step = int(st["step"])
+        _log(out, {"event": "resume", "step": step, "ckpt": str(ck)})
+    eval_sets = eval_sets or {}
+    t0 = time.time()
+    deadline = t0 + 60 * tc.max_minutes if tc.max_minutes else None
+    history, tok_count, t_last = [], 0, time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.max_steps, initial=step, file=sys.stderr, mininterval=5)
+    stop_reason = "max_steps"
+    while step < tc.max_steps:
+        if deadline is not None and time.time() >= deadline:
+            stop_reason = "max_minutes"
+            break
+        lr = lr_at(step, tc)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = sample_batch(tokens, tc, gen, bos)
+        loss = model(batch, return_type="loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        step += 1
+        lv = float(loss)
+        history.append(lv)
+        tok_count += batch.numel()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.3f}", lr=f"{lr:.2e}", refresh=False)
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            now = time.time()
+            _log(out, {"step": step, "loss": round(lv, 4), "lr": lr, "gnorm": round(float(gnorm), 3),
+                       "tok_per_s": round(tok_count / max(1e-9, now - t_last), 1),
+                       "elapsed_s": round(now - t0, 1)})
+            tok_count, t_last = 0, now
+        if eval_sets and tc.eval_every and step % tc.eval_every == 0:
+            name, seqs = next(iter(eval_sets.items()))
+            _log(out, {"step": step, f"val_{name}": round(evaluate(model, seqs[:16]), 4)})
+        if out is not None and step % tc.ckpt_every == 0:
+            save_checkpoint(out, model, opt, gen, tc, step)
+    if bar is not None:
+        bar.close()
+    res = {"event": "end", "step": step, "reason": stop_reason, "elapsed_s": round(time.time() - t0, 1)}
+    for name, seqs in eval_sets.items():
+        res[f"eval_{name}"] = round(evaluate(model, seqs[: tc.eval_seqs]), 4)
+    _log(out, res)
+    if out is not None:
+        save_checkpoint(out, model, opt, gen, tc, step, extra=res)
+        fin = out / "final.tmp"
+        shutil.rmtree(fin, ignore_errors=True)
+        fin.mkdir()
+        _save_weights(model, fin / "model.safetensors")
+        (fin / "config.json").write_text(json.dumps({"train": asdict(tc), "model": tc.model,
+                                                     "result": res}, indent=1))
+        shutil.rmtree(out / "final", ignore_errors=True)
+        os.replace(fin, out / "final")
+    return model, history
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------
+
+def _load_eval_sets(data: Path, tokenizer, files: Sequence[str], n: int) -> dict:
+    """Held-out sets: ``data/heldout_<stem>.npy`` if present, else tokenize the text."""
+    sets = {}
+    for f in files:
+        stem = Path(f).stem
+        npy = data / f"heldout_{stem}.npy"
+        if npy.exists():
+            sets[stem] = np.load(npy)[:n]
+        elif Path(f).exists():
+            sets[stem] = heldout_sequences(f, tokenizer, n)
+    return sets
+
+
+def _cmd_tokenizer(a) -> None:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    path = train_tokenizer(a.text, a.vocab_size, out / "tokenizer.json")
+    tok = load_tokenizer(path)
+    names = single_token_names(tok)
+    print(json.dumps({"tokenizer": path, "vocab": len(tok), "eot_id": eot_id(tok),
+                      "single_token_names": len(names), "of": len(set(COMMON_NAMES)),
+                      "names": names, "seconds": round(time.time() - t0, 1)}))
+    if not a.no_tokenize:
+        ids = tokenize_files(a.text, tok)
+        np.save(out / "train_tokens.npy", ids)
+        print(json.dumps({"train_tokens": len(ids), "bytes": sum(os.path.getsize(f) for f in a.text),
+                          "seconds": round(time.time() - t0, 1)}))
+
+
+def _cmd_heldout(a) -> None:
+    tok = load_tokenizer(a.tokenizer)
+    for f in a.text:
+        arr = heldout_sequences(f, tok, a.n_seq, a.seq_len)
+        p = Path(a.out) / f"heldout_{Path(f).stem}.npy"
+        np.save(p, arr)
+        print(json.dumps({"file": str(p), "shape": list(arr.shape)}))
+
+
+def _train_config(a, d_vocab: int) -> TrainConfig:
+    tc = TrainConfig(seed=a.seed, max_steps=a.max_steps, max_minutes=a.max_minutes,
+                     batch_size=a.batch_size, warmup_steps=a.warmup,
+                     model=base_model_kwargs(d_vocab))
+    return tc
+
+
+def _cmd_pretrain(a) -> None:
+    data = Path(a.data)
+    tok = load_tokenizer(data / "tokenizer.json")
+    tokens = np.load(data / "train_tokens.npy", mmap_mode="r")
+    tc = _train_config(a, len(tok))
+    evals = _load_eval_sets(data, tok, a.eval_text, tc.eval_seqs)
+    _log(Path(a.out) if a.out else None, {"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "train_tokens": int(len(tokens)), "config": asdict(tc)})
+    pretrain(np.asarray(tokens), tc, a.out, resume=a.resume, eval_sets=evals, bos=eot_id(tok))
+
+
+def _cmd_bench(a) -> None:
+    data = Path(a.data)
+    tok = load_tokenizer(data / "tokenizer.json")
+    tokens = np.load(data / "train_tokens.npy")
+    a.max_minutes, a.warmup = None, 200
+    tc = _train_config(a, len(tok))
+    tc.max_steps = a.steps
+    t0 = time.time()
+    _, hist = pretrain(tokens, tc, None, bos=eot_id(tok), progress=False)
+    dt = time.time() - t0
+    print(json.dumps({"steps": a.steps, "seconds": round(dt, 1),
+                      "tok_per_s": round(a.steps * tc.batch_size * tc.seq_len / dt, 1),
+                      "losses": [round(x, 3) for x in hist]}))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: ``tokenizer``, ``heldout``, ``bench``, ``pretrain`` sub-commands."""
+    p = argparse.ArgumentParser(prog="python -m lnfree.zoo.train", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("tokenizer", help="train BPE tokenizer (+ tokenize the training text)")
+    s.add_argument("--text", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--vocab-size", type=int, default=4096)
+    s.add_argument("--no-tokenize", action="store_true", help="skip writing train_tokens.npy")
+    s.set_defaults(func=_cmd_tokenizer)
+    s = sub.add_parser("heldout", help="write heldout_<stem>.npy [n_seq, seq_len] token arrays")
+    s.add_argument("--tokenizer", required=True)
+    s.add_argument("--text", nargs="+", default=list(DEFAULT_HELDOUT))
+    s.add_argument("--out", required=True)
+    s.add_argument("--n-seq", type=int, default=100)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.set_defaults(func=_cmd_heldout)
+    for name in ("pretrain", "bench"):
+        s = sub.add_parser(name, help="pretrain the base model" if name == "pretrain" else "measure tokens/s")
+        s.add_argument("--data", required=True, help="dir with tokenizer.json and train_tokens.npy")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--max-steps", type=int, default=2000)
+        if name == "pretrain":
+            s.add_argument("--out", required=True)
+            s.add_argument("--max-minutes", type=float, default=None)
+            s.add_argument("--warmup", type=int, default=200)
+            s.add_argument("--resume", action="store_true")
+            s.add_argument("--eval-text", nargs="*", default=list(DEFAULT_HELDOUT))
+            s.set_defaults(func=_cmd_pretrain)
+        else:
+            s.add_argument("--steps", type=int, default=8)
+            s.set_defaults(func=_cmd_bench)
+    a = p.parse_args(argv)
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()
