@@ -132,6 +132,28 @@ class LNFreeTransformer(HookedTransformer):
         new._install_sites()
         return new
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, **kwargs) -> "LNFreeTransformer":
+        """Load a hub id, a local HF GPT-2 directory, or a released LN-free checkpoint.
+
+        See `lnfree.loading.load_model` for the arguments.
+
+        Example:
+            >>> model = LNFreeTransformer.from_pretrained("path/to/local/gpt2-dir")  # doctest: +SKIP
+        """
+        from lnfree.loading import load_model
+
+        return load_model(name_or_path, **kwargs)
+
+    def save_pretrained(self, path: str) -> None:
+        """Save in HF GPT-2 format (LN-free models in the released 1e6/eps format).
+
+        See `lnfree.loading.save_pretrained`.
+        """
+        from lnfree.loading import save_pretrained
+
+        save_pretrained(self, path)
+
     def _install_sites(self) -> None:
         """Swap TransformerLens LayerNorms for RemovableLayerNorms, keeping their parameters."""
         for block in self.blocks:

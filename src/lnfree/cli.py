@@ -1,0 +1,58 @@
+"""The `lnfree` command. Each subcommand lives next to the code it drives and registers itself.
+
+A subcommand module exposes `register(subparsers)`, which adds its parser and sets
+`func=callable(args) -> int` as the default. Bad input raises `CLIError` (or ValueError /
+TypeError / FileNotFoundError): the command prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+# module path of each subcommand group; a module that fails to import disables only itself
+SUBCOMMAND_MODULES = [
+    "lnfree.removal.cli",
+    "lnfree.zoo.cli",
+    "lnfree.report.cli",
+]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lnfree", description="Transformers with and without LayerNorm.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue  # not written yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"lnfree {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
