@@ -174,3 +174,14 @@ def test_exclude_position_0_changes_estimate(model, tokens):
     torch.testing.assert_close(torch.tensor(b["ln_final"], dtype=torch.float64), cache["ln_final.hook_scale"][:, 1:].double().mean(),
                                rtol=1e-6, atol=0)
     assert a["ln_final"] != b["ln_final"]
+
+
+def test_ln_state_round_trip_rebuilds_ln_free_model(ln_free_model, tokens):
+    state = ln_free_model.ln_state()
+    fresh = make_model(seed=5)  # different weights, then overwritten
+    fresh.load_state_dict(ln_free_model.state_dict())
+    fresh.load_ln_state(state)
+    assert fresh.is_ln_free and fresh.cfg.normalization_type is None
+    assert torch.equal(fresh(tokens), ln_free_model(tokens))
+    with pytest.raises(ValueError, match="mode"):
+        fresh.load_ln_state({**state, "ln_final": {"mode": "gone", "scale": 1.0}})

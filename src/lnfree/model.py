@@ -253,6 +253,27 @@ class LNFreeTransformer(HookedTransformer):
             return site[: -len(".v")] + f".hook_{kind}_v"
         return f"{site}.hook_{kind}"
 
+    def ln_state(self) -> dict[str, dict]:
+        """JSON-able mode and scale of every site, for checkpoints (see `load_ln_state`)."""
+        return {s: {"mode": self.ln_mode(s), "scale": self.ln_scale(s)} for s in self.ln_sites}
+
+    def load_ln_state(self, state: Mapping[str, Mapping]) -> "LNFreeTransformer":
+        """Restore modes and scales saved by `ln_state` onto weights saved from the same model.
+
+        Removed sites are only marked removed: the folded weights must come with the state dict.
+        """
+        if set(state) != set(self.ln_sites):
+            raise ValueError(f"LN state has sites {sorted(state)[:4]}..., this model has {self.ln_sites[:4]}...")
+        for site, entry in state.items():
+            module, path = self._site(site)
+            if entry.get("mode") not in MODES:
+                raise ValueError(f"LN state for {site} has mode {entry.get('mode')!r}; allowed: {MODES}")
+            scale = entry.get("scale")
+            module.sigma[module._index(path)] = float("nan") if scale is None else float(scale)
+            module.modes[path] = entry["mode"]
+        self.cfg.normalization_type = None if self.is_ln_free else self.cfg.normalization_type
+        return self
+
     @property
     def is_ln_free(self) -> bool:
         """True when every site is removed (the model is linear in its residual stream reads)."""
