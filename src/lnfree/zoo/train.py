@@ -9,8 +9,8 @@ Pipeline (see ``docs/zoo_training.md``)::
     python -m lnfree.zoo.train heldout --tokenizer runs/zoo/tokenizer.json \
         --text /work/shared/corpus/heldout/*.txt --out runs/zoo
     python -m lnfree.zoo.train bench --data runs/zoo --steps 8
-    python -m lnfree.zoo.train pretrain --data runs/zoo --out runs/zoo/pretrain \
-        --max-minutes 75 --max-steps 2000 --seed 0
+    OMP_WAIT_POLICY=PASSIVE python -m lnfree.zoo.train pretrain --data runs/zoo \
+        --out runs/zoo/pretrain --max-minutes 80 --max-steps 5000 --seed 0
 
 Loading the result::
 
@@ -124,9 +124,12 @@ def load_tokenizer(path: str | os.PathLike):
     p = Path(path)
     if p.is_dir():
         p = p / "tokenizer.json"
+    # Like GPT-2: ``encode`` adds no BOS. ``name_or_path`` = the folder holding
+    # tokenizer.json, which TransformerLens reloads with add_bos_token=True (it needs it).
     return PreTrainedTokenizerFast(
         tokenizer_file=str(p), bos_token=EOT, eos_token=EOT, unk_token=EOT,
-        pad_token=EOT, model_max_length=1 << 30,
+        pad_token=EOT, model_max_length=1 << 30, add_bos_token=False,
+        name_or_path=str(p.parent),
     )
 
 
@@ -263,11 +266,18 @@ class TrainConfig:
     eval_seqs: int = 64
     keep_ckpts: int = 2
     threads: int = 2
+    adaptive_threads: bool = False  # probe {threads, 1} every 100 steps, keep the faster
+    time_schedule: bool = False  # cosine progress = max(step fraction, wall-time fraction)
+    bf16_autocast: bool = False  # CPU mixed precision (fp32 master weights); ~2x faster with AMX
     model: dict = field(default_factory=base_model_kwargs)
 
 
-def lr_at(step: int, tc: TrainConfig) -> float:
+def lr_at(step: int, tc: TrainConfig, time_frac: float = 0.0) -> float:
     """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``.
+
+    ``time_frac`` (elapsed / wall-clock budget, used when ``tc.time_schedule``) can
+    only move the cosine *forward*, so the schedule completes by the deadline even
+    when the CPU is slower than planned.
 
     >>> tc = TrainConfig(warmup_steps=10, max_steps=100)
     >>> lr_at(0, tc) < lr_at(9, tc) == tc.lr, abs(lr_at(100, tc) - tc.min_lr) < 1e-12
@@ -275,8 +285,51 @@ def lr_at(step: int, tc: TrainConfig) -> float:
     """
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
-    frac = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    frac = min(1.0, max(time_frac,
+                        (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)))
     return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * frac))
+
+
+class ThreadTuner:
+    """Choose the faster of ``n`` and 1 torch threads while the CPU is shared.
+
+    At step ``first`` (20) and every ``every`` steps it runs ``probe`` steps with the other setting and keeps
+    whichever had the lower median step time (2 threads on 2 busy cores can be
+    3x slower than 1 thread).
+    """
+
+    def __init__(self, n: int, adaptive: bool, every: int = 100, probe: int = 8, first: int = 20):
+        self.first = first
+        self.opts = sorted({n, 1}) if adaptive else [n]
+        n0 = self.opts[0]  # start single-threaded: safe when the cores are shared
+        self.cur, self.base, self.every, self.probe = n0, n0, every, probe
+        self.times: dict = {k: [] for k in self.opts}
+        self.until = -1
+        torch.set_num_threads(n0)
+
+    def before(self, step: int) -> int:
+        """Set the thread count for ``step``; return it."""
+        new = self.cur
+        if len(self.opts) > 1 and step > 0 and (step % self.every == 0 or step == self.first):
+            self.base = self.cur
+            new = [o for o in self.opts if o != self.cur][0]
+            self.times[new] = []
+            self.until = step + self.probe
+        elif step == self.until:
+            alt, base = self.times[self.cur], self.times[self.base][-self.probe:]
+            if base and np.median(alt) >= np.median(base):
+                new = self.base
+            self.until = -1
+        if new != self.cur:
+            self.cur = new
+            torch.set_num_threads(new)
+        return self.cur
+
+    def record(self, dt: float) -> None:
+        """Record the duration of the step just run."""
+        t = self.times[self.cur]
+        t.append(dt)
+        del t[:-50]
 
 
 def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
@@ -347,6 +400,7 @@ def save_checkpoint(out: Path, model, opt, gen: torch.Generator, tc: TrainConfig
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "data_rng": gen.get_state(),
+        "elapsed_s": float((extra or {}).get("elapsed_total_s", 0.0)),
         "extra_json": json.dumps(extra or {}),
     }
     torch.save(state, tmp / "state.pt")
@@ -399,6 +453,7 @@ def _log(out: Path | None, rec: dict) -> None:
     line = json.dumps(rec)
     print(line, flush=True)
     if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
         with open(out / "train_log.jsonl", "a") as f:
             f.write(line + "\n")
 
@@ -414,7 +469,6 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
 
     >>> model, hist = pretrain(ids, TrainConfig(max_steps=3), "runs/tmp")   # doctest: +SKIP
     """
-    torch.set_num_threads(tc.threads)
     out = Path(out) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -423,7 +477,7 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
     model.train()
     opt = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed + 1)
-    step = 0
+    step, prior = 0, 0.0
     if resume and out is not None and (ck := latest_checkpoint(out)) is not None:
         from safetensors.torch import load_file
 
@@ -433,10 +487,17 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
         torch.set_rng_state(st["torch_rng"])
         gen.set_state(st["data_rng"])
         step = int(st["step"])
+        prior = float(st.get("elapsed_s", 0.0))
         _log(out, {"event": "resume", "step": step, "ckpt": str(ck)})
     eval_sets = eval_sets or {}
     t0 = time.time()
-    deadline = t0 + 60 * tc.max_minutes if tc.max_minutes else None
+    budget = 60 * tc.max_minutes if tc.max_minutes else None  # total, across resumes
+    deadline = t0 + budget - prior if budget else None
+    tuner = ThreadTuner(tc.threads, tc.adaptive_threads)
+
+    def elapsed() -> float:
+        return prior + time.time() - t0
+
     history, tok_count, t_last = [], 0, time.time()
     bar = None
     if progress:
@@ -448,17 +509,22 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
         if deadline is not None and time.time() >= deadline:
             stop_reason = "max_minutes"
             break
-        lr = lr_at(step, tc)
+        tf = elapsed() / budget if (budget and tc.time_schedule) else 0.0
+        lr = lr_at(step, tc, tf)
+        nthr = tuner.before(step)
+        ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr
         batch = sample_batch(tokens, tc, gen, bos)
-        loss = model(batch, return_type="loss")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16_autocast):
+            loss = model(batch, return_type="loss")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         step += 1
-        lv = float(loss)
+        lv = float(loss.detach())
+        tuner.record(time.time() - ts)
         history.append(lv)
         tok_count += batch.numel()
         if bar is not None:
@@ -468,16 +534,17 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
             now = time.time()
             _log(out, {"step": step, "loss": round(lv, 4), "lr": lr, "gnorm": round(float(gnorm), 3),
                        "tok_per_s": round(tok_count / max(1e-9, now - t_last), 1),
-                       "elapsed_s": round(now - t0, 1)})
+                       "threads": nthr, "elapsed_s": round(elapsed(), 1)})
             tok_count, t_last = 0, now
         if eval_sets and tc.eval_every and step % tc.eval_every == 0:
             name, seqs = next(iter(eval_sets.items()))
             _log(out, {"step": step, f"val_{name}": round(evaluate(model, seqs[:16]), 4)})
         if out is not None and step % tc.ckpt_every == 0:
-            save_checkpoint(out, model, opt, gen, tc, step)
+            save_checkpoint(out, model, opt, gen, tc, step, extra={"elapsed_total_s": elapsed()})
     if bar is not None:
         bar.close()
-    res = {"event": "end", "step": step, "reason": stop_reason, "elapsed_s": round(time.time() - t0, 1)}
+    res = {"event": "end", "step": step, "reason": stop_reason, "elapsed_s": round(time.time() - t0, 1),
+           "elapsed_total_s": elapsed()}
     for name, seqs in eval_sets.items():
         res[f"eval_{name}"] = round(evaluate(model, seqs[: tc.eval_seqs]), 4)
     _log(out, res)
@@ -540,6 +607,9 @@ def _cmd_heldout(a) -> None:
 def _train_config(a, d_vocab: int) -> TrainConfig:
     tc = TrainConfig(seed=a.seed, max_steps=a.max_steps, max_minutes=a.max_minutes,
                      batch_size=a.batch_size, warmup_steps=a.warmup,
+                     bf16_autocast=(a.precision == "bf16"), threads=a.threads,
+                     adaptive_threads=a.threads > 1 and not a.fixed_threads,
+                     time_schedule=not a.step_schedule,
                      model=base_model_kwargs(d_vocab))
     return tc
 
@@ -593,6 +663,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--batch-size", type=int, default=16)
         s.add_argument("--max-steps", type=int, default=2000)
+        s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                       help="bf16 = autocast mixed precision on CPU (weights stay fp32)")
+        s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--fixed-threads", action="store_true",
+                       help="do not probe 1 thread vs --threads (default: adaptive)")
+        s.add_argument("--step-schedule", action="store_true",
+                       help="cosine over max_steps only (default: also advanced by wall-time "
+                            "fraction of --max-minutes so it completes in the budget)")
         if name == "pretrain":
             s.add_argument("--out", required=True)
             s.add_argument("--max-minutes", type=float, default=None)
