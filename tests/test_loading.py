@@ -1,0 +1,482 @@
+"""Loading HF GPT-2 checkpoints offline, the released LN-free format, save_pretrained, bad inputs.
+
+Every numerical check compares against transformers' own GPT2LMHeadModel run on the same files.
+"""
+
+import json
+import os
+import pickletools
+import shlex
+import socket
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import lnfree.loading as L
+from lnfree.loading import CheckpointError, HubUnreachableError, load_model, save_pretrained
+from lnfree.model import LNFreeTransformer
+
+VOCAB = 100
+
+
+def make_hf(seed=0, vocab=VOCAB, **kw) -> GPT2LMHeadModel:
+    """Tiny random GPT-2 with non-trivial LN weights/biases and residual norms well above 1."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
+                     bos_token_id=None, eos_token_id=None, **kw)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif "ln" in name and name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p))
+        hf.transformer.wte.weight.mul_(20.0)
+    return hf
+
+
+def hf_logits(path_or_model, tokens):
+    hf = GPT2LMHeadModel.from_pretrained(str(path_or_model)) if not isinstance(path_or_model, torch.nn.Module) \
+        else path_or_model
+    with torch.no_grad():
+        return hf.eval()(tokens).logits
+
+
+def load(path, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("tokenizer", False)
+    return load_model(path, **kw)
+
+
+def close(a, b, rel=1e-4):
+    torch.testing.assert_close(a, b, rtol=rel, atol=rel * float(b.abs().max()))
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a socket fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    hf = make_hf()
+    hf.save_pretrained(tmp_path / "ckpt")
+    return tmp_path / "ckpt", hf
+
+
+# ---- loading a local directory ---------------------------------------------------------------
+def test_local_dir_matches_transformers(ckpt, tokens, no_network):
+    path, hf = ckpt
+    model = load(path)  # defaults: no processing, so no center_unembed either
+    assert isinstance(model, LNFreeTransformer)
+    assert set(model.ln_modes().values()) == {"live"}
+    assert (model.cfg.n_layers, model.cfg.d_model, model.cfg.n_heads, model.cfg.d_vocab, model.cfg.n_ctx) == (
+        2, 32, 4, VOCAB, 32)
+    expected = hf_logits(hf, tokens)
+    with torch.no_grad():
+        got = model(tokens)
+    close(got, expected)
+    assert float(expected.std(-1).mean()) > 1.0  # logits are far from trivial
+    # LN really matters in this checkpoint: neutralizing ln_f's weights changes the logits
+    with torch.no_grad():
+        model.ln_final.w.fill_(1.0)
+        assert not torch.allclose(model(tokens), expected, atol=1e-2)
+
+
+def test_live_mode_equals_hooked_transformer(ckpt, tokens):
+    from transformer_lens import HookedTransformer
+    from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
+
+    path, hf = ckpt
+    model = load(path)
+    # TransformerLens's own path, with the real HF module as converter input
+    ht = HookedTransformer(model.cfg)
+    sd = convert_gpt2_weights(hf, ht.cfg)
+    sd["unembed.b_U"] = torch.zeros(VOCAB)
+    ht.load_and_process_state_dict(sd, fold_ln=False, center_writing_weights=False, center_unembed=False,
+                                   fold_value_biases=False)
+    with torch.no_grad():
+        assert torch.equal(ht(tokens), model(tokens))
+
+
+def test_processing_flags(ckpt, tokens):
+    path, hf = ckpt
+    expected = hf_logits(hf, tokens)
+    folded = load(path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    assert not folded.blocks[0].ln1.has_params and folded.cfg.normalization_type == "LNPre"
+    assert set(folded.ln_modes().values()) == {"live"}
+    with torch.no_grad():
+        close(folded(tokens), expected)
+        centered = load(path, center_unembed=True)(tokens)
+    assert not torch.allclose(centered, expected, atol=1e-3)  # center_unembed shifts the logits...
+    close(centered.log_softmax(-1), expected.log_softmax(-1))  # ...but not the log-probs
+
+
+def test_dtype_float64(ckpt, tokens):
+    path, hf = ckpt
+    model = load(path, dtype=torch.float64)
+    assert model.W_E.dtype == torch.float64
+    with torch.no_grad():
+        close(model(tokens), hf_logits(hf.double(), tokens), rel=1e-9)
+
+
+def test_pytorch_bin_checkpoint(tmp_path, tokens, no_network):
+    hf = make_hf(seed=2)
+    hf.config.save_pretrained(tmp_path)
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    with torch.no_grad():
+        close(load(tmp_path)(tokens), hf_logits(hf, tokens))
+
+
+def test_sharded_safetensors(tmp_path, tokens, no_network):
+    hf = make_hf(seed=6)
+    hf.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    with torch.no_grad():
+        close(load(tmp_path)(tokens), hf_logits(hf, tokens))
+
+
+def test_untied_lm_head(tmp_path, tokens):
+    hf = make_hf(seed=3, tie_word_embeddings=False)
+    with torch.no_grad():
+        hf.lm_head.weight.copy_(torch.randn_like(hf.lm_head.weight))
+    assert not torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+    hf.save_pretrained(tmp_path)
+    with torch.no_grad():
+        close(load(tmp_path)(tokens), hf_logits(tmp_path, tokens))
+
+
+# ---- the released LN-free format -------------------------------------------------------------
+def _ln_input_stds(hf, tokens) -> dict[str, float]:
+    """Mean over tokens of sqrt(var + eps) of each HF LayerNorm's input (independent of lnfree)."""
+    stds, handles = {}, []
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            def hook(m, inp, out, name=name):
+                x = inp[0]
+                stds[name] = float((x.var(-1, unbiased=False) + m.eps).sqrt().mean())
+            handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        hf(tokens)
+    for h in handles:
+        h.remove()
+    return stds
+
+
+def make_released_ln_free(path, tokens, seed=4):
+    """A checkpoint as the paper's authors release them: LN weight * 1e6 / sigma, eps = 1e12."""
+    hf = make_hf(seed=seed)
+    stds = _ln_input_stds(hf, tokens)
+    with torch.no_grad():
+        for name, mod in hf.named_modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.mul_(1e6 / stds[name])
+    hf.config.layer_norm_epsilon = 1e12
+    hf.save_pretrained(path)
+    return hf, stds
+
+
+def test_released_ln_free_format(tmp_path, tokens, no_network):
+    orig = make_hf(seed=4)
+    _, stds = make_released_ln_free(tmp_path / "lnfree", tokens)
+    model = load(tmp_path / "lnfree")
+    assert model.is_ln_free and model.cfg.normalization_type is None
+    assert set(model.ln_modes().values()) == {"removed"}
+    expected = hf_logits(tmp_path / "lnfree", tokens)  # transformers on the same files (eps=1e12 trick)
+    with torch.no_grad():
+        got = model(tokens)
+    close(got, expected)
+    # second, independent check: the original LN model with each LN frozen at its sigma
+    orig.save_pretrained(tmp_path / "orig")
+    frozen = load(tmp_path / "orig")
+    sites = {}
+    for i in range(2):
+        sites.update({f"blocks.{i}.ln1.qk": stds[f"transformer.h.{i}.ln_1"],
+                      f"blocks.{i}.ln1.v": stds[f"transformer.h.{i}.ln_1"],
+                      f"blocks.{i}.ln2": stds[f"transformer.h.{i}.ln_2"]})
+    sites["ln_final"] = stds["transformer.ln_f"]
+    with torch.no_grad(), frozen.ln_frozen(scales=sites):
+        close(got, frozen(tokens))
+    # and it is not just the LN model: live LN gives different logits
+    assert not torch.allclose(got, hf_logits(orig, tokens), atol=1e-3)
+    # saving it again gives files that transformers runs the same way
+    save_pretrained(model, tmp_path / "resaved")
+    close(hf_logits(tmp_path / "resaved", tokens), expected)
+
+
+def test_ln_free_residual_decomposition_sums_to_logits(tmp_path, tokens):
+    make_released_ln_free(tmp_path, tokens)
+    model = load(tmp_path)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        stack, labels = cache.decompose_resid(apply_ln=True, return_labels=True)
+        assert labels[:2] == ["embed", "pos_embed"] and len(labels) == 2 + 2 * model.cfg.n_layers
+        per_component = stack @ model.W_U  # [component, batch, pos, vocab]
+        close(per_component.sum(0) + model.b_U, logits, rel=1e-5)
+    assert float(per_component.abs().amax(dim=(1, 2, 3)).min()) > 0  # every component contributes
+
+
+# ---- save_pretrained ---------------------------------------------------------------------------
+def test_save_round_trip_ln_model(ckpt, tmp_path, tokens):
+    path, hf = ckpt
+    model = load(path)
+    model.save_pretrained(tmp_path / "saved")  # LNFreeTransformer.save_pretrained delegates here
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["layer_norm_epsilon"] == pytest.approx(1e-5)
+    expected = hf_logits(hf, tokens)
+    assert torch.equal(hf_logits(tmp_path / "saved", tokens), expected)  # same weights, same code
+    back = LNFreeTransformer.from_pretrained(str(tmp_path / "saved"), device="cpu", tokenizer=False)
+    assert back.ln_modes() == model.ln_modes()
+    with torch.no_grad():
+        assert torch.equal(back(tokens), model(tokens))
+
+
+def test_save_round_trip_processed_model(ckpt, tmp_path, tokens):
+    path, hf = ckpt
+    model = load(path, fold_ln=True, center_writing_weights=True, fold_value_biases=True)
+    assert float(model.b_U.detach().abs().max()) > 1e-3  # fold_ln moved ln_f's bias into b_U, which GPT-2 lacks
+    save_pretrained(model, tmp_path / "saved")
+    close(hf_logits(tmp_path / "saved", tokens), hf_logits(hf, tokens), rel=1e-5)
+
+
+def test_save_round_trip_ln_free_model(ckpt, tmp_path, tokens):
+    path, hf = ckpt
+    model = load(path)
+    model.estimate_ln_scales(tokens)
+    model.remove_ln()
+    assert float(model.b_U.detach().abs().max()) > 1e-3  # nonzero unembedding bias must survive the trip
+    with torch.no_grad():
+        expected = model(tokens)
+    save_pretrained(model, tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["layer_norm_epsilon"] == 1e12 and config["tie_word_embeddings"] is False
+    close(hf_logits(tmp_path / "saved", tokens), expected, rel=1e-5)  # the released tools read it
+    back = load(tmp_path / "saved")
+    assert back.is_ln_free and back.ln_modes() == model.ln_modes()
+    with torch.no_grad():
+        close(back(tokens), expected, rel=1e-5)
+
+
+def test_gpt2_vocab_checkpoint_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    make_hf(seed=5, vocab=50257).save_pretrained(tmp_path / "a")
+    model = load_model(tmp_path / "a", device="cpu")  # no tokenizer files: GPT-2's offline tokenizer
+    assert model.tokenizer is not None and model.cfg.tokenizer_prepends_bos
+    assert model.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]
+    assert model.to_string(torch.tensor([15496, 995])) == "Hello world"
+    save_pretrained(model, tmp_path / "b")
+    assert (tmp_path / "b" / "tokenizer.json").is_file()
+    assert model.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]  # saving left it unchanged
+    plain = AutoTokenizer.from_pretrained(str(tmp_path / "b"), local_files_only=True)
+    assert plain("Hello world")["input_ids"] == [15496, 995]  # saved like the hub's GPT-2 (no auto BOS)
+    back = load_model(tmp_path / "b", device="cpu")
+    assert back.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]
+
+
+def test_save_refuses_frozen_and_mixed(ckpt, tmp_path):
+    path, _ = ckpt
+    model = load(path)
+    model.freeze_ln("blocks.0.ln2", scales=2.0)
+    with pytest.raises(ValueError, match="remove_ln"):
+        save_pretrained(model, tmp_path / "x")
+    model.unfreeze_ln().remove_ln("ln_final", scales=3.0)
+    with pytest.raises(ValueError, match="remove_ln"):
+        save_pretrained(model, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_save_refuses_uncentered_ln_free(tmp_path):
+    from transformer_lens import HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=VOCAB, n_ctx=8,
+                                  act_fn="gelu_new", normalization_type=None)
+    model = LNFreeTransformer(cfg)  # never had a LayerNorm: sites are removed, readers not centered
+    assert model.is_ln_free
+    with pytest.raises(ValueError, match="not centered"):
+        save_pretrained(model, tmp_path / "x")
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------
+def test_non_gpt2_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match=r"(?s)'llama'.*model_type 'gpt2'"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors(ckpt, damage):
+    path, _ = ckpt
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load(path)
+
+
+def test_corrupt_config(ckpt):
+    path, _ = ckpt
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CheckpointError, match="config.json"):
+        load(path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(make_hf().config.to_dict()))
+    with pytest.raises(CheckpointError, match="no weights"):
+        load(tmp_path)
+    with pytest.raises(CheckpointError, match="is a file"):
+        load(tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match="no such directory"):
+        load(str(tmp_path / "missing"))
+
+
+def test_shape_mismatch(ckpt):
+    path, _ = ckpt
+    config = json.loads((path / "config.json").read_text())
+    config["n_embd"] = 64
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="shape"):
+        load(path)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    hf = make_hf()
+    hf.config.save_pretrained(tmp_path)
+    marker = tmp_path / "pwned"
+    state = dict(hf.state_dict())
+    state["evil"] = _Evil(marker)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    # the file really carries the payload: its pickle references os.system
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "pytorch_model.bin") as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    ops = [arg for op, arg, _ in pickletools.genops(pkl) if arg is not None and isinstance(arg, str)]
+    assert "system" in ops or any("system" in a for a in ops)
+    with pytest.raises(CheckpointError, match="refused"):
+        load(tmp_path)
+    assert not marker.exists()
+
+
+def test_bad_arguments(ckpt):
+    path, _ = ckpt
+    with pytest.raises(TypeError, match="dtype"):
+        load(path, dtype="float32")
+    with pytest.raises(TypeError, match="tokenizer"):
+        load(path, tokenizer="gpt2")
+    with pytest.raises(TypeError, match="name_or_path"):
+        load_model(3)
+
+
+# ---- hub ids ---------------------------------------------------------------------------------------
+def test_hub_id_unreachable_fails_fast(monkeypatch):
+    import urllib.request
+
+    import huggingface_hub
+
+    real_snapshot = huggingface_hub.snapshot_download
+
+    def cache_only(repo_id, **kw):
+        assert kw.get("local_files_only"), "tried to download despite a failed probe"
+        return real_snapshot(repo_id, **kw)
+
+    # The worst case: the hub's address accepts the connection and never answers (some sandboxes
+    # do exactly that). The probe must give up on its own timeout.
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: time.sleep(60))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cache_only)
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError) as info:
+        load_model("gpt2", local_files_only=False)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 10, elapsed
+    msg = str(info.value)
+    assert "unreachable" in msg and "from_pretrained(" in msg and "download openai-community/gpt2 --local-dir" in msg
+
+
+def test_probe_hub_against_local_servers(monkeypatch):
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(L, "_probe_url", lambda: f"http://127.0.0.1:{server.server_port}/api/models")
+        assert L._probe_hub(timeout=2) is None  # any HTTP answer counts as reachable
+    finally:
+        server.shutdown()
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    monkeypatch.setattr(L, "_probe_url", lambda: f"http://127.0.0.1:{port}/api/models")
+    assert "no answer" in L._probe_hub(timeout=2)
+
+
+def test_hub_id_offline_env_fails_fast(monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(HubUnreachableError, match="HF_HUB_OFFLINE"):
+        load_model("schaeff/gpt2-small_LNFree300")
+    with pytest.raises(HubUnreachableError, match="local_files_only"):
+        load_model("gpt2", local_files_only=True)
+    assert time.perf_counter() - start < 10
+
+
+def test_hub_id_uses_cache_then_download(ckpt, monkeypatch, tokens):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    path, hf = ckpt
+    calls = []
+
+    def cached(repo_id, **kw):  # the HF cache holds the snapshot
+        calls.append((repo_id, kw))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached)
+    monkeypatch.setattr(L, "_probe_hub", lambda *a: pytest.fail("probed the network despite a cache hit"))
+    model = load("schaeff/gpt2-small_LNFree300")
+    assert calls[0][0] == "schaeff/gpt2-small_LNFree300" and calls[0][1]["local_files_only"] is True
+    with torch.no_grad():
+        close(model(tokens), hf_logits(hf, tokens))
+
+    calls.clear()
+
+    def download(repo_id, **kw):  # cache miss, hub reachable
+        calls.append((repo_id, kw))
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    monkeypatch.setattr(L, "_probe_hub", lambda *a: None)
+    load("gpt2")
+    fetch = [kw for _, kw in calls if not kw.get("local_files_only")]
+    assert calls[-1][0] == "openai-community/gpt2" and len(fetch) == 1
+    assert {"config.json", "*.safetensors"} <= set(fetch[0]["allow_patterns"])
