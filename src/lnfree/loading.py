@@ -593,6 +593,12 @@ def _load_dir(folder: Path, name: str, device, dtype, flags: dict, tokenizer) ->
         for key in ln_keys:
             sd[key] = sd[key] / root
         fields["eps"] = DEFAULT_EPS
+    if ln_free and dtype == torch.float16:
+        warnings.warn(
+            f"{folder} is an LN-free checkpoint: its residual stream overflows float16, loading it in "
+            "float32 instead (bfloat16 also works)", stacklevel=3,
+        )
+        dtype = torch.float32
     cfg = HookedTransformerConfig(
         n_layers=fields["n_layers"], d_model=fields["d_model"], n_heads=fields["n_heads"], d_head=fields["d_head"],
         d_mlp=fields["d_mlp"], n_ctx=fields["n_ctx"], d_vocab=fields["d_vocab"], act_fn=fields["act_fn"],

@@ -104,6 +104,22 @@ class LNFreeTransformer(HookedTransformer):
         super().__init__(cfg, tokenizer=tokenizer, move_to_device=move_to_device, **kwargs)
         self._install_sites()
 
+    def forward(self, *args, **kwargs):
+        """HookedTransformer.forward, refusing float16 once LN no longer bounds the residual stream."""
+        if self.W_E.dtype == torch.float16 and self._has_fixed_scale():
+            raise ValueError(
+                "float16 is unsafe for a model with frozen or removed LN sites: without LN the residual "
+                "stream reaches norms in the thousands and overflows float16 (max 65504). Use "
+                "model.to(torch.float32) or model.to(torch.bfloat16)."
+            )
+        return super().forward(*args, **kwargs)
+
+    def _has_fixed_scale(self) -> bool:
+        return any(
+            mode != "live" for module in self.modules() if isinstance(module, RemovableLayerNorm)
+            for mode in module.modes.values()
+        )
+
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_hooked(cls, model: HookedTransformer) -> "LNFreeTransformer":
