@@ -185,3 +185,15 @@ def test_ln_state_round_trip_rebuilds_ln_free_model(ln_free_model, tokens):
     assert torch.equal(fresh(tokens), ln_free_model(tokens))
     with pytest.raises(ValueError, match="mode"):
         fresh.load_ln_state({**state, "ln_final": {"mode": "gone", "scale": 1.0}})
+
+
+def test_models_built_from_one_config_do_not_share_ln_state(tokens):
+    cfg = make_cfg()
+    a, b = LNFreeTransformer(cfg), LNFreeTransformer(cfg)
+    b.load_state_dict(a.state_dict())
+    a.estimate_ln_scales(tokens)
+    a.remove_ln()
+    assert cfg.normalization_type == "LN" and b.cfg.normalization_type == "LN"
+    assert b.ln_mode("ln_final") == "live"
+    _, cache = b.run_with_cache(tokens)
+    assert "ln_final.hook_scale" in cache.cache_dict  # b still applies its final LayerNorm

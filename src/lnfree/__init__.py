@@ -38,6 +38,8 @@ _EXPORTS = {
     "ablate_neurons": "lnfree.analysis.confidence",
     "calibration": "lnfree.analysis.confidence",
     "compare_confidence": "lnfree.analysis.confidence",
+    "first_token_norm": "lnfree.analysis.geometry",
+    "attention_sink_rate": "lnfree.analysis.geometry",
     "remove_layernorm": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
 }

@@ -99,7 +99,8 @@ class LNFreeTransformer(HookedTransformer):
     """
 
     def __init__(self, cfg, tokenizer=None, move_to_device: bool = True, **kwargs):
-        cfg = HookedTransformerConfig.unwrap(cfg)
+        # Own copy: remove_ln edits cfg.normalization_type, which must not leak into sibling models.
+        cfg = copy.deepcopy(HookedTransformerConfig.unwrap(cfg))
         _check_supported(cfg)
         super().__init__(cfg, tokenizer=tokenizer, move_to_device=move_to_device, **kwargs)
         self._install_sites()
