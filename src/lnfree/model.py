@@ -106,7 +106,11 @@ class LNFreeTransformer(HookedTransformer):
         self._install_sites()
 
     def forward(self, *args, **kwargs):
-        """HookedTransformer.forward, refusing float16 once LN no longer bounds the residual stream."""
+        """HookedTransformer.forward, refusing float16 once LN no longer bounds the residual stream.
+
+        Token ids are range-checked: the embedding would silently wrap a negative id around.
+        """
+        self._check_forward_ids(args[0] if args else kwargs.get("input"), kwargs)
         if self.W_E.dtype == torch.float16 and self._has_fixed_scale():
             raise ValueError(
                 "float16 is unsafe for a model with frozen or removed LN sites: without LN the residual "
@@ -114,6 +118,18 @@ class LNFreeTransformer(HookedTransformer):
                 "model.to(torch.float32) or model.to(torch.bfloat16)."
             )
         return super().forward(*args, **kwargs)
+
+    def _check_forward_ids(self, input, kwargs) -> None:
+        if kwargs.get("start_at_layer") is not None or not isinstance(input, torch.Tensor):
+            return
+        if input.is_floating_point() or input.dtype == torch.bool or input.numel() == 0:
+            return
+        lo, hi = int(input.min()), int(input.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {lo}, max {hi}")
+        fixed_positions = self.cfg.positional_embedding_type in ("standard", "shortformer")
+        if fixed_positions and kwargs.get("past_kv_cache") is None and input.shape[-1] > self.cfg.n_ctx:
+            raise ValueError(f"sequences of {input.shape[-1]} tokens exceed the context length n_ctx={self.cfg.n_ctx}")
 
     def _has_fixed_scale(self) -> bool:
         return any(
@@ -222,7 +238,8 @@ class LNFreeTransformer(HookedTransformer):
         try:
             if site == "ln_final" and hasattr(self, "ln_final"):
                 return self.ln_final, "main"
-            if parts[0] == "blocks" and 0 <= int(parts[1]) < self.cfg.n_layers:
+            if parts[0] == "blocks" and parts[1].isdigit() and str(int(parts[1])) == parts[1] \
+                    and int(parts[1]) < self.cfg.n_layers:  # canonical index only: no 'blocks.01'
                 block = self.blocks[int(parts[1])]
                 if len(parts) == 4 and parts[2] == "ln1" and parts[3] in ("qk", "v"):
                     return block.ln1, parts[3]
@@ -281,10 +298,21 @@ class LNFreeTransformer(HookedTransformer):
         """
         if set(state) != set(self.ln_sites):
             raise ValueError(f"LN state has sites {sorted(state)[:4]}..., this model has {self.ln_sites[:4]}...")
+        for site, entry in state.items():  # validate everything before changing anything
+            self._site(site)
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"LN state for {site} must be a dict with 'mode' and 'scale', got {entry!r}")
+            mode = entry.get("mode")
+            if mode not in MODES:
+                raise ValueError(f"LN state for {site} has mode {mode!r}; allowed: {MODES}")
+            scale = entry.get("scale")
+            ok = scale is None or (not isinstance(scale, bool) and isinstance(scale, (int, float))
+                                   and math.isfinite(scale) and scale > 0)
+            if not ok or (scale is None and mode == "frozen"):
+                raise ValueError(f"LN state for {site} has scale {scale!r}: a frozen site needs a finite positive "
+                                 "scale, the others a finite positive scale or None")
         for site, entry in state.items():
             module, path = self._site(site)
-            if entry.get("mode") not in MODES:
-                raise ValueError(f"LN state for {site} has mode {entry.get('mode')!r}; allowed: {MODES}")
             scale = entry.get("scale")
             module.sigma[module._index(path)] = float("nan") if scale is None else float(scale)
             module.modes[path] = entry["mode"]
@@ -341,8 +369,8 @@ class LNFreeTransformer(HookedTransformer):
         tokens = self._check_tokens(tokens)
         if tokens.shape[1] < 2 and exclude_position_0:
             raise ValueError("exclude_position_0=True needs sequences of at least 2 tokens")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         mask = torch.ones(tokens.shape, dtype=torch.bool)
         if exclude_position_0:
             mask[:, 0] = False
@@ -530,21 +558,29 @@ class LNFreeTransformer(HookedTransformer):
 
 
 class LNStdStats:
-    """Accumulates per-site sums of per-token input std (see `recording_ln_std`)."""
+    """Accumulates per-site sums of per-token input std (see `recording_ln_std`).
+
+    Sums stay on the model's device (no host sync per site per forward); `sums` and `means()`
+    convert to Python floats when read.
+    """
 
     def __init__(self, mask: Optional[torch.Tensor] = None):
         self.mask = mask
-        self.sums: dict[str, tuple[float, int]] = {}
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}
 
     def recorder_for(self, path_to_site: dict[str, str]):
         def record(path: str, std: torch.Tensor) -> None:
             site = path_to_site[path]
             if self.mask is not None:
                 std = std[self.mask.to(std.device)]
-            s, n = self.sums.get(site, (0.0, 0))
-            self.sums[site] = (s + float(std.double().sum()), n + std.numel())
+            s, n = self._sums.get(site, (0.0, 0))
+            self._sums[site] = (s + std.double().sum(), n + std.numel())
 
         return record
+
+    @property
+    def sums(self) -> dict[str, tuple[float, int]]:
+        return {site: (float(s), n) for site, (s, n) in self._sums.items()}
 
     def means(self) -> dict[str, float]:
         return {site: s / n for site, (s, n) in self.sums.items() if n > 0}

@@ -1,0 +1,146 @@
+"""``lnfree remove-ln``: the removal fine-tune (or its vanilla control) as a command.
+
+    lnfree remove-ln MODEL --data train_tokens.npy --out runs/rm [--preset gpt2-small] [--steps N]
+                     [--vanilla] [--resume] [--batch-size 16] [--micro-batch-size 8] [--seq-len 256]
+                     [--eval-data heldout.npy] ...
+
+MODEL is a Hugging Face hub id or local HF directory (via `lnfree.loading.load_model`), a
+TransformerLens weights directory (``model.safetensors`` + ``config.json`` with
+HookedTransformerConfig kwargs, e.g. the zoo's pretraining output or a run's ``final_tl/``), or a
+directory written by this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
+``torchrun --nproc_per_node 8 -m lnfree.cli remove-ln ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "remove-ln", help="fine-tune LayerNorm away (the paper's procedure), or the vanilla control",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="hub id, HF dir, TransformerLens weights dir, or a run/checkpoint dir")
+    p.add_argument("--data", nargs="+", required=True,
+                   help=".npy token arrays, .txt/.jsonl text files, a directory, or a HF dataset name")
+    p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, summary.json, final/")
+    p.add_argument("--preset", default=None, help="gpt2-small | gpt2-medium | gpt2-large | gpt2-xl "
+                   "(default: Small's schedule scaled to the model and --steps)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--vanilla", action="store_true", help="control run: keep LN, no aux loss")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (all processes)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass per process")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--aux-lambda", type=float, default=None)
+    p.add_argument("--eval-data", default=None, help="held-out tokens/text for CE before and after")
+    p.add_argument("--eval-seqs", type=int, default=64,
+                   help="without --eval-data: hold out this many sequences of --data for evaluation (0: none)")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--max-rollbacks", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bos-id", type=int, default=None,
+                   help="prepend this token to every row cut from a token stream or text (for models "
+                        "pretrained with a BOS, e.g. the zoo's: its end-of-text id); default: no BOS, as in the paper")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json file or HF tokenizer dir (for text data)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def _load_tokenizer(path: str):
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p))
+    from transformers import PreTrainedTokenizerFast
+
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.exists():
+        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
+    special = {}
+    if "<|endoftext|>" in file.read_text(encoding="utf-8"):
+        # GPT-2 style: end-of-text doubles as bos/pad (TransformerLens needs both); encode adds no BOS
+        special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                       pad_token="<|endoftext|>", add_bos_token=False)
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent),
+                                   model_max_length=1 << 30, **special)
+
+
+def _find_tokenizer(model_dir: Path):
+    """A tokenizer.json next to a TransformerLens weights dir or up to two levels above (the zoo layout)."""
+    for d in (model_dir, model_dir.parent, model_dir.parent.parent):
+        if (d / "tokenizer.json").exists():
+            return _load_tokenizer(str(d / "tokenizer.json"))
+    return None
+
+
+def _is_tl_dir(path: Path) -> bool:
+    conf_file = path / "config.json"
+    if not (path / "model.safetensors").exists() or not conf_file.exists():
+        return False
+    conf = json.loads(conf_file.read_text())
+    kwargs = conf.get("model", conf)
+    return isinstance(kwargs, dict) and "d_model" in kwargs and "n_layers" in kwargs
+
+
+def load_model_arg(spec: str, tokenizer_path=None, device=None):
+    """Resolve MODEL (see the module docstring) to an LNFreeTransformer."""
+    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
+
+    path = Path(spec)
+    tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if path.is_dir() and ((path / "state.json").exists() or latest_checkpoint(path) is not None):
+        model, _ = load_checkpoint(path, device)
+    elif path.is_dir() and _is_tl_dir(path):
+        model = load_tl_dir(path, device, tokenizer=tokenizer or _find_tokenizer(path))
+    else:
+        from lnfree.loading import load_model  # HF dirs and hub ids
+
+        model = load_model(spec)
+        from lnfree.model import LNFreeTransformer
+
+        model = LNFreeTransformer.from_hooked(model)
+    if tokenizer is not None:
+        model.set_tokenizer(tokenizer)
+    return model
+
+
+def run(args) -> int:
+    import torch
+
+    from lnfree.removal.data import load_tokens, split_holdout
+    from lnfree.removal.trainer import remove_layernorm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model_arg(args.model, args.tokenizer, args.device)
+    data = args.data if len(args.data) > 1 else args.data[0]
+    eval_data = args.eval_data
+    if eval_data is None and args.eval_seqs > 0:
+        seq_len = args.seq_len or min(model.cfg.n_ctx, 1024)
+        seqs = load_tokens(data, seq_len=seq_len, tokenizer=model.tokenizer, bos_token_id=args.bos_id)
+        data, eval_data = split_holdout(seqs, args.eval_seqs)
+        args.seq_len = seq_len
+    model = remove_layernorm(
+        model, data, schedule=args.preset, steps=args.steps, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
+        warmup=args.warmup, aux_lambda=args.aux_lambda, vanilla=args.vanilla, out_dir=args.out,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, eval_data=eval_data,
+        progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
+        max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id)
+    s = model.removal_summary
+    if s.get("ce_before") and s.get("ce_after"):
+        b, a = s["ce_before"], s["ce_after"]
+        print(f"CE before {b['value']:.4f} [{b['low']:.4f}, {b['high']:.4f}]  after {a['value']:.4f} "
+              f"[{a['low']:.4f}, {a['high']:.4f}] nats/token")
+    print(f"{s['steps']} steps, {s['tokens']} tokens, {s['wall_time_s']:.1f} s; summary: {Path(args.out) / 'summary.json'}")
+    return 0

@@ -1,0 +1,80 @@
+"""Losses of the removal fine-tune: next-token cross-entropy and the paper's auxiliary loss.
+
+The auxiliary loss pulls every token's residual-stream norm entering ``ln_final``
+(``blocks.{L-1}.hook_resid_post``) towards the typical norm, so that a single fixed scale fits
+all tokens once ln_final is frozen::
+
+    aux = lambda * mean_{b,s} (sigma_{b,s} - sigma_hat)^2
+
+with ``sigma_{b,s} = sqrt(mean_d (x - mean_d x)^2 + eps)`` the per-token std and ``sigma_hat`` the
+mean of sigma over the micro-batch excluding position 0 and end-of-text tokens, held constant
+(no gradient flows through it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+
+
+def token_std(
+    resid: Float[torch.Tensor, "batch pos d_model"], eps: float = 1e-5
+) -> Float[torch.Tensor, "batch pos"]:
+    """Per-token std of the residual stream, as LayerNorm computes its scale.
+
+    Example:
+        >>> token_std(torch.tensor([[[1.0, -1.0]]]), eps=0.0)
+        tensor([[1.]])
+    """
+    x = resid if resid.dtype == torch.float64 else resid.float()
+    x = x - x.mean(-1, keepdim=True)
+    return (x.pow(2).mean(-1) + eps).sqrt()
+
+
+def typical_std_mask(
+    tokens: Int[torch.Tensor, "batch pos"], eot_token_id: Optional[int] = None
+) -> torch.Tensor:
+    """[batch, pos] bool: tokens that define sigma_hat (not position 0, not end-of-text)."""
+    mask = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    mask[:, 0] = False
+    if eot_token_id is not None:
+        mask &= tokens != eot_token_id
+    return mask
+
+
+def aux_norm_loss(
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    *,
+    eot_token_id: Optional[int] = None,
+    eps: float = 1e-5,
+) -> Float[torch.Tensor, ""]:
+    """Unweighted auxiliary loss ``mean_{b,s} (sigma_{b,s} - sigma_hat)^2`` (multiply by lambda).
+
+    If no token qualifies for sigma_hat (e.g. one-token sequences), sigma_hat is the mean over
+    all tokens.
+
+    Example:
+        >>> resid = torch.randn(2, 5, 8, requires_grad=True)
+        >>> loss = aux_norm_loss(resid, torch.zeros(2, 5, dtype=torch.long))
+        >>> loss.backward(); resid.grad.shape
+        torch.Size([2, 5, 8])
+    """
+    if resid.ndim != 3 or tokens.shape != resid.shape[:2]:
+        raise ValueError(f"resid must be [batch, pos, d_model] and tokens [batch, pos]; got "
+                         f"{tuple(resid.shape)} and {tuple(tokens.shape)}")
+    sigma = token_std(resid, eps)
+    with torch.no_grad():
+        mask = typical_std_mask(tokens, eot_token_id)
+        sigma_hat = sigma[mask].mean() if bool(mask.any()) else sigma.mean()
+    return (sigma - sigma_hat).pow(2).mean()
+
+
+def next_token_ce(
+    logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"]
+) -> Float[torch.Tensor, ""]:
+    """Mean next-token cross-entropy (nats) over every predicted position, in float32."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
