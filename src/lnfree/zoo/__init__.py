@@ -1,0 +1,235 @@
+"""The shipped small model family, loadable offline in a second or two.
+
+Three GPT-2-architecture models (4 layers, d_model 256, 8 heads, d_mlp 768, n_ctx 256, a 4096-token
+byte-level BPE), made as in Baroni et al. (2025) Table 1:
+
+- ``tiny-ln``: the base model, pretrained with LayerNorm;
+- ``tiny-vanilla``: the control, ``tiny-ln`` fine-tuned with LayerNorm kept;
+- ``tiny-lnfree``: ``tiny-ln`` fine-tuned with the LN-removal procedure; every LN site removed.
+
+Two held-out token sets come with them: ``persuasion`` (Austen's *Persuasion*, in-domain: the
+training corpus holds her other novels) and ``cfi`` (out-of-domain), each ``[100, 256]`` rows that
+start with the BOS/end-of-text token (id 0).
+
+Example:
+    >>> from lnfree import zoo
+    >>> zoo.names()
+    ['tiny-ln', 'tiny-vanilla', 'tiny-lnfree']
+    >>> model = zoo.load("tiny-lnfree")                  # doctest: +SKIP
+    >>> model.is_ln_free, model.to_tokens("Anne")[0, 0].item()   # doctest: +SKIP
+    (True, 0)
+    >>> zoo.heldout("persuasion").shape                  # doctest: +SKIP
+    torch.Size([100, 256])
+
+Files (``src/lnfree/zoo/data``, written by `lnfree.zoo.family.export_family`): one fp16 safetensors
+per model (TransformerLens state-dict keys), ``zoo.json`` (config, per-model LN state, provenance,
+evaluation), ``tokenizer.json``, ``heldout_persuasion.npy`` and ``heldout_cfi.npy`` (uint16).
+The environment variable ``LNFREE_ZOO_DATA`` points `load` & co. at another exported directory;
+every function also takes ``data_dir=``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+
+NAMES = ("tiny-ln", "tiny-vanilla", "tiny-lnfree")
+HELDOUT_NAMES = ("persuasion", "cfi")
+MANIFEST = "zoo.json"
+FORMAT = "lnfree-zoo"
+FORMAT_VERSION = 1
+PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+ENV_VAR = "LNFREE_ZOO_DATA"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+PathArg = Union[None, str, os.PathLike]
+
+# heavier helpers live in family.py / cli.py, imported on first use
+_LAZY = {
+    "export_family": "lnfree.zoo.family",
+    "ExportResult": "lnfree.zoo.family",
+    "write_model_card": "lnfree.zoo.family",
+    "render_model_card": "lnfree.zoo.family",
+    "train_family": "lnfree.zoo.family",
+    "export_run": "lnfree.zoo.family",
+}
+
+__all__ = ["NAMES", "HELDOUT_NAMES", "names", "load", "heldout", "tokenizer", "info", "data_dir"] + sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lnfree.zoo' has no attribute {name!r}")
+
+
+# ---- locating the data -------------------------------------------------------------------
+def data_dir(path: PathArg = None) -> Path:
+    """The exported family's directory: `path`, else ``$LNFREE_ZOO_DATA``, else the package's.
+
+    Raises FileNotFoundError (saying how to export the family) when it holds no ``zoo.json``.
+
+    Example:
+        >>> zoo.data_dir().name                           # doctest: +SKIP
+        'data'
+    """
+    path = Path(path if path is not None else (os.environ.get(ENV_VAR) or PACKAGE_DATA))
+    if not (path / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"no exported model family in {path} ({MANIFEST} missing). The package ships it in "
+            f"{PACKAGE_DATA}; to (re)create it run `lnfree zoo export --run RUN_DIR --to {PACKAGE_DATA}` "
+            "after `lnfree zoo train` (see docs/zoo.md)"
+        )
+    return path
+
+
+_resolve = data_dir  # the functions below take a `data_dir=` argument, which shadows the name
+
+
+def info(data_dir: PathArg = None) -> dict:
+    """The export manifest (``zoo.json``): config, per-model LN state, provenance, evaluation.
+
+    Example:
+        >>> zoo.info()["models"]["tiny-ln"]["provenance"]["tokens_seen"]   # doctest: +SKIP
+        16384000
+    """
+    path = _resolve(data_dir) / MANIFEST
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
+                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
+    return manifest
+
+
+def names() -> list[str]:
+    """The family's model names: ``['tiny-ln', 'tiny-vanilla', 'tiny-lnfree']``.
+
+    Example:
+        >>> names()
+        ['tiny-ln', 'tiny-vanilla', 'tiny-lnfree']
+    """
+    return list(NAMES)
+
+
+def _entry(manifest: dict, name: str) -> dict:
+    models = manifest["models"]
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, one of {sorted(models)}; got {type(name).__name__}")
+    if name not in models:
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(models)}")
+    return models[name]
+
+
+# ---- loading -----------------------------------------------------------------------------
+def tokenizer(data_dir: PathArg = None):
+    """The family's tokenizer (a `transformers.PreTrainedTokenizerFast`, BOS = EOS = ``<|endoftext|>`` = 0).
+
+    ``encode`` adds no BOS (as GPT-2's); the models' ``to_tokens`` prepends it.
+
+    Example:
+        >>> tok = zoo.tokenizer()                          # doctest: +SKIP
+        >>> tok.decode(tok.encode(" Anne Elliot"))         # doctest: +SKIP
+        ' Anne Elliot'
+    """
+    from lnfree.zoo.train import load_tokenizer
+
+    return load_tokenizer(_resolve(data_dir) / "tokenizer.json")
+
+
+def heldout(name: str, *, data_dir: PathArg = None) -> torch.Tensor:
+    """Held-out tokens ``LongTensor [n, 256]``: ``"persuasion"`` (in-domain) or ``"cfi"`` (out-of-domain).
+
+    Each row is ``[BOS] + 255`` consecutive tokens of the text; rows follow each other in the text.
+
+    Example:
+        >>> zoo.heldout("cfi")[:, 0].unique().tolist()     # doctest: +SKIP
+        [0]
+    """
+    import numpy as np
+
+    d = _resolve(data_dir)
+    sets = info(d)["heldout"]
+    if not isinstance(name, str) or name not in sets:
+        raise ValueError(f"unknown held-out set {name!r}; valid names: {', '.join(sets)}")
+    return torch.from_numpy(np.load(d / sets[name]["file"]).astype(np.int64))
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype!r}")
+    return dtype
+
+
+def _model_config(manifest: dict, device=None, dtype: torch.dtype = torch.float32):
+    """HookedTransformerConfig of the family (with LayerNorm; LN-free models mark their sites removed)."""
+    import dataclasses
+
+    from transformer_lens import HookedTransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
+    kw = {k: v for k, v in manifest["config"].items() if k in fields and k not in ("device", "dtype", "n_devices")}
+    kw.update(init_weights=False, dtype=dtype, device=device)  # every weight comes from the file
+    return HookedTransformerConfig(**kw)
+
+
+def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir: PathArg = None):
+    """Load a zoo model as an `LNFreeTransformer`, offline, with its tokenizer attached.
+
+    Weights are stored in fp16 and cast to `dtype` (float32 by default). ``tiny-lnfree`` comes
+    with every LN site removed (``model.is_ln_free``); the others have every site live.
+    `device` follows TransformerLens (None: CUDA if available, else CPU).
+
+    Example:
+        >>> model = zoo.load("tiny-ln")                      # doctest: +SKIP
+        >>> logits = model(model.to_tokens("Captain Wentworth"))   # doctest: +SKIP
+    """
+    from safetensors.torch import load as load_bytes
+
+    from lnfree.model import LNFreeTransformer
+
+    d = _resolve(data_dir)
+    manifest = info(d)
+    entry = _entry(manifest, name)
+    dtype = _check_dtype(dtype)
+    if dtype == torch.float16 and any(e["mode"] != "live" for e in entry["ln_state"].values()):
+        raise ValueError(f"dtype=torch.float16 is unsafe for {name!r} (LN removed: residual norms overflow float16); "
+                         "use torch.float32 (default) or torch.bfloat16")
+    raw = (d / entry["file"]).read_bytes()
+    if "sha256" in entry and hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise ValueError(f"{d / entry['file']} does not match the checksum in {MANIFEST}: re-export the family")
+    state = load_bytes(raw)
+    model = LNFreeTransformer(_model_config(manifest, device, dtype), tokenizer=tokenizer(d))
+    _load_weights(model, state, entry["ln_state"], where=str(d / entry["file"]))
+    model.zoo_name = name
+    model.zoo_info = entry
+    return model.eval()
+
+
+def _load_weights(model, state: dict, ln_state: dict, where: str) -> None:
+    """Load TL-keyed weights (any float dtype) and the saved LN state; unknown or missing weights are errors.
+
+    Missing keys may only be the attention buffers TransformerLens rebuilds, and the LN w/b of
+    removed sites (a model exported from an LN-free config has none; they are never read).
+    """
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{where} holds weights this model does not have: {unexpected[:5]}")
+    model.load_ln_state(ln_state)
+    modes: dict[str, set] = {}
+    for site, entry in ln_state.items():
+        modes.setdefault(_ln_module(site), set()).add(entry["mode"])
+    bad = [k for k in missing
+           if not k.endswith((".IGNORE", ".mask")) and modes.get(k.rsplit(".", 1)[0]) != {"removed"}]
+    if bad:
+        raise ValueError(f"{where} lacks weights {bad[:5]}")
+
+
+def _ln_module(site: str) -> str:
+    """Module path of an LN site: 'blocks.0.ln1.qk' -> 'blocks.0.ln1'."""
+    return site.rsplit(".", 1)[0] if site.endswith((".qk", ".v")) else site
