@@ -12,18 +12,18 @@ from transformer_lens import HookedTransformerConfig  # noqa: E402
 from lnfree.model import LNFreeTransformer  # noqa: E402
 
 
-def make_cfg(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=16, **kw) -> HookedTransformerConfig:
+def make_cfg(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=16, seed=0, **kw) -> HookedTransformerConfig:
     return HookedTransformerConfig(
         n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_model // n_heads,
         d_mlp=4 * d_model, d_vocab=d_vocab, n_ctx=n_ctx, act_fn="gelu_new",
-        normalization_type="LN", seed=0, **kw,
+        normalization_type="LN", seed=seed, **kw,
     )
 
 
 def make_model(seed: int = 0, **kw) -> LNFreeTransformer:
     """A random LN model with non-trivial LN weights/biases and an uneven residual scale."""
     torch.manual_seed(seed)
-    model = LNFreeTransformer(make_cfg(**kw))
+    model = LNFreeTransformer(make_cfg(seed=seed, **kw))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(".w") and "ln" in name:
