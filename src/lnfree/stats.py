@@ -56,7 +56,13 @@ def bootstrap(
         raise ValueError("bootstrap needs at least one sample, got an empty array")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise ValueError(f"n_boot must be a positive int (bootstrap resamples), got {n_boot!r}")
     y = None if paired is None else _as_numpy(paired)
+    for name, a in (("samples", x), ("paired", y)):
+        if a is not None and not np.isfinite(a).all():  # a NaN would give a NaN value with a finite CI
+            raise ValueError(f"{name} contain {int((~np.isfinite(a)).sum())} non-finite values (NaN or inf); "
+                             "a mean with a confidence interval is undefined")
     if y is not None and y.shape[0] != x.shape[0]:
         raise ValueError(f"paired samples must have the same length: {x.shape[0]} vs {y.shape[0]}")
     plain_mean = statistic is None

@@ -335,22 +335,29 @@ def direct_logit_attribution(
 
     from tqdm.auto import tqdm
 
-    parts, labels = [], None
+    # Results go straight into buffers allocated once: small per-batch tensors kept alive across
+    # batches would pin heap memory between the forward passes' temporaries and grow the RSS.
+    per = 1 if n_pos is None else n_pos  # selected tokens per prompt
+    labels = dla = de = logit = None
+    scratch: dict[str, torch.Tensor] = {}
     for start in tqdm(range(0, n_prompts, batch_size), disable=not progress, desc="DLA"):
         stop = min(start + batch_size, n_prompts)
         b_idx, p_idx = _selection(start, stop, positions, n_pos, model.cfg.device)
         sel_t = tgt[start:stop].reshape(-1)
         sel_o = None if other is None else other[start:stop].reshape(-1)
-        batch_labels, dla, de, logit = _run_batch(
-            model, ln, tokens[start:stop], b_idx, p_idx, sel_t, sel_o, hooks, components, layer
+        batch_labels, b_dla, b_de, b_logit = _run_batch(
+            model, ln, tokens[start:stop], b_idx, p_idx, sel_t, sel_o, hooks, components, layer, scratch
         )
-        labels = labels or batch_labels
-        parts.append((dla, de, logit))
+        if labels is None:
+            labels = batch_labels
+            dla, de = torch.empty(len(labels), n_prompts * per), torch.empty(len(labels), n_prompts * per)
+            logit = torch.empty(n_prompts * per)
+        cols = slice(start * per, stop * per)
+        dla[:, cols], de[:, cols], logit[cols] = b_dla, b_de, b_logit
+        del b_dla, b_de, b_logit
 
     shape = (n_prompts,) if n_pos is None else (n_prompts, n_pos)
-    dla = torch.cat([p[0] for p in parts], 1).reshape(len(labels), *shape)
-    de = torch.cat([p[1] for p in parts], 1).reshape(len(labels), *shape)
-    logit = torch.cat([p[2] for p in parts]).reshape(shape)
+    dla, de, logit = dla.reshape(len(labels), *shape), de.reshape(len(labels), *shape), logit.reshape(shape)
     return DLAResult(
         dla=dla, direct_effect=de, logit=logit, labels=tuple(labels),
         positions=None if positions is None else positions.cpu(), components=components, layer=layer,
@@ -544,6 +551,12 @@ def _targets(model, tokens, targets, positions, n_pos) -> tuple[torch.Tensor, Op
             return tokens[:, 1 : n_pos + 1].cpu().long(), None, "next-token"
         return tokens[torch.arange(n_prompts), positions + 1].cpu().long(), None, "next-token"
     if isinstance(targets, (tuple, list)):
+        if isinstance(targets, list) and all(isinstance(t, int) for t in targets):
+            # [5, 7] could mean per-prompt ids or the pair (5, 7): never guess
+            raise TypeError(
+                f"targets as a list of ints ({targets[:4]}{'...' if len(targets) > 4 else ''}) is ambiguous: pass "
+                "per-prompt ids as a tensor (torch.tensor([...])), a logit difference as a tuple (target_ids, other_ids)"
+            )
         if len(targets) != 2:
             raise ValueError(
                 f"targets as a tuple/list must be (target_ids, other_ids) for a logit difference; got length {len(targets)}. "
@@ -589,12 +602,21 @@ def _selection(start: int, stop: int, positions, n_pos, device) -> tuple[torch.T
 
 
 # ---- the computation -------------------------------------------------------------------------
-def _run_batch(model, ln: _FinalLN, tokens, b_idx, p_idx, tgt, other, hooks, components, layer):
-    """One forward pass up to ln_final; DLA, DE and the logit for every component and selected token."""
+def _run_batch(model, ln: _FinalLN, tokens, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
+    """One forward pass up to ln_final; DLA, DE and the logit for every component and selected token.
+
+    `scratch` (a dict kept across batches) holds the buffers the hooks copy into, so that no new
+    long-lived tensor is allocated among the forward pass's temporaries (heap fragmentation).
+    """
     acts: dict[str, torch.Tensor] = {}
+    scratch = {} if scratch is None else scratch
 
     def keep(act, hook):
-        acts[hook.name] = act[b_idx, p_idx].to(_DTYPE)  # only the selected tokens leave the forward pass
+        sel = act[b_idx, p_idx]  # only the selected tokens leave the forward pass
+        buf = scratch.get(hook.name)
+        if buf is None or buf.shape[0] < sel.shape[0] or buf.shape[1:] != sel.shape[1:] or buf.device != sel.device:
+            buf = scratch[hook.name] = torch.empty(sel.shape, dtype=_DTYPE, device=sel.device)
+        acts[hook.name] = buf[: sel.shape[0]].copy_(sel)
 
     with model.hooks(fwd_hooks=[(name, keep) for name in hooks]):
         resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
