@@ -618,3 +618,12 @@ def test_checkpoint_errors_have_their_own_types(tmp_path):
     assert issubclass(CheckpointError, ValueError) and issubclass(HubUnreachableError, ConnectionError)
     with pytest.raises(CheckpointError):
         _load(tmp_path)
+
+
+def test_cross_entropy_refuses_float_numpy_tokens(model):
+    import numpy as np
+    import pytest as _pytest
+
+    from lnfree.evaluation import cross_entropy
+    with _pytest.raises(TypeError, match="integer token ids"):
+        cross_entropy(model, np.full((2, 5), 3.7))

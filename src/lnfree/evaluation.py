@@ -94,6 +94,8 @@ def cross_entropy(
         >>> print(res.mean, res.bits_per_byte(n_bytes=4 * tokens[:, 1:].numel()))  # doctest: +SKIP
     """
     if isinstance(tokens, np.ndarray):
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TypeError(f"tokens must hold integer token ids, got a numpy array of dtype {tokens.dtype}")
         tokens = torch.from_numpy(tokens.astype(np.int64))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
