@@ -1,0 +1,63 @@
+"""The tutorials: generated files in sync with notebooks/src, and every notebook executes (nbclient).
+
+The notebooks run on the packaged zoo (or $LNFREE_ZOO_DATA), offline, in a python3 kernel of this
+environment (ipykernel). Each takes well under a minute on 2 cores, so they are marked slow.
+"""
+
+import importlib.util
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _build():
+    spec = importlib.util.spec_from_file_location("notebooks_build", REPO / "notebooks" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_tutorials_are_in_sync_with_their_sources():
+    build = _build()
+    sources = sorted(p.stem for p in build.SRC.glob("*.py"))
+    assert len(sources) == 5 and [p.stem for p in NOTEBOOKS] == sources
+    stale = build.stale()
+    assert not stale, f"run `python notebooks/build.py`: out of date {[str(p.relative_to(REPO)) for p in stale]}"
+
+
+def test_percent_format_parser():
+    build = _build()
+    cells = build.parse("# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\n# %%\n\n# %% [markdown]\n# more\n")
+    assert cells == [("markdown", "# Title\n\ntext"), ("code", "x = 1"), ("markdown", "more")]
+    with pytest.raises(ValueError, match="not a comment"):
+        build.parse("# %% [markdown]\nx = 1\n")
+    md = build.to_markdown(cells, "99_x")
+    assert "```python\nx = 1\n```" in md and "# Title" in md
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_executes(path, tmp_path):
+    import nbclient
+    import nbformat
+
+    from lnfree import zoo
+
+    try:
+        zoo.data_dir()
+    except FileNotFoundError as e:
+        pytest.fail(f"the tutorials run on the zoo, whose data is missing: {e}", pytrace=False)
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.perf_counter()
+    client.execute()  # raises CellExecutionError (with the cell and traceback) on any error
+    elapsed = time.perf_counter() - t0
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert outputs, "the notebook printed nothing"
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    print(f"{path.name}: {elapsed:.1f} s")
