@@ -26,6 +26,13 @@ def _err(ests: list[dict]) -> dict:
                 arrayminus=v - np.array([e["low"] for e in ests], dtype=float))
 
 
+def _add_identity_line(fig: go.Figure, x: np.ndarray, y: np.ndarray, col: int) -> None:
+    """Dashed y = x over the range of both axes' data, in subplot (1, col)."""
+    lo, hi = (float(min(x.min(), y.min())), float(max(x.max(), y.max()))) if x.size else (0.0, 1.0)
+    fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="gray", dash="dash"),
+                             showlegend=False), row=1, col=col)
+
+
 def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
     fig.update_layout(title=title, height=height, template="plotly_white", margin=dict(t=70, l=60, r=20, b=50))
     return fig
@@ -67,9 +74,7 @@ def dla_figures(rd) -> list[go.Figure]:
             x, y = x[keep], y[keep]
         scatter.add_trace(go.Scatter(x=x, y=y, mode="markers", name=m, marker=dict(size=3, opacity=0.5,
                                      color=_color(rd, m)), showlegend=False), row=1, col=c)
-        lo, hi = (float(min(x.min(), y.min())), float(max(x.max(), y.max()))) if x.size else (0.0, 1.0)
-        scatter.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="gray", dash="dash"),
-                                     showlegend=False), row=1, col=c)
+        _add_identity_line(scatter, x, y, col=c)
         scatter.update_xaxes(title_text="direct effect", row=1, col=c)
     scatter.update_yaxes(title_text="DLA", row=1, col=1)
     figs.append(_layout(scatter, "DLA against the exact direct effect (one point per head x token; y = x dashed)"))
@@ -92,9 +97,7 @@ def atp_figures(rd) -> list[go.Figure]:
         est = res[m].atp.scores.flatten().double().numpy()
         scatter.add_trace(go.Scatter(x=truth, y=est, mode="markers", text=list(res[m].labels), showlegend=False,
                                      marker=dict(size=6, color=_color(rd, m))), row=1, col=c)
-        lo, hi = float(min(truth.min(), est.min())), float(max(truth.max(), est.max()))
-        scatter.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="gray", dash="dash"),
-                                     showlegend=False), row=1, col=c)
+        _add_identity_line(scatter, truth, est, col=c)
         scatter.update_xaxes(title_text="activation patching", row=1, col=c)
     scatter.update_yaxes(title_text="AtP estimate", row=1, col=1)
     figs.append(_layout(scatter, "AtP estimate against activation patching, one point per head"))
