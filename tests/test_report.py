@@ -230,12 +230,8 @@ def test_different_tokenizers_are_refused():
     from lnfree.report.pipeline import check_same_vocabulary
     from lnfree.tokenizer import gpt2_tokenizer
 
-    class Tok:
-        def get_vocab(self):
-            return {"a": 0}
-
     a, b = make_model(), make_model(seed=1)
-    a.tokenizer, b.tokenizer = Tok(), gpt2_tokenizer()
+    a.tokenizer, b.tokenizer = zoo.tokenizer(), gpt2_tokenizer()  # same d_vocab (61), different encodings
     with pytest.raises(ValueError, match="different tokenizers"):
         check_same_vocabulary({"a": a, "b": b})
 

@@ -94,17 +94,25 @@ def _cli_error():
 
 
 def load_any(spec: str, device=None):
-    """A zoo name, a local checkpoint directory (HF, released LN-free, TransformerLens, a removal run),
-    or a hub id -> LNFreeTransformer. Failures raise CLIError with one line saying what was tried.
+    """A model argument of ``compare`` / ``reproduce`` / ``demo`` -> LNFreeTransformer, via the one resolver.
+
+    Thin wrapper: the resolver (`_resolve`) does the work; failures become one-line CLIErrors.
 
     Example:
         >>> model = load_any("tiny-lnfree")        # doctest: +SKIP
     """
-    from lnfree import zoo
-
     CLIError = _cli_error()
     if not isinstance(spec, str) or not spec:
         raise CLIError(f"a model must be a zoo name, a directory or a hub id, got {spec!r}")
+    return _resolve(spec, device=device)
+
+
+def _resolve(spec: str, device=None):
+    """Until `lnfree.load` lands: zoo name, local checkpoint directory (HF, released LN-free,
+    TransformerLens, a removal run) or hub id."""
+    from lnfree import zoo
+
+    CLIError = _cli_error()
     if spec in zoo.NAMES:
         return zoo.load(spec, device=device)  # FileNotFoundError (data missing) says how to fix it
     path = Path(os.path.expanduser(spec))
@@ -269,7 +277,7 @@ def run_demo(args) -> int:
 
     t0 = _setup(args)
     order = ("tiny-ln", "tiny-lnfree", "tiny-vanilla")
-    models = {name: zoo.load(name, device=args.device) for name in order}
+    models = {name: load_any(name, device=args.device) for name in order}
     data = {name: zoo.heldout(name) for name in zoo.info()["heldout"]}
     rd = run_report(models, data, baseline="tiny-ln", quick=args.quick, progress=not args.no_progress,
                     title="lnfree demo: tiny-ln vs tiny-lnfree (tiny-vanilla: the fine-tuned LN control)")
