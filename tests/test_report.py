@@ -393,3 +393,65 @@ def test_demo_on_the_packaged_zoo(tmp_path):
     g = zoo.heldout("persuasion")[: QUICK.geom_seqs, : QUICK.geom_len]
     assert r["sink_rate"]["tiny-ln"]["rate"] == attention_sink_rate(ln, g).rate
     assert data["notes"] == {}
+
+
+# ---- figures ---------------------------------------------------------------------------------
+def _axes(fig) -> dict:
+    layout = fig.to_plotly_json()["layout"]
+    return {k: v for k, v in layout.items() if k.startswith(("xaxis", "yaxis"))}
+
+
+def test_every_report_figure_titles_every_axis(tiny_report):
+    from lnfree.report.stages import STAGES
+
+    rd = tiny_report[0]
+    n_figures = 0
+    for name in rd.stages:
+        for fig in STAGES[name].figures(rd):
+            n_figures += 1
+            axes = _axes(fig)
+            assert {"xaxis", "yaxis"} <= set(axes), (name, sorted(axes))
+            untitled = [k for k, ax in axes.items() if not (ax.get("title") or {}).get("text")]
+            assert not untitled, f"{name}: axes without a title: {untitled}"
+            assert fig.layout.title.text
+    assert n_figures == 8
+
+
+def test_ce_figure_axis_is_tight_around_the_cis(tiny_report):
+    """The CE panel does not start at 0 (a 0.04-nat gap would be invisible) and holds every CI."""
+    from lnfree.report.figures import ce_figures
+
+    rd = tiny_report[0]
+    (fig,) = ce_figures(rd)
+    ests = [rd.numbers["ce"][d][m]["ce"] for d in rd.datasets for m in rd.models]
+    lo, hi = fig.layout.yaxis.range
+    assert lo > 0 and lo < min(e["low"] for e in ests) and hi > max(e["high"] for e in ests)
+    assert hi - lo < 2 * (max(e["high"] for e in ests) - min(e["low"] for e in ests)) + 0.01
+    gaps = [t for t in fig.data if t.xaxis == "x2"]  # the paired-gap panel: every non-baseline model
+    assert sorted(t.name for t in gaps) == sorted(m for m in rd.models if m != rd.baseline)
+    assert all(isinstance(t, type(fig.data[0])) and t.mode == "markers" for t in fig.data)  # no bars from 0
+
+
+def test_sink_heatmap_has_integer_layer_and_head_ticks(tiny_report):
+    from lnfree.report.figures import sink_figures
+
+    (fig,) = sink_figures(tiny_report[0])
+    for k, ax in _axes(fig).items():
+        assert ax.get("dtick") == 1 and ax.get("tick0") == 0, k
+
+
+def test_report_package_imports_as_a_user_expects(tiny_report, tmp_path):
+    import lnfree
+    from lnfree import report
+    from lnfree.report import STAGES, ReportData, build_report, run_report  # noqa: F401
+
+    assert lnfree.report is report and set(report.__all__) >= {"build_report", "run_report", "write_report"}
+    assert list(STAGES) == ["ce", "dla", "atp", "confidence", "first_token_norm", "sink_rate"]
+    _, models, data, ioi = tiny_report
+    rd = report.build_report({"ln": models["ln"], "free": models["free"]}, data, tmp_path, stages=["sink_rate"],
+                             sizes=SMALL, progress=False)
+    assert isinstance(rd, ReportData) and (tmp_path / "report.html").is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["results"]["sink_rate"]["free"]["rate"] == \
+        rd.numbers["sink_rate"]["free"]["rate"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        report.nope  # noqa: B018

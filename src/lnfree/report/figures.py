@@ -150,6 +150,7 @@ def confidence_figures(rd) -> list[go.Figure]:
     fig.update_xaxes(title_text="top-1 confidence", range=[0, 1], row=1, col=2)
     fig.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=2)
     fig.update_yaxes(title_text="entropy change (%)", row=1, col=1)
+    fig.update_xaxes(title_text="effect", row=1, col=1)
     return [_layout(fig, "Entropy neurons: total vs direct effect of their mean ablation; calibration")]
 
 
