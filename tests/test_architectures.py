@@ -85,6 +85,7 @@ def tokens() -> torch.Tensor:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max())
 
 
@@ -332,3 +333,79 @@ def test_unsupported_features_are_refused(name):
 def test_supported_configs_report_no_unsupported_features():
     for name in CONFIGS:
         assert unsupported_features(make_cfg(name)) == [], name
+
+
+# ---- against transformers' own models: Gemma ((1 + w) RMSNorm, sqrt(d_model) embedding scale) and Llama
+def _hf_pair(arch: str):
+    """A tiny random HF model and the LNFreeTransformer built from it by TransformerLens's converter."""
+    import transformers
+    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_llama_weights
+
+    common = dict(vocab_size=D_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=12, rope_theta=10000.0, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    if arch == "gemma":
+        hf_cfg = transformers.GemmaConfig(num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh",
+                                          **common)
+        hf = transformers.GemmaForCausalLM(hf_cfg)
+        tl = dict(d_head=16, act_fn="gelu_pytorch_tanh", n_key_value_heads=1, rotary_dim=16)
+        convert = convert_gemma_weights
+    else:
+        hf_cfg = transformers.LlamaConfig(num_key_value_heads=2, head_dim=8, hidden_act="silu", **common)
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+        tl = dict(d_head=8, act_fn="silu", n_key_value_heads=2, rotary_dim=8)
+        convert = convert_llama_weights
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:  # Gemma stores w - 1 (zeros by default), Llama w: both get a spread
+                p.copy_((0.0 if arch == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
+        if arch == "llama":
+            hf.model.embed_tokens.weight.mul_(50.0)
+    hf = hf.eval()
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=48, d_vocab=D_VOCAB, n_ctx=12, eps=1e-6,
+                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_base=10000,
+                                  gated_mlp=True, final_rms=True, seed=0, **tl)
+    model = LNFreeTransformer(cfg).eval()
+    model.load_state_dict(convert(hf, model.cfg), strict=False)
+    return hf, model
+
+
+def _freeze_hf_norms(hf, arch: str, scales: dict) -> None:
+    """Replace every HF RMSNorm's per-token RMS by our fixed sigma (the independent frozen model)."""
+    import types
+
+    def frozen_forward(sigma):
+        def forward(self, x):
+            w = (1.0 + self.weight.float()) if arch == "gemma" else self.weight.float()
+            return (x.float() / sigma * w).to(x.dtype)
+        return forward
+
+    for i, layer in enumerate(hf.model.layers):
+        assert scales[f"blocks.{i}.ln1.qk"] == scales[f"blocks.{i}.ln1.v"]  # HF has one input norm
+        layer.input_layernorm.forward = types.MethodType(frozen_forward(scales[f"blocks.{i}.ln1.qk"]),
+                                                         layer.input_layernorm)
+        layer.post_attention_layernorm.forward = types.MethodType(frozen_forward(scales[f"blocks.{i}.ln2"]),
+                                                                  layer.post_attention_layernorm)
+    hf.model.norm.forward = types.MethodType(frozen_forward(scales["ln_final"]), hf.model.norm)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "llama"])
+def test_every_mode_matches_transformers(arch, tokens):
+    hf, model = _hf_pair(arch)
+    with torch.no_grad():
+        hf_live = hf(tokens).logits
+    assert rel_err(model(tokens), hf_live) < 1e-4
+    if arch == "gemma":  # TransformerLens stores Gemma's scaled embedding and 1 + w
+        torch.testing.assert_close(model.W_E, hf.model.embed_tokens.weight * 32**0.5)
+        torch.testing.assert_close(model.blocks[0].ln1.w, 1 + hf.model.layers[0].input_layernorm.weight)
+    scales = model.estimate_ln_scales(tokens)
+    scales = {s: scales[s.replace(".v", ".qk")] * 1.3 for s in scales}  # qk == v: HF has one input norm
+    _freeze_hf_norms(hf, arch, scales)
+    with torch.no_grad():
+        hf_frozen = hf(tokens).logits
+    assert rel_err(hf_frozen, hf_live) > 1e-3
+    model.freeze_ln(scales=scales)
+    frozen = model(tokens)
+    assert rel_err(frozen, hf_frozen) < 1e-4
+    model.remove_ln()
+    assert rel_err(model(tokens), hf_frozen) < 1e-4
