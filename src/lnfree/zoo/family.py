@@ -961,7 +961,7 @@ def _stage_finetune(rec: _Record, out: Path, name: str, tok, held: dict, *, vani
         evals = next(iter(held.values()))[:eval_rows] if eval_rows else None
         rec.set(name, {"status": "running", "command": command, "started": _now()})
         t0 = time.time()
-        remove_layernorm(base, rows, steps=steps, vanilla=vanilla, out_dir=ft_dir, resume=True, batch_size=batch_size,
+        remove_layernorm(base, rows, steps=steps, vanilla=vanilla, out_dir=ft_dir, resume="auto", batch_size=batch_size,
                          micro_batch_size=micro_batch_size, eval_data=evals, seed=seed, bf16=bf16, progress=progress)
         rec.set(name, {**rec.stage(name), "status": "ran", "finished": _now(),
                        "wall_s_this_call": round(time.time() - t0, 1)})
