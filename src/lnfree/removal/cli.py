@@ -76,13 +76,12 @@ def _load_tokenizer(path: str):
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.exists():
         raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
-    special = {}
     if "<|endoftext|>" in file.read_text(encoding="utf-8"):
-        # GPT-2 style: end-of-text doubles as bos/pad (TransformerLens needs both); encode adds no BOS
-        special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                       pad_token="<|endoftext|>", add_bos_token=False)
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent),
-                                   model_max_length=1 << 30, **special)
+        # GPT-2 style (the zoo's): end-of-text doubles as bos/pad (TransformerLens needs both); no BOS from encode
+        from lnfree.zoo.train import load_tokenizer
+
+        return load_tokenizer(file)
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)
 
 
 def _find_tokenizer(model_dir: Path):

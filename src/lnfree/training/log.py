@@ -52,8 +52,8 @@ class JsonlLog:
     def rewind(self, step: int) -> int:
         """Keep the records up to the checkpoint of `step`; drop later ones. Returns how many were dropped.
 
-        The cut is after the last ``{"event": "checkpoint", "step": step}`` record if there is one,
-        else after the last record whose ``step`` is <= `step` (logs without checkpoint records).
+        The cut is after the last ``{"event": "checkpoint", "step": step}`` record if there is one;
+        in logs without checkpoint records, every record whose ``step`` exceeds `step` is dropped.
         """
         recs = self.records()
         if not recs:
@@ -62,14 +62,7 @@ class JsonlLog:
         for i, r in enumerate(recs):
             if r.get("event") == "checkpoint" and r.get("step") == step:
                 cut = i + 1
-        if cut is None:
-            cut = 0
-            for i, r in enumerate(recs):
-                s = r.get("step")
-                if s is None or s <= step:
-                    cut = i + 1
-                else:
-                    break
-        dropped = len(recs) - cut
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in recs[:cut]))
+        kept = recs[:cut] if cut is not None else [r for r in recs if r.get("step") is None or r["step"] <= step]
+        dropped = len(recs) - len(kept)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         return dropped
