@@ -20,7 +20,19 @@ class Estimate:
     level: float = 0.95
 
     def __str__(self) -> str:
+        if self.n < 2:  # one sample has no spread: say so rather than print [x, x]
+            return f"{self.value:.4g} [no CI: n={self.n}]"
         return f"{self.value:.4g} [{self.low:.4g}, {self.high:.4g}]"
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __format__(self, spec: str) -> str:
+        if not spec:
+            return str(self)
+        if self.n < 2:
+            return f"{format(self.value, spec)} [no CI: n={self.n}]"
+        return f"{format(self.value, spec)} [{format(self.low, spec)}, {format(self.high, spec)}]"
 
     def to_dict(self) -> dict:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n, "level": self.level}
@@ -71,6 +83,8 @@ def bootstrap(
             raise ValueError("paired bootstrap needs a statistic(samples, paired)")
         statistic = lambda a: float(a.mean(axis=0)) if a.ndim == 1 else a.mean(axis=0)  # noqa: E731
     value = statistic(x) if y is None else statistic(x, y)
+    if x.shape[0] < 2:  # a CI needs at least two samples; nan bounds say so (str shows "no CI")
+        return Estimate(float(value), float("nan"), float("nan"), int(x.shape[0]), level)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, x.shape[0], size=(n_boot, x.shape[0]))
     if plain_mean and x.ndim == 1:
