@@ -139,7 +139,7 @@ def test_report_dla_exact_only_without_ln(tiny_report):
     n = rd.numbers["dla"]
     assert n["free"]["nmae"]["value"] < 1e-4 and n["free"]["max_abs_error"] < 1e-4
     assert n["ln"]["nmae"]["value"] > 1.0  # live LN: DLA is only a linearisation
-    direct = direct_logit_attribution(models["ln"], data["a"][:6, :12], components="heads").nmae(n_boot=100)[0]
+    direct = direct_logit_attribution(models["ln"], data["a"][:6, :12], components="heads").nmae(n_boot=100)
     assert n["ln"]["nmae"]["value"] == pytest.approx(direct.value)
     assert n["ln"]["nmae"]["low"] == pytest.approx(direct.low)
     assert [r["group"] for r in n["ln"]["per_layer"]] == ["0", "1"]
@@ -167,7 +167,7 @@ def test_report_entropy_neurons_have_no_ln_pathway_without_ln(tiny_report):
     assert n["neurons_from"] == "ln" and len(n["neurons"]) == 3
     a = n["free"]["ablation"]
     assert a["entropy_change_total"]["value"] == pytest.approx(a["entropy_change_direct"]["value"])
-    assert rd.results["confidence"]["free"]["ablation"].neurons == tuple(n["neurons"])
+    assert rd.results["confidence"]["free"]["ablation"].references() == n["neurons"]  # labels "L1N114": layer kept
 
 
 def test_write_report_self_contained_html_and_json(tiny_report, tmp_path):
@@ -301,9 +301,9 @@ def test_demo_command_end_to_end(tiny_zoo, tmp_path, monkeypatch, capsys):
     assert r["dla"]["tiny-lnfree"]["nmae"]["value"] == pytest.approx(0.0, abs=1e-4)
     toks = zoo.heldout("persuasion")[: QUICK.dla_seqs, : QUICK.dla_len]
     assert r["dla"]["tiny-ln"]["nmae"]["value"] == pytest.approx(
-        direct_logit_attribution(ln, toks).nmae(n_boot=QUICK.n_boot)[0].value, rel=1e-5)
+        direct_logit_attribution(ln, toks).nmae(n_boot=QUICK.n_boot).value, rel=1e-5)
     g = zoo.heldout("persuasion")[: QUICK.geom_seqs, : QUICK.geom_len]
-    assert r["sink_rate"]["tiny-lnfree"]["rate"] == attention_sink_rate(free, g, threshold=0.3).rate
+    assert r["sink_rate"]["tiny-lnfree"]["rate"] == attention_sink_rate(free, g, threshold=0.3).rate.value
     assert r["sink_rate"]["tiny-ln"]["rate"] == pytest.approx(brute_sink_rate(ln, g)[0])
     assert r["atp"]["n_prompts"] == QUICK.ioi_prompts and len(r["atp"]["tiny-ln"]["per_layer_error"]) == 2
     page = (tmp_path / "report.html").read_text()
@@ -391,7 +391,7 @@ def test_demo_on_the_packaged_zoo(tmp_path):
     assert r["dla"]["tiny-lnfree"]["nmae"]["value"] == pytest.approx(0.0, abs=1e-3)
     assert r["dla"]["tiny-ln"]["nmae"]["value"] > 1.0
     g = zoo.heldout("persuasion")[: QUICK.geom_seqs, : QUICK.geom_len]
-    assert r["sink_rate"]["tiny-ln"]["rate"] == attention_sink_rate(ln, g).rate
+    assert r["sink_rate"]["tiny-ln"]["rate"] == attention_sink_rate(ln, g).rate.value
     assert data["notes"] == {}
 
 

@@ -131,9 +131,10 @@ def run_dla(ctx: Context):
     tokens = ctx.primary(sizes.dla_seqs, sizes.dla_len)
     numbers, results = {}, {}
     for m in ctx.each_model("DLA vs DE"):
-        res = direct_logit_attribution(ctx.models[m], tokens, components="heads", batch_size=sizes.batch_size)
-        overall, per_head = res.nmae(n_boot=sizes.n_boot)
-        layers = res.nmae_frame("layer", n_boot=sizes.n_boot)
+        res = direct_logit_attribution(ctx.models[m], tokens, components="heads", batch_size=sizes.batch_size,
+                                       n_boot=sizes.n_boot)
+        overall, per_head = res.nmae(), res.nmae_by_component()
+        layers = res.nmae_frame("layer")
         results[m] = res
         numbers[m] = {
             "nmae": _est(overall), "per_layer": layers.to_dict(orient="records"),
@@ -203,8 +204,10 @@ def run_atp(ctx: Context):
                         "example_prompt": batch.prompts[0], "example_corrupt": batch.corrupt_prompts[0]}, {}
     for m in ctx.each_model("AtP vs activation patching"):
         model, metric = models[m], metrics[m]
-        act = activation_patching(model, batch.clean, batch.corrupt, metric, site="z", by_pos=False)
-        atp = attribution_patching(model, batch.clean, batch.corrupt, metric, site="z", by_pos=False, method="atp")
+        act = activation_patching(model, batch.clean, batch.corrupt, metric, site="z", by_pos=False,
+                                  n_boot=sizes.n_boot)
+        atp = attribution_patching(model, batch.clean, batch.corrupt, metric, site="z", by_pos=False, method="atp",
+                                   n_boot=sizes.n_boot)
         err = patching_error(atp, act, n_boot=sizes.n_boot)
         results[m] = err
         numbers[m] = {
@@ -246,32 +249,33 @@ def summary_atp(rd, m: str) -> dict:
 
 # ---- confidence ------------------------------------------------------------------------------
 def run_confidence(ctx: Context):
-    from lnfree.analysis.confidence import ablate_neurons, calibration, find_entropy_neurons
+    from lnfree.analysis.calibration import calibration
+    from lnfree.analysis.confidence import ablate_neurons, find_entropy_neurons
 
     if any(m.cfg.attn_only for m in ctx.models.values()):
         raise Skip("attention-only models have no MLP neurons")
     models, base, sizes = ctx.models, ctx.baseline, ctx.sizes
     tokens = ctx.primary(sizes.conf_seqs, sizes.conf_len)
-    found = find_entropy_neurons(models[base], layer=-1, top=3)
-    neurons = found.top()
-    frame = found.to_frame().head(len(neurons))
+    found = find_entropy_neurons(models[base], layer=-1, n_top=3)
+    neurons = found.neurons()  # labels "L{layer}N{neuron}": the layer travels with each neuron
+    frame = found.top(len(neurons))
     numbers = {"layer": found.layer, "neurons": neurons, "neurons_from": base,
                "candidates": frame[["label", "norm", "logit_var", "rho", "score"]].to_dict(orient="records")}
     results = {"neurons": found}
     for m in ctx.each_model("entropy neurons, calibration"):
         model = models[m]
-        own = find_entropy_neurons(model, layer=-1, top=3)
+        own = find_entropy_neurons(model, layer=-1, n_top=3)
         # the baseline's neurons where they exist (same layer and width, e.g. a fine-tuned twin), else the model's own
         same = own.layer == found.layer and model.cfg.d_mlp == models[base].cfg.d_mlp
-        chosen = neurons if same else own.top()
-        abl = ablate_neurons(model, tokens, chosen, layer=own.layer, cumulative=True, batch_size=sizes.batch_size)
-        cal = calibration(model, tokens, batch_size=sizes.batch_size)
+        chosen = neurons if same else own.neurons()
+        abl = ablate_neurons(model, tokens, chosen, cumulative=True, batch_size=sizes.batch_size, n_boot=sizes.n_boot)
+        cal = calibration(model, tokens, batch_size=sizes.batch_size, n_boot=sizes.n_boot)
         results[m] = {"neurons": own, "ablation": abl, "calibration": cal}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             last = len(abl.sets) - 1  # all the neurons together
             numbers[m] = {
-                "own_top_neurons": own.top(),
+                "own_top_neurons": own.neurons(),
                 "ablated_neurons": list(chosen), "neurons_from": base if same else m,
                 "ablated_set": abl.labels[last],
                 "ablation": {
@@ -318,23 +322,12 @@ def run_first_token_norm(ctx: Context):
     tokens = ctx.primary(sizes.geom_seqs, sizes.geom_len)
     numbers, results = {}, {}
     for m in ctx.each_model("first-token norm"):
-        res = first_token_norm(ctx.models[m], tokens, batch_size=sizes.batch_size)
-        ests = {k: [_est(e) for e in v] for k, v in _bootstrapped(res, sizes.n_boot).items()}
+        res = first_token_norm(ctx.models[m], tokens, batch_size=sizes.batch_size, n_boot=sizes.n_boot)
+        ests = {k: [_est(e) for e in v] for k, v in res.estimates().items()}
         results[m] = res
         numbers[m] = {"sites": res.labels, **ests, "max_ratio": float(res.ratio.max()),
                       "final_ratio": float(res.ratio[-1])}
     return numbers, results
-
-
-def _bootstrapped(res, n_boot: int) -> dict[str, list[Estimate]]:
-    """ResidNorms.estimates with our n_boot (its own uses the default)."""
-    ratio = lambda a, b: float(a.mean() / b.mean())  # noqa: E731
-    idx = range(len(res.labels))
-    return {
-        "first": [bootstrap(res.first[:, i], n_boot=n_boot) for i in idx],
-        "rest": [bootstrap(res.rest[:, i], n_boot=n_boot) for i in idx],
-        "ratio": [bootstrap(res.first[:, i], ratio, paired=res.rest[:, i], n_boot=n_boot) for i in idx],
-    }
 
 
 def table_first_token_norm(rd) -> pd.DataFrame:
@@ -355,10 +348,11 @@ def run_sink_rate(ctx: Context):
     tokens = ctx.primary(sizes.geom_seqs, sizes.geom_len)
     numbers, results = {"threshold": SINK_THRESHOLD}, {}
     for m in ctx.each_model("attention sinks"):
-        res = attention_sink_rate(ctx.models[m], tokens, threshold=SINK_THRESHOLD, batch_size=sizes.batch_size)
+        res = attention_sink_rate(ctx.models[m], tokens, threshold=SINK_THRESHOLD, batch_size=sizes.batch_size,
+                                  n_boot=sizes.n_boot)
         results[m] = res
-        numbers[m] = {"rate": res.rate, "n_sinks": int(res.is_sink.sum()), "n_heads": int(res.is_sink.numel()),
-                      "attention_to_first": res.attention_to_first.tolist(), "top_heads": res.top(5),
+        numbers[m] = {"rate": float(res.rate), "rate_ci": _est(res.rate), "n_sinks": int(res.is_sink.sum()), "n_heads": int(res.is_sink.numel()),
+                      "attention_to_first": res.attention_to_first.tolist(), "top_heads": list(res.top(5)["label"]),
                       "n_prompts": res.n_prompts}
     return numbers, results
 
