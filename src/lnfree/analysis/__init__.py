@@ -8,6 +8,8 @@
 Modules: `dla` (direct logit attribution, exact direct effect), `patching` (activation patching,
 AtP, AtP*), `confidence` (entropy neurons, ablation), `calibration`, `geometry` (first-token norm,
 attention sinks). Names are imported lazily, so ``import lnfree.analysis`` stays cheap.
+``lnfree.analysis.calibration`` is the module; the function is ``lnfree.calibration`` (or
+``lnfree.analysis.calibration.calibration``).
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ _EXPORTS = {
     "compare_patching": "patching", "PatchingResult": "patching", "PatchingError": "patching",
     "PatchingComparison": "patching",
     "find_entropy_neurons": "confidence", "ablate_neurons": "confidence", "compare_confidence": "confidence",
-    "EntropyNeurons": "confidence", "NeuronAblation": "confidence", "ConfidenceComparison": "confidence",
-    "calibration": "confidence", "Calibration": "confidence",
+    "confidence_analysis": "confidence", "EntropyNeurons": "confidence", "NeuronAblation": "confidence",
+    "ConfidenceAnalysis": "confidence", "ConfidenceComparison": "confidence",
+    "Calibration": "calibration",  # the function: lnfree.calibration (here `calibration` is its module)
     "first_token_norm": "geometry", "attention_sink_rate": "geometry", "ResidNorms": "geometry",
     "SinkRate": "geometry",
 }
-_SUBMODULES = ("dla", "patching", "confidence", "geometry")
+_SUBMODULES = ("dla", "patching", "confidence", "calibration", "geometry")
 
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
