@@ -13,7 +13,7 @@ Kinds, tried in this order:
    `lnfree.loading.load_model` reads;
 6. a hub id (``gpt2``, ``owner/name``): `lnfree.loading.load_model`, offline-first, failing fast.
 
-Anything else raises ValueError listing these kinds.
+Anything else raises `lnfree.CheckpointError` (a ValueError) listing these kinds.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from lnfree._checks import check_device
+from lnfree._errors import CheckpointError
 
 KINDS = (
     "a zoo name ({zoo})",
@@ -83,13 +84,13 @@ def load(spec: Union[str, os.PathLike], *, device: Optional[Union[str, torch.dev
     if path.is_dir():
         return _load_dir(path, device, dtype, kwargs)
     if path.exists():
-        raise ValueError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()}")
     if _looks_like_path(name):
-        raise ValueError(f"spec {name!r}: no such file or directory (and not a zoo name); accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r}: no such file or directory (and not a zoo name); accepted: {kinds_text()}")
     from lnfree.loading import _looks_like_hub_id
 
     if not _looks_like_hub_id(name):
-        raise ValueError(f"spec {name!r} is not a model reference lnfree knows; accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r} is not a model reference lnfree knows; accepted: {kinds_text()}")
     return load_model(name, device=device, **dtype_kw, **kwargs)
 
 
@@ -148,7 +149,7 @@ def _load_dir(folder: Path, device, dtype, kwargs: dict):
     if (folder / "config.json").is_file():
         return load_model(folder, device=device, **({} if dtype is None else {"dtype": dtype}), **kwargs)
     found = sorted(p.name for p in folder.iterdir())[:10]
-    raise ValueError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
+    raise CheckpointError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
                      f"accepted: {kinds_text()}")
 
 
