@@ -6,7 +6,7 @@ Kinds, tried in this order:
 2. a ``.gguf`` file (llama / qwen2; `lnfree.gguf_file`);
 3. a removal run directory (``checkpoints/latest``; its ``final_tl/`` when the run finished, else the
    latest checkpoint) or one removal checkpoint directory (``state.json``): `lnfree.removal.load_checkpoint`;
-4. a zoo pretraining run directory (``ckpt/latest.json`` or ``final/``) or a TransformerLens weights
+4. a zoo pretraining run directory (``final/`` or its latest checkpoint) or a TransformerLens weights
    directory (``model.safetensors`` + ``config.json`` of HookedTransformerConfig fields, at top level or
    under ``"model"``; e.g. a removal run's ``final_tl/``): `lnfree.removal.load_tl_dir`;
 5. a Hugging Face directory (``config.json`` with a ``model_type``) of any architecture
@@ -118,24 +118,34 @@ def _tl_config_file(folder: Path) -> Optional[dict]:
 
 
 def _zoo_run_checkpoint(folder: Path) -> Optional[Path]:
-    """The weights dir of a zoo pretraining run: ``final/``, else the ``ckpt/latest.json`` target."""
+    """The weights dir of a zoo pretraining run: ``final/``, else its latest checkpoint (either layout)."""
+    from lnfree.zoo.train import latest_checkpoint
+
     if _tl_config_file(folder / "final") is not None:
         return folder / "final"
-    pointer = folder / "ckpt" / "latest.json"
-    if pointer.is_file():
-        try:
-            target = folder / "ckpt" / json.loads(pointer.read_text())["dir"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return target if _tl_config_file(target) is not None else None
-    return None
+    try:
+        target = latest_checkpoint(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if target is not None and _tl_config_file(target) is not None else None
+
+
+def _is_removal_checkpoint(folder: Optional[Path]) -> bool:
+    from lnfree.removal.checkpoint import CHECKPOINT_FORMAT
+
+    if folder is None or not (folder / "state.json").is_file():
+        return False
+    try:
+        return json.loads((folder / "state.json").read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_dir(folder: Path, device, dtype, kwargs: dict):
     from lnfree.loading import load_model
-    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
+    from lnfree.removal.checkpoint import latest_checkpoint, load_checkpoint, load_tl_dir
 
-    if (folder / "state.json").is_file() or latest_checkpoint(folder) is not None:
+    if _is_removal_checkpoint(folder) or _is_removal_checkpoint(latest_checkpoint(folder)):
         _no_kwargs(kwargs, "a removal run or checkpoint directory")
         if (folder / "summary.json").is_file() and _tl_config_file(folder / "final_tl") is not None:
             return _cast(load_tl_dir(folder / "final_tl", device=_dev(device), tokenizer=_find_tokenizer(folder)),
@@ -150,7 +160,7 @@ def _load_dir(folder: Path, device, dtype, kwargs: dict):
         return load_model(folder, device=device, **({} if dtype is None else {"dtype": dtype}), **kwargs)
     found = sorted(p.name for p in folder.iterdir())[:10]
     raise CheckpointError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
-                     f"accepted: {kinds_text()}")
+                          f"accepted: {kinds_text()}")
 
 
 def _dev(device) -> Optional[str]:
