@@ -37,8 +37,6 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer
-
 from lnfree.model import LNFreeTransformer
 from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the historical import path)
     CHECKPOINT_FORMAT, cfg_from_json, cfg_to_json, latest_checkpoint, load_checkpoint, load_tl_dir, read_checkpoint,
@@ -525,11 +523,9 @@ def check_arguments(values: dict, *, flag: Callable[[str], str] = lambda n: n) -
 
 # ---- public entry point --------------------------------------------------------------------
 def _as_ln_free(model) -> LNFreeTransformer:
-    if isinstance(model, LNFreeTransformer):
-        return model
-    if isinstance(model, HookedTransformer):
-        return LNFreeTransformer.from_hooked(model)
-    raise TypeError(f"model must be a HookedTransformer or LNFreeTransformer, got {type(model).__name__}")
+    from lnfree._checks import as_lnfree
+
+    return as_lnfree(model)
 
 
 def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size, seq_len, data):
