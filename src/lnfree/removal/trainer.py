@@ -574,6 +574,8 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
         raise ValueError(f"the schedule is for {sched.n_layers} layers; the model has {n_layers}")
     base = preset or PRESETS["gpt2-small"]
     if seq_len is None:
+        if isinstance(data, (str, os.PathLike)) and str(data).endswith(".npy") and os.path.isfile(data):
+            data = np.load(data, mmap_mode="r")  # a 2-D .npy keeps its row width, like an array
         if isinstance(data, TokenData):
             width = data.seq_len
         else:
