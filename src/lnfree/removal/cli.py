@@ -14,7 +14,6 @@ this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
