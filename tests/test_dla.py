@@ -333,3 +333,16 @@ def test_bad_model_and_tokens(model, tokens):
         direct_logit_attribution(model, tokens[:, :1])
     with pytest.raises(ValueError, match="names"):
         compare_dla(model, model, tokens, names=("a", "a"))
+
+
+def test_model_id_is_cached_but_follows_weight_edits_and_removal(model, tokens):
+    from lnfree import _checks
+
+    first = direct_logit_attribution(model, tokens, components="heads").model_id
+    assert _checks.model_id(model) == first  # cached, same answer
+    with torch.no_grad():
+        model.W_U[0, 0] += 1.0  # in place: the tensor's version changes
+    edited = _checks.model_id(model)
+    assert edited != first
+    model.estimate_ln_scales(tokens)
+    assert _checks.model_id(model.remove_ln()) not in (first, edited)

@@ -508,9 +508,12 @@ def _check_model(model) -> LNFreeTransformer:
 
 
 def _centers(model) -> bool:
-    """Whether ln_final subtracts the mean (LayerNorm, LNPre) or not (RMSNorm, RMSPre)."""
-    kind = getattr(model.cfg, "original_normalization_type", None) or model.cfg.normalization_type or ""
-    return not str(kind).startswith("RMS")
+    """Whether ln_final subtracts the mean (LayerNorm, LNPre) or not (RMSNorm, RMSPre; also
+    ``final_rms`` models whose blocks use LayerNorm): the module knows, the config may not."""
+    centered = getattr(getattr(model, "ln_final", None), "centered", None)
+    if centered is not None:
+        return bool(centered)
+    return not str(model.cfg.normalization_type or "").startswith("RMS")
 
 
 class _FinalLN:
