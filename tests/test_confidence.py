@@ -562,3 +562,61 @@ def test_inconsistent_shared_cfg_is_refused(tokens):
     m.remove_ln()  # sets the shared cfg.normalization_type = None
     with pytest.raises(ValueError, match="normalization_type"):
         ablate_neurons(other, tokens, ["L0N0"])
+
+
+# ---- SmolLM2-135M: a real RMSNorm model --------------------------------------------------------
+import conftest  # noqa: E402
+
+if not hasattr(conftest, "smollm2"):  # until the shared session fixture lands in conftest.py
+
+    @pytest.fixture(scope="module")
+    def smollm2():
+        from lnfree import zoo
+
+        return zoo.load("smollm2-135m", device="cpu")
+
+
+def smollm2_rows(model, n_rows: int, seq_len: int) -> torch.Tensor:
+    """Rows of the zoo's held-out text, re-tokenized with the model's own tokenizer."""
+    from lnfree import zoo
+
+    text = zoo.tokenizer().decode(zoo.heldout("persuasion")[:4, 1:].reshape(-1).tolist())
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][200:]  # past the title page
+    return torch.tensor(ids[: n_rows * seq_len]).reshape(n_rows, seq_len)
+
+
+@pytest.mark.slow
+def test_smollm2_entropy_neurons_against_independent_computations(smollm2):
+    """Detection on the real RMSNorm readout vs an explicit SVD and cosine matrix; total and direct
+    ablation effects vs brute-force forward passes (the direct one with the final RMS scale hooked
+    to the clean run's value)."""
+    m = smollm2
+    res = find_entropy_neurons(m, layer=-1, n_top=2)
+    assert not res.centered and res.layer == m.cfg.n_layers - 1 and res.null_dim == 9
+    W_eff = m.ln_final.w.detach().double()[:, None] * m.W_U.detach().double()
+    W_eff = W_eff - W_eff.mean(1, keepdim=True)
+    U, S, _ = torch.linalg.svd(W_eff, full_matrices=False)
+    top = res.neuron[:2]
+    w = m.blocks[-1].mlp.W_out.detach().double()[top]
+    cos = torch.nn.functional.cosine_similarity(w[:, :, None], W_eff[None], dim=1)  # [2, vocab]
+    torch.testing.assert_close(res.logit_var[:2], cos.var(dim=1).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.rho[:2], ((w @ U[:, -9:]).norm(dim=1) / w.norm(dim=1)).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.singular_values, S.float(), rtol=1e-4, atol=1e-6)
+
+    tokens = smollm2_rows(m, 2, 32)
+    abl = ablate_neurons(m, tokens, res.neurons(2), batch_size=2)
+    assert abl.ln_final_frozen and abl.sets == tuple((int(i),) for i in top)
+    with torch.no_grad():
+        clean_logits, cache = m.run_with_cache(tokens, names_filter=[m.site_hook("ln_final"), "blocks.29.mlp.hook_post"])
+        means = cache["blocks.29.mlp.hook_post"][..., top].mean((0, 1))
+        torch.testing.assert_close(abl.mean_activation, means.float(), rtol=1e-4, atol=1e-5)
+        ent0, ce0 = per_token(clean_logits, tokens)
+        for i, n in enumerate(top.tolist()):
+            for effect, freeze in (("total", False), ("direct", True)):
+                ent, ce = per_token(brute_force_logits(m, tokens, 29, [n], means[i], freeze), tokens)
+                torch.testing.assert_close(abl.per_token(i, "entropy", effect).double(), (ent - ent0).flatten(),
+                                           atol=2e-4, rtol=1e-3)
+                torch.testing.assert_close(abl.per_token(i, "ce", effect).double(), (ce - ce0).flatten(),
+                                           atol=2e-4, rtol=1e-3)
+    # the direct effect is a real intervention on this model: total != direct
+    assert not torch.allclose(abl.token_delta[:, :, 0], abl.token_delta[:, :, 1], atol=1e-4)
