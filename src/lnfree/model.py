@@ -235,16 +235,16 @@ class LNFreeTransformer(HookedTransformer):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "LNFreeTransformer":
-        """Load a hub id, a local HF GPT-2 directory, or a released LN-free checkpoint.
+        """Load any model reference: a zoo name, a .gguf file, a run/checkpoint/TransformerLens/HF dir, a hub id.
 
-        See `lnfree.loading.load_model` for the arguments.
+        See `lnfree.load` (`lnfree.resolve.load`) for the kinds and `lnfree.loading.load_model` for the arguments.
 
         Example:
-            >>> model = LNFreeTransformer.from_pretrained("path/to/local/gpt2-dir")  # doctest: +SKIP
+            >>> model = LNFreeTransformer.from_pretrained("tiny-ln", device="cpu")  # doctest: +SKIP
         """
-        from lnfree.loading import load_model
+        from lnfree.resolve import load
 
-        return load_model(name_or_path, **kwargs)
+        return load(name_or_path, **kwargs)
 
     def save_pretrained(self, path: str) -> None:
         """Save in HF GPT-2 format (LN-free models in the released 1e6/eps format).

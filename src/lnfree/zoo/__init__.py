@@ -270,6 +270,9 @@ def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir
 
     from lnfree.model import LNFreeTransformer
 
+    from lnfree._checks import check_device
+
+    check_device(device)
     if isinstance(name, str) and name in REAL_MODELS:
         return _load_real(name, device, _check_dtype(dtype))
     d = _resolve(data_dir)
