@@ -30,7 +30,7 @@ def numpy_calibration(logits_list, labels_list, n_bins):
     b = np.digitize(conf, edges[1:-1], right=True)  # bins (lo, hi]
     ece = sum(abs(correct[b == i].mean() - conf[b == i].mean()) * (b == i).mean()
               for i in range(n_bins) if (b == i).any())
-    ent = [float(-(p * np.log(p)).sum(1).mean()) for p in probs]
+    ent = [float(-(p * np.log(np.where(p > 0, p, 1.0))).sum(1).mean()) for p in probs]  # 0 log 0 = 0
     return dict(ece=ece, b=b, conf=conf, correct=correct, entropy=np.mean(ent), per_prompt_entropy=ent,
                 counts=np.bincount(b, minlength=n_bins), accuracy=correct.mean())
 
@@ -166,3 +166,31 @@ def test_confidence_module_reexports_calibration():
     from lnfree.analysis import confidence
 
     assert confidence.calibration is calibration and confidence.Calibration is Calibration
+
+
+# ---- SmolLM2-135M: a real model, left padding with rotary positions -------------------------------
+# (the `smollm2` session fixture is in conftest.py)
+
+@pytest.mark.slow
+def test_smollm2_calibration_matches_numpy_with_left_padding(smollm2):
+    from lnfree import zoo
+
+    text = zoo.tokenizer().decode(zoo.heldout("persuasion")[:4, 1:].reshape(-1).tolist())
+    ids = torch.tensor(smollm2.tokenizer(text, add_special_tokens=False)["input_ids"][200:])
+    rows = [ids[:32], ids[40:60]]
+    toks = torch.full((2, 32), smollm2.tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(toks)
+    toks[0], mask[0] = rows[0], 1
+    toks[1, 12:], mask[1, 12:] = rows[1], 1  # left padding: rotary positions must start at the first real token
+    cal = calibration(smollm2, toks, attention_mask=mask, n_bins=10)
+    with torch.no_grad():
+        alone = [smollm2(r[None])[0, :-1] for r in rows]
+    ref = numpy_calibration(alone, [r[1:] for r in rows], 10)
+    assert cal.n_predictions == 31 + 19
+    assert cal.ece.value == pytest.approx(ref["ece"], abs=1e-5)
+    assert cal.mean_entropy.value == pytest.approx(ref["entropy"], abs=1e-4)
+    assert cal.accuracy_top1.value == pytest.approx(ref["accuracy"])
+    assert cal.count.tolist() == ref["counts"].tolist()
+    torch.testing.assert_close(cal.per_prompt_entropy.double(), torch.tensor(ref["per_prompt_entropy"], dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    assert 0.0 < cal.accuracy_top1.value < 1.0 and cal.model_name == "smollm2-135m (RMSNorm)"

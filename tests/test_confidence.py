@@ -55,6 +55,44 @@ def ln_free_copy(m, tokens):
     return m.remove_ln()
 
 
+def make_llama(seed: int = 0) -> "LNFreeTransformer":  # noqa: F821
+    """A tiny Llama-like model: RMSNorm, grouped-query attention, rotary, SwiGLU; uneven RMS weights."""
+    from transformer_lens import HookedTransformerConfig
+
+    from lnfree.model import LNFreeTransformer
+
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
+                                  normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary",
+                                  rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True, seed=seed)
+    m = LNFreeTransformer(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".w") and "ln" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+        m.W_E.mul_(5.0)
+    return m.eval()
+
+
+def planted_llama() -> "LNFreeTransformer":  # noqa: F821
+    """make_llama() whose diag(w) W_U has the all-ones direction as an exact null direction, and
+    whose last-layer neuron PLANTED writes along it: an entropy neuron only an RMSNorm can have
+    (a LayerNorm would center the write away)."""
+    m = make_llama()
+    d, V = m.cfg.d_model, m.cfg.d_vocab
+    g = torch.Generator().manual_seed(6)
+    M = torch.randn(d, V, generator=g, dtype=torch.float64)
+    M = M - M.mean(0, keepdim=True)  # ones^T M = 0: the mean direction moves no logit directly
+    w = m.ln_final.w.detach().double()
+    with torch.no_grad():
+        m.unembed.W_U.copy_((M / w[:, None]).float())  # diag(w) W_U = M
+        mlp = m.blocks[-1].mlp
+        mlp.W_out[PLANTED] = torch.full((d,), 10 * d**-0.5)
+        mlp.W_in[:, PLANTED] = 0.5 * torch.randn(d, generator=g)
+        mlp.W_gate[:, PLANTED] = 0.5 * torch.randn(d, generator=g) + 0.3
+    return m
+
+
 # ---- independent references ------------------------------------------------------------------
 def brute_force_logits(model, tokens, layer, neurons, means, freeze_final_scale):
     """Full forward pass with hook_post[..., neurons] := means, optionally with the final norm
@@ -133,6 +171,53 @@ def test_planted_entropy_neuron_ranks_first_and_survives_ln_removal(tokens):
     torch.testing.assert_close(free.rho, res.rho, rtol=1e-4, atol=1e-5)
 
 
+def test_rms_detection_matches_an_independent_computation():
+    """RMSNorm: effective unembedding diag(w) W_U (vocabulary-centered only), w_out uncentered."""
+    m = make_llama()
+    res = find_entropy_neurons(m, null_dim=3, n_top=4)
+    assert not res.centered and len(res.singular_values) == m.cfg.d_model
+    W_eff = m.ln_final.w.detach().double()[:, None] * m.W_U.detach().double()
+    W_eff = W_eff - W_eff.mean(1, keepdim=True)  # softmax ignores a uniform logit shift
+    W_out = m.blocks[-1].mlp.W_out.detach().double()
+    cos = torch.nn.functional.cosine_similarity(W_out[:, :, None], W_eff[None], dim=1)  # [d_mlp, V]
+    U, S, _ = torch.linalg.svd(W_eff, full_matrices=False)
+    rho = (W_out @ U[:, -3:]).norm(dim=1) / W_out.norm(dim=1)
+    order = res.neuron
+    torch.testing.assert_close(res.norm, W_out.norm(dim=1)[order].float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res.logit_var, cos.var(dim=1)[order].float(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(res.rho, rho[order].float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.singular_values, S.float(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(order, torch.argsort(W_out.norm(dim=1) / cos.var(dim=1), descending=True))
+
+
+def test_rms_entropy_neuron_along_the_mean_direction(tokens):
+    """The all-ones direction is an ordinary direction for RMSNorm: a neuron writing along it, in
+    diag(w) W_U's null space, is the top candidate and acts only through the final RMS."""
+    m = planted_llama()
+    res = find_entropy_neurons(m, null_dim=1)
+    assert res.neurons(1) == [f"L1N{PLANTED}"]
+    assert res.norm[0] == pytest.approx(10.0, rel=1e-5)  # not centered away (a LayerNorm readout would give 0)
+    assert res.rho[0] > 1 - 1e-6 and res.logit_var[0] < 1e-10
+    abl = ablate_neurons(m, tokens, [f"L1N{PLANTED}", "L1N20"])
+    assert abl.ln_final_frozen and abl.ln_mediated_fraction(0).value > 0.999
+    assert abs(abl.relative_change(0).value) > 1.0
+    assert abl.ln_mediated_fraction(1).value < 0.9
+    # brute force: the direct effect (final RMS scale hooked to its clean value) moves no logit difference
+    means = abl.mean_activation[:1]
+    clean = m(tokens)
+    direct = brute_force_logits(m, tokens, 1, [PLANTED], means, True) - clean
+    total = brute_force_logits(m, tokens, 1, [PLANTED], means, False) - clean
+    direct, total = direct - direct.mean(-1, keepdim=True), total - total.mean(-1, keepdim=True)
+    assert direct.abs().max() < 1e-4 * total.abs().max() and total.abs().max() > 0.1
+    # fold the final RMS away: the same geometry (diag(w) / sigma W_U), the same ranking, no norm pathway
+    free = ln_free_copy(planted_llama(), tokens)
+    fres = find_entropy_neurons(free, null_dim=1)
+    assert not fres.centered and fres.neurons(5) == res.neurons(5)
+    torch.testing.assert_close(fres.rho, res.rho, rtol=1e-4, atol=1e-5)
+    fabl = ablate_neurons(free, tokens, [f"L1N{PLANTED}"])
+    assert not fabl.ln_final_frozen and fabl.entropy_total.abs().max() < 1e-3 * abl.entropy_total[0].abs().mean()
+
+
 def test_top_is_a_frame_of_layered_labels_and_k_is_deprecated(model):
     res = find_entropy_neurons(model, layer=0, n_top=3)
     top = res.top(3)
@@ -164,8 +249,10 @@ def test_non_finite_weights_are_refused(model):
 
 
 # ---- ablation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("layer", [-1, 0])
-def test_ablation_matches_brute_force(model, tokens, layer):
+def test_ablation_matches_brute_force(tokens, layer, arch):
+    model = make_model() if arch == "gpt2" else make_llama()
     neurons = [3, 50, 11]
     abl = ablate_neurons(model, tokens, neurons, layer=layer, cumulative=True, batch_size=4)
     L = layer % model.cfg.n_layers
@@ -319,8 +406,10 @@ def test_ablation_result_contract(tokens):
     assert "EntropyNeurons(" in repr(found) and "null_dim=" in repr(found) and len(repr(found)) <= 240
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_padded_ablation_equals_each_row_alone(model, side):
+def test_padded_ablation_equals_each_row_alone(side, arch):
+    model = make_model() if arch == "gpt2" else make_llama()
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(1, 61, (n,), generator=g) for n in (12, 5, 9, 2)]
     toks, mask = padded(rows, side)
@@ -473,3 +562,59 @@ def test_inconsistent_shared_cfg_is_refused(tokens):
     m.remove_ln()  # sets the shared cfg.normalization_type = None
     with pytest.raises(ValueError, match="normalization_type"):
         ablate_neurons(other, tokens, ["L0N0"])
+
+
+# ---- SmolLM2-135M: a real RMSNorm model --------------------------------------------------------
+# (the `smollm2` session fixture is in conftest.py)
+
+def smollm2_rows(model, n_rows: int, seq_len: int) -> torch.Tensor:
+    """Rows of the zoo's held-out text, re-tokenized with the model's own tokenizer."""
+    from lnfree import zoo
+
+    text = zoo.tokenizer().decode(zoo.heldout("persuasion")[:4, 1:].reshape(-1).tolist())
+    ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][200:]  # past the title page
+    return torch.tensor(ids[: n_rows * seq_len]).reshape(n_rows, seq_len)
+
+
+@pytest.mark.slow
+def test_smollm2_entropy_neurons_against_independent_computations(smollm2):
+    """Detection on the real RMSNorm readout vs an explicit SVD and cosine matrix; total and direct
+    ablation effects vs brute-force forward passes (the direct one with the final RMS scale hooked
+    to the clean run's value)."""
+    m = smollm2
+    res = find_entropy_neurons(m, layer=-1, n_top=2)
+    assert not res.centered and res.layer == m.cfg.n_layers - 1 and res.null_dim == 9
+    W_eff = m.ln_final.w.detach().double()[:, None] * m.W_U.detach().double()
+    W_eff = W_eff - W_eff.mean(1, keepdim=True)
+    U, S, _ = torch.linalg.svd(W_eff, full_matrices=False)
+    top = res.neuron[:2]
+    w = m.blocks[-1].mlp.W_out.detach().double()[top]
+    cos = torch.nn.functional.cosine_similarity(w[:, :, None], W_eff[None], dim=1)  # [2, vocab]
+    torch.testing.assert_close(res.logit_var[:2], cos.var(dim=1).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.rho[:2], ((w @ U[:, -9:]).norm(dim=1) / w.norm(dim=1)).float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(res.singular_values, S.float(), rtol=1e-4, atol=1e-6)
+
+    tokens = smollm2_rows(m, 1, 32)  # one forward of SmolLM2 costs seconds on a busy CPU: keep it small
+    n = int(top[0])
+    abl = ablate_neurons(m, tokens, res.neurons(1), batch_size=1)
+    assert abl.ln_final_frozen and abl.sets == ((n,),)
+    scale_hook, post_hook = m.site_hook("ln_final"), "blocks.29.mlp.hook_post"
+    with torch.no_grad():
+        clean_logits, cache = m.run_with_cache(tokens, names_filter=[scale_hook, post_hook])
+        mean = cache[post_hook][..., n].mean()
+        assert abl.mean_activation.item() == pytest.approx(mean.item(), rel=1e-4, abs=1e-6)
+
+        def ablate(act, hook):
+            act = act.clone()
+            act[..., n] = mean
+            return act
+
+        ent0, ce0 = per_token(clean_logits, tokens)
+        for effect, hooks in (("total", [(post_hook, ablate)]),
+                              ("direct", [(post_hook, ablate), (scale_hook, lambda act, hook: cache[scale_hook])])):
+            ent, ce = per_token(m.run_with_hooks(tokens, fwd_hooks=hooks), tokens)
+            torch.testing.assert_close(abl.per_token(0, "entropy", effect).double(), (ent - ent0).flatten(),
+                                       atol=2e-4, rtol=1e-3)
+            torch.testing.assert_close(abl.per_token(0, "ce", effect).double(), (ce - ce0).flatten(),
+                                       atol=2e-4, rtol=1e-3)
+    assert not torch.allclose(abl.token_delta[0, :, 0], abl.token_delta[0, :, 1], atol=1e-5)

@@ -97,29 +97,26 @@ def _mlp_layer(model: LNFreeTransformer, layer, name: str = "layer") -> int:
 
 def _final_norm_centers(model: LNFreeTransformer) -> bool:
     """Whether the final norm subtracts the mean over d_model (LayerNorm) or not (RMSNorm)."""
-    centers = getattr(model.ln_final, "centers", None)
-    if centers is not None:
-        return bool(centers)
-    kind = str(getattr(model.cfg, "original_normalization_type", None) or model.cfg.normalization_type or "")
-    return not kind.startswith("RMS")
+    return bool(model.ln_final.centered)
 
 
 def _readout(model: LNFreeTransformer) -> tuple[torch.Tensor, bool]:
     """Effective unembedding [d_model, d_vocab] and whether the readout centers its input.
 
-    LayerNorm: C_d diag(w) W_U C_V; RMSNorm: diag(w) W_U C_V (no C_d); removed or absent final
-    norm: the (folded) W_U C_V, centered when its columns are (remove_ln folded C_d into it).
+    LayerNorm: C_d diag(w) W_U C_V; RMSNorm: diag(w) W_U C_V (no C_d). A removed final norm has
+    been folded into W_U (remove_ln: C_d diag(w) / sigma for LayerNorm, diag(w) / sigma for
+    RMSNorm), which is read as is; whether the readout centers comes from the norm's kind, never
+    from the weights (an RMS model's folded W_U may have centered columns by chance). No final
+    norm at all (a natively norm-free model): W_U C_V, uncentered.
     """
     W_U = check_finite(model.W_U.detach(), "W_U").double()
-    centered = False
-    if hasattr(model, "ln_final") and model.ln_mode("ln_final") != "removed":
+    has_norm = hasattr(model, "ln_final")
+    centered = has_norm and _final_norm_centers(model)
+    if has_norm and model.ln_mode("ln_final") != "removed":
         if model.ln_final.has_params:
             W_U = W_U * check_finite(model.ln_final.w.detach(), "ln_final.w").double()[:, None]
-        if _final_norm_centers(model):
-            W_U, centered = W_U - W_U.mean(0, keepdim=True), True
-    else:
-        col_mean = W_U.mean(0).abs().max()
-        centered = bool(col_mean <= 1e-6 * W_U.abs().max().clamp(min=1e-30))
+        if centered:
+            W_U = W_U - W_U.mean(0, keepdim=True)
     return W_U - W_U.mean(1, keepdim=True), centered
 
 
