@@ -1,8 +1,9 @@
 """TransformerLens 3.9's own offline tests, ported (rewritten) to run on LNFreeTransformer.
 
 Every test is parametrized over ``cls`` in (HookedTransformer, LNFreeTransformer): the upstream
-assertion must hold for TransformerLens itself (so the port is faithful) and for LNFreeTransformer,
-and where both run on the same weights their outputs must be identical.
+assertion must hold for TransformerLens itself (so the port is faithful) and for LNFreeTransformer
+(built from the same seed, so on the same weights; the process_weights_ cases also compare the two
+classes bit for bit).
 
 Upstream files covered (TransformerLensOrg/TransformerLens, the 3.x development branch whose code
 matches the installed 3.9 package):

@@ -99,6 +99,13 @@ def unsupported_features(cfg) -> list[str]:
     RMSNorm and RMSPre sites (also mixed, e.g. `final_rms`), grouped-query attention, rotary and
     ALiBi positions, local attention, parallel attention + MLP, gated MLPs, split q/k/v inputs,
     attn_in, attn_result, QK-norm, attention-score soft-capping.
+
+    Example:
+        >>> from transformer_lens import HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu",
+        ...                               positional_embedding_type="shortformer")
+        >>> unsupported_features(cfg)
+        ["shortformer positional embeddings (positional_embedding_type='shortformer')"]
     """
     reasons = {
         "shortformer positional embeddings (positional_embedding_type='shortformer')":
@@ -615,8 +622,12 @@ class LNFreeTransformer(HookedTransformer):
         read the site. The parameters are the model's own (not copies).
 
         Example:
-            >>> [tuple(w.shape) for w, _, _ in model.site_readers("blocks.0.ln1.qk")]  # doctest: +SKIP
-            [(4, 32, 8), (4, 32, 8)]
+            >>> from transformer_lens import HookedTransformerConfig
+            >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, n_heads=4, d_head=4, d_vocab=20,
+            ...                               act_fn="silu", normalization_type="RMS", n_key_value_heads=2)
+            >>> model = LNFreeTransformer(cfg)
+            >>> [(tuple(w.shape), dim) for w, _, dim in model.site_readers("blocks.0.ln1.qk")]
+            [((4, 16, 4), 1), ((2, 16, 4), 1)]
         """
         self._site(site)
         if site == "ln_final":
