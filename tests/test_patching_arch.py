@@ -64,17 +64,18 @@ def make_metric(d_vocab):
 
 
 # ---- independent computations --------------------------------------------------------------
-def check_against_transformer_lens(model, clean, corrupt, metric, site, n_check=12):
+def check_against_transformer_lens(model, clean, corrupt, metric, site, n_check=12, layers=None):
     """Our batched activation patching == TransformerLens's generic_activation_patch on a spread subset."""
-    res = activation_patching(model, clean, corrupt, metric, site=site)
+    res = activation_patching(model, clean, corrupt, metric, site=site, layers=layers)
     _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith(f"hook_{site}"))
     L, P = model.cfg.n_layers, clean.shape[1]
+    L = range(L) if layers is None else layers
     if res.dims == ("layer", "pos"):
-        rows = [(l, p) for l in range(L) for p in range(P)]
+        rows = [(l, p) for l in L for p in range(P)]
         cols, setter, get = ["layer", "pos"], tlp.layer_pos_patch_setter, lambda l, p: res.values[l, p]
     else:
         H = n_heads_at(model, site)
-        rows = [(l, p, h) for l in range(L) for p in range(P) for h in range(H)]
+        rows = [(l, p, h) for l in L for p in range(P) for h in range(H)]
         cols, setter, get = ["layer", "pos", "head"], tlp.layer_pos_head_vector_patch_setter, \
             lambda l, p, h: res.values[l, h, p]
     pick = torch.linspace(0, len(rows) - 1, min(n_check, len(rows))).round().long().tolist()
