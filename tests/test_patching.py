@@ -513,3 +513,23 @@ def test_ioi_end_to_end(model):
     assert act.values[0] == pytest.approx(1.0, abs=1e-5) and act.metric == "normalized_logit_diff"
     atp = attribution_patching(model, batch.clean, batch.corrupt, m, site="z", by_pos=True, method="atp*")
     assert atp.scores.shape == (2, 4, batch.n_pos) and (atp.scores >= 0).all()
+
+
+def test_layers_subset_and_model_id_cache(model, pair):
+    clean, corrupt = pair
+    full = activation_patching(model, clean, corrupt, metric, site="z")
+    part = activation_patching(model, clean, corrupt, metric, site="z", layers=[1])
+    assert part.layers == (1,) and torch.isnan(part.scores[0]).all()
+    assert torch.allclose(part.scores[1], full.scores[1], atol=1e-6)
+    err = patching_error(attribution_patching(model, clean, corrupt, metric, site="z"), part, n_boot=20)
+    assert torch.isnan(err.per_layer[0]) and not torch.isnan(err.per_layer[1])
+    with pytest.raises(ValueError, match="layers"):
+        activation_patching(model, clean, corrupt, metric, layers=[2])
+    # the fingerprint follows in-place edits of the weights it reads
+    from lnfree._checks import model_id
+
+    before = full.model_id
+    with torch.no_grad():
+        model.W_E[0, 0] += 1.0
+    after = activation_patching(model, clean, corrupt, metric, site="attn_out").model_id
+    assert after != before and after == model_id(model)

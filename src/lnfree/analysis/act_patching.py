@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,14 +38,14 @@ def _can_start_at_layer(model) -> bool:
     return model.cfg.positional_embedding_type != "shortformer"
 
 
-def _plan_chunks(n_per_layer: int, n_layers: int, k: int) -> list[list[tuple[int, int]]]:
+def _plan_chunks(n_per_layer: int, layers, k: int) -> list[list[tuple[int, int]]]:
     """Group (layer, local index) components into forward passes of at most k replicas.
 
     Whole layers are merged while they fit; a larger layer is split into near-equal chunks so
     that no pass is a nearly empty tail.
     """
     chunks, cur = [], []
-    for layer in range(n_layers):
+    for layer in (range(layers) if isinstance(layers, int) else layers):
         comps = [(layer, i) for i in range(n_per_layer)]
         if len(cur) + len(comps) <= k:
             cur += comps
@@ -79,6 +79,7 @@ def activation_patching(
     by_pos: bool = True,
     direction: str = "denoise",
     attention_mask=None,
+    layers: Optional[Sequence[int]] = None,
     batch_size: Optional[int] = None,
     n_boot: int = 1000,
     level: float = 0.95,
@@ -92,6 +93,8 @@ def activation_patching(
     ([batch, pos], 1 = real; or a (clean, corrupt) pair, which must be equal; or pass
     `TokenBatch`es): padded positions are never patched and never counted. `batch_size` is the
     number of patches (replicas of the prompt batch) per forward pass (None: ~256 MB worth).
+    `layers`: patch only these layers (the others' scores are NaN), e.g. to check a few layers of
+    a large model.
     ``result.values`` is the patched mean metric (TransformerLens's `patching` functions return
     it); ``result.scores`` is that minus the unpatched base run's mean metric, and
     ``result.per_prompt`` the same per prompt pair. `n_boot`, `level`, `seed`: the bootstrap CI
@@ -116,7 +119,8 @@ def activation_patching(
     batch_size = _auto_batch_size(model, B, P) if batch_size is None else positive_int(batch_size, "batch_size")
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     L = spec.n_layers
-    site_names = [hook_name(site, l) for l in range(L)]
+    layers = _check_layers(layers, L)
+    site_names = [hook_name(site, l) for l in layers]
     resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     fwd = forward_kwargs(model, base, mask)
 
@@ -130,8 +134,8 @@ def activation_patching(
         n_local = int(np.prod(spec.shape[1:])) if len(spec.shape) > 1 else 1
         local_idx = torch.tensor(list(itertools.product(*(range(n) for n in spec.shape[1:]))),
                                  dtype=torch.long).reshape(n_local, len(spec.shape) - 1)
-        values = torch.empty(L * n_local, B)
-        chunks = _plan_chunks(n_local, L, batch_size)
+        values = torch.full((L * n_local, B), float("nan"))
+        chunks = _plan_chunks(n_local, layers, batch_size)
         for c in batches(len(chunks), 1, enabled=progress, desc=f"patching {site}"):
             chunk = chunks[c.start]
             values[[l * n_local + i for l, i in chunk]] = _patch_chunk(
@@ -143,8 +147,22 @@ def activation_patching(
     return make_result(
         model, spec, per_prompt=values_pp - base_pp, values_pp=values_pp, clean_pp=m_clean, corrupt_pp=m_corrupt,
         clean=clean, corrupt=corrupt, mask=mask, metric=metric, direction=direction, method="activation",
-        n_boot=n_boot, level=level, seed=seed,
+        n_boot=n_boot, level=level, seed=seed, layers=None if len(layers) == L else tuple(layers),
     )
+
+
+def _check_layers(layers, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    if isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+        layers = [layers]
+    try:
+        out = sorted({int(positive_int(l, "layers", allow_zero=True)) for l in layers})
+    except TypeError:
+        raise TypeError(f"layers must be a sequence of layer indices, got {type(layers).__name__}") from None
+    if not out or out[-1] >= n_layers:
+        raise ValueError(f"layers must be a non-empty set of indices in [0, {n_layers}), got {layers!r}")
+    return out
 
 
 def _patch_chunk(model, spec, chunk, local_idx, src_cache, base_cache, base, mask, metric) -> torch.Tensor:

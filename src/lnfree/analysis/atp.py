@@ -3,7 +3,7 @@
 AtP (Nanda 2022; Kramár et al. 2024, "AtP*: An efficient and scalable method for localizing LLM
 behaviour to components", arXiv:2403.00745, Eq. 4) linearises a patch:
 ``(a_source - a_base) . dM/da`` at the base run, for every component from one forward pass over
-[base; source] and one backward pass.
+the source prompts (no gradient) and one forward + backward pass over the base prompts.
 
 AtP*'s two fixes, selected by ``method`` ("atp", "atp+qk", "atp+graddrop", "atp*"):
 - QK fix (their Sec. 3.1, attention saturation): for query and key nodes the attention softmax
@@ -24,6 +24,7 @@ AtP*'s two fixes, selected by ``method`` ("atp", "atp+qk", "atp+graddrop", "atp*
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -122,8 +123,8 @@ def attribution_patching(
     """Attribution patching (AtP) or AtP* estimates of every component's patching effect.
 
     AtP: ``(a_clean - a_corrupt) . dM/da`` at the corrupted run (denoising; noising mirrors it),
-    per prompt: one forward pass over the clean and corrupted prompts together and one backward
-    pass. `method`: "atp", "atp+qk" (the QK fix, q and k sites), "atp+graddrop" (GradDrop: the
+    per prompt: a forward pass over the source prompts and a forward + backward pass over the base
+    prompts. `method`: "atp", "atp+qk" (the QK fix, q and k sites), "atp+graddrop" (GradDrop: the
     scores become magnitudes) or "atp*" (both); `qk_fix` / `grad_drop` override the method's
     choice and the result's ``method`` names what ran. See the module docstring.
 
@@ -151,16 +152,15 @@ def attribution_patching(
     if grad_drop and n_terms < 1:
         raise ValueError(f"GradDrop on site {site!r} needs a model with at least 2 layers (1/(L-1) normalisation)")
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    both_mask = None if mask is None else torch.cat([mask, mask])
     site_names = [hook_name(site, l) for l in range(L)]
 
     with site_enabled(model, site):
-        # One forward over [base; source]: a single pass over the weights serves both prompts.
-        total, m_base, m_src, recorded, state = _gradient_run(
-            model, torch.cat([base, source]), both_mask, B, metric, site_names, use_qk, ln, grad_drop, L)
+        src, m_src = _source_run(model, source, mask, B, metric, site_names, use_qk, L)
+        total, m_base, base_acts, state = _gradient_run(model, base, mask, B, metric, site_names, use_qk, ln,
+                                                        grad_drop, L)
 
     grad_names = [hook_name("pattern", l) for l in range(L)] if use_qk else site_names
-    targets = [recorded[n] for n in grad_names]
+    targets = [base_acts[n] for n in grad_names]
     variants = list(range(L)) if grad_drop else [None]
     acc = None
     for j, drop in enumerate(progress_bar(variants, enabled=progress, desc="AtP backward")):
@@ -168,7 +168,7 @@ def attribution_patching(
         grads = torch.autograd.grad(total, targets, retain_graph=j < len(variants) - 1, allow_unused=True)
         with torch.no_grad():
             est = torch.stack([
-                _estimate(model, spec, l, recorded, grads[l], use_qk, B, mask) for l in range(L)
+                _estimate(model, spec, l, base_acts, src, grads[l], use_qk, mask) for l in range(L)
             ], dim=1)  # [batch, layer, ...]
         # GradDrop: the absolute value per prompt and per dropped layer, then the mean over prompts.
         acc = (est.abs() if grad_drop else est) if acc is None else acc + est.abs()
@@ -181,36 +181,56 @@ def attribution_patching(
     )
 
 
-def _gradient_run(model, tokens, mask, B, metric, site_names, use_qk, ln, grad_drop, L):
-    """Forward [base; source] (first B rows base) with the hooks AtP needs.
+def _recorded_names(model, site_names, use_qk, L) -> list[str]:
+    """What each run records: the site itself, or (QK fix) q, k (rotated for rotary), scores, pattern."""
+    if not use_qk:
+        return list(site_names)
+    rotary = model.cfg.positional_embedding_type == "rotary"
+    q, k = ("rot_q", "rot_k") if rotary else ("q", "k")
+    return [hook_name(n, l) for l in range(L) for n in (q, k, "attn_scores", "pattern")]
 
-    Returns (sum of the base prompts' metric, base metric [B], source metric [B], recorded
-    activations of the whole batch, GradDrop state). Only the base rows' metric is
-    differentiated; the source rows get zero gradient since prompts in a batch do not interact.
+
+@contextlib.contextmanager
+def _no_param_grads(model):
+    """Only activation gradients are needed: a graph without weight gradients is ~25% cheaper to build."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _source_run(model, source, mask, B, metric, site_names, use_qk, L):
+    """The source prompts' activations and metric: a forward pass without gradients."""
+    names = _recorded_names(model, site_names, use_qk, L)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(source, names_filter=names, return_cache_object=False,
+                                             **forward_kwargs(model, source, mask))
+        m_src = eval_metric(metric, logits, B).float().cpu()
+    return cache, m_src
+
+
+def _gradient_run(model, base, mask, B, metric, site_names, use_qk, ln, grad_drop, L):
+    """Forward the base prompts with the hooks AtP needs, keeping the graph for the backward passes.
+
+    Returns (sum of the base prompts' metric, its per-prompt values, recorded activations,
+    GradDrop state). Prompts in a batch do not interact, so d(sum)/d(a_b) is prompt b's own gradient.
     """
     recorded: dict[str, torch.Tensor] = {}
     state = {"drop": None}
-    rotary = model.cfg.positional_embedding_type == "rotary"
+    grad_targets = {hook_name("pattern", l) for l in range(L)} if use_qk else set(site_names)
 
     def record(act, hook):
-        recorded[hook.name] = act
-        return act
-
-    def record_detached(act, hook):
-        recorded[hook.name] = act.detach()
+        recorded[hook.name] = act if hook.name in grad_targets else act.detach()
         return act
 
     def needs_grad(act, hook):  # params may be frozen: make the graph start at the embedding
         return act if act.requires_grad else act.detach().requires_grad_(True)
 
-    hooks = [("hook_embed", needs_grad)]
-    if use_qk:
-        q, k = ("rot_q", "rot_k") if rotary else ("q", "k")
-        for l in range(L):
-            hooks += [(hook_name("pattern", l), record), (hook_name("attn_scores", l), record_detached),
-                      (hook_name(q, l), record_detached), (hook_name(k, l), record_detached)]
-    else:
-        hooks += [(n, record) for n in site_names]
+    hooks = [("hook_embed", needs_grad)] + [(n, record) for n in _recorded_names(model, site_names, use_qk, L)]
     if ln == "frozen":
         hooks += [(n, lambda act, hook: act.detach()) for n in _ln_scale_hooks(model)]
     if grad_drop:  # registered after the record hooks: a recorded attn_out/mlp_out sits before its gate
@@ -219,26 +239,25 @@ def _gradient_run(model, tokens, mask, B, metric, site_names, use_qk, ln, grad_d
             hooks.append((f"blocks.{l}.hook_attn_out", gate))
             if not model.cfg.attn_only:
                 hooks.append((f"blocks.{l}.hook_mlp_out", gate))
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        logits = model(tokens, **forward_kwargs(model, tokens, mask))
-        m = eval_metric(metric, logits[:B], B)
-        m_src = eval_metric(metric, logits[B:].detach(), B).detach().float().cpu()
+    with torch.enable_grad(), _no_param_grads(model), model.hooks(fwd_hooks=hooks):
+        logits = model(base, **forward_kwargs(model, base, mask))
+        m = eval_metric(metric, logits, B)
         if not m.requires_grad:
             raise ValueError("metric output does not depend differentiably on the logits (attribution "
                              "patching needs its gradient); avoid .detach()/.item()/argmax inside the metric")
-        total = m.sum()  # prompts are independent: d(sum)/d(a_b) is prompt b's own gradient
-    return total, m.detach().float().cpu(), m_src, recorded, state
+        total = m.sum()
+    return total, m.detach().float().cpu(), recorded, state
 
 
-def _estimate(model, spec, l: int, recorded, grad, use_qk: bool, B: int, mask) -> torch.Tensor:
-    """Per-prompt estimates [batch, *component dims] for layer l (recorded rows: base, then source)."""
-    grad = None if grad is None else grad[:B]
+def _estimate(model, spec, l: int, base_acts, src, grad, use_qk: bool, mask) -> torch.Tensor:
+    """Per-prompt estimates [batch, *component dims] for layer l."""
     if use_qk:
-        return _qk_fix_estimate(model, spec, l, recorded, grad, B, mask)
-    act = recorded[hook_name(spec.site, l)].detach()
+        return _qk_fix_estimate(model, spec, l, base_acts, src, grad, mask)
+    name = hook_name(spec.site, l)
+    act = base_acts[name].detach()
     if grad is None:  # no path from this activation to the metric
-        grad = torch.zeros_like(act[:B])
-    diff = act[B:] - act[:B]
+        grad = torch.zeros_like(act)
+    diff = src[name] - act
     real = spec.real(mask)
     if real is not None:  # a padded position is never patched
         diff = diff * real
@@ -250,17 +269,17 @@ def _masked_softmax(scores: torch.Tensor, ignore: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(p), torch.zeros_like(p), p)
 
 
-def _qk_fix_estimate(model, spec, l: int, recorded, g_pattern, B: int, mask) -> torch.Tensor:
+def _qk_fix_estimate(model, spec, l: int, base_acts, src, g_pattern, mask) -> torch.Tensor:
     """AtP* QK fix (Kramár et al. 2024, Sec. 3.1): exact softmax, linear in the pattern only."""
     attn = model.blocks[l].attn
     rotary = model.cfg.positional_embedding_type == "rotary"
-    q, k = recorded[hook_name("rot_q" if rotary else "q", l)], recorded[hook_name("rot_k" if rotary else "k", l)]
-    q_b, k_b, q_src, k_src = q[:B], k[:B], q[B:], k[B:]
-    base_scores = recorded[hook_name("attn_scores", l)][:B]  # [batch, head, q, k], masked with -inf
+    qn, kn = hook_name("rot_q" if rotary else "q", l), hook_name("rot_k" if rotary else "k", l)
+    q_b, k_b, q_src, k_src = base_acts[qn], base_acts[kn], src[qn], src[kn]
+    base_scores = base_acts[hook_name("attn_scores", l)]  # [batch, head, q, k], masked with -inf
     ignore = torch.isinf(base_scores) & (base_scores < 0)
     s_b = attn.calculate_attention_scores(q_b, k_b)
     p_b = _masked_softmax(s_b, ignore)
-    if not torch.allclose(p_b, recorded[hook_name("pattern", l)][:B].detach(), atol=1e-5, rtol=1e-4):
+    if not torch.allclose(p_b, base_acts[hook_name("pattern", l)].detach(), atol=1e-5, rtol=1e-4):
         raise NotImplementedError(f"layer {l}: recomputing the attention pattern from q and k does not reproduce "
                                   "the model's pattern; the QK fix does not support this attention variant")
     if g_pattern is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import weakref
 from typing import Callable, Optional
 
 import numpy as np
@@ -243,6 +244,27 @@ def position_labels(model, clean: torch.Tensor, corrupt: torch.Tensor, mask: Opt
     return tuple(out)
 
 
+_MODEL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def cached_model_id(model) -> str:
+    """`lnfree._checks.model_id`, cached per model while the tensors it reads are unchanged.
+
+    The fingerprint reads W_E, W_U, the first W_Q and the norm modes; the cache key is those
+    tensors' identities and in-place versions, so any edit to them recomputes it (a sweep on a
+    large model otherwise spends seconds converting the embeddings to float64).
+    """
+    tensors = [model.W_E, model.W_U] + ([model.blocks[0].attn.W_Q] if model.cfg.n_layers else [])
+    modes = tuple(sorted(model.ln_modes().items())) if hasattr(model, "ln_modes") else ()
+    key = (tuple((id(t), t._version) for t in tensors), modes)
+    hit = _MODEL_IDS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = model_id(model)
+    _MODEL_IDS[model] = (key, value)
+    return value
+
+
 def masked_mean(per_prompt: torch.Tensor) -> torch.Tensor:
     """Mean over prompts skipping NaN (padded) entries; NaN where every prompt is padded."""
     real = ~torch.isnan(per_prompt)
@@ -260,7 +282,8 @@ class PatchingResult(Result):
         scores: tensor shaped `dims` (e.g. [layer, head, pos]): the change of the metric, patched
             minus base run, averaged over prompts (activation patching), or its estimate. With
             GradDrop the estimate is of the magnitude of that change (``signed=False``).
-        per_prompt: [prompt, *dims] the same per prompt pair (NaN on padded positions).
+        per_prompt: [prompt, *dims] the same per prompt pair (NaN on padded positions, and on
+            layers left out with ``layers=``).
         values: activation patching only: the patched mean metric (what TransformerLens's
             patching functions return), shaped like `scores`.
         labels: one per component, in ``scores.flatten()`` order (``L{l}H{h}[@pos]``,
@@ -296,6 +319,7 @@ class PatchingResult(Result):
     grad_drop: bool = False
     padded: bool = False
     values: Optional[torch.Tensor] = None
+    layers: Optional[tuple[int, ...]] = None
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
@@ -386,7 +410,7 @@ def make_result(model, spec: Spec, *, per_prompt, clean_pp, corrupt_pp, clean, c
         direction=direction, method=method, metric=metric_label(metric),
         metric_clean=float(clean_pp.mean()), metric_corrupt=float(corrupt_pp.mean()),
         clean_metric=clean_pp, corrupt_metric=corrupt_pp, effect=effect, n_prompts=int(clean.shape[0]),
-        model_name=model_label(model), model_id=model_id(model), prompts_id=prompts_id(clean, corrupt, mask),
+        model_name=model_label(model), model_id=cached_model_id(model), prompts_id=prompts_id(clean, corrupt, mask),
         padded=mask is not None and not bool(mask.all()),
         values=None if values_pp is None else masked_mean(values_pp), n_boot=n_boot, level=level, seed=seed, **extra,
     )

@@ -233,7 +233,8 @@ def patching_error(atp: PatchingResult, act: PatchingResult, *, magnitude: Optio
     else:
         est, truth = atp.scores, act.scores
     err = (est - truth).abs()
-    per_layer = torch.nansum(err.reshape(err.shape[0], -1), 1)
+    flat = err.reshape(err.shape[0], -1)
+    per_layer = torch.where(torch.isnan(flat).all(1), torch.nan, torch.nansum(flat, 1))  # NaN: layer not patched
     ok = ~torch.isnan(err.flatten())
     pairs = np.stack([est.flatten()[ok].double().numpy(), truth.flatten()[ok].double().numpy()], 1)
     kw = dict(n_boot=n_boot, level=level, seed=seed)
