@@ -54,7 +54,7 @@ def fmt(e: dict, digits: int = 3) -> str:
     return f"{f.format(e['value'])} [{f.format(e['low'])}, {f.format(e['high'])}]"
 
 
-def compute(sizes: Sizes, progress: bool = True) -> dict:
+def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
     import lnfree
     from lnfree import zoo
     from lnfree._checks import model_label
@@ -68,14 +68,23 @@ def compute(sizes: Sizes, progress: bool = True) -> dict:
     model = lnfree.load("smollm2-135m", device="cpu")
     out: dict = {"model": "smollm2-135m", "model_label": model_label(model),
                  "sizes": sizes.__dict__ | {"layers": list(sizes.layers)}, "timings_s": {}}
+    done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
+    if done.get("sizes") != out["sizes"]:
+        done = {}  # a partial run with other sizes: start again
     books = {b: zoo.heldout(b, model=model, seq_len=sizes.seq_len) for b in ("persuasion", "cfi")}
     out["data"] = {b: list(t.shape) for b, t in books.items()}
     log(f"loaded; held-out rows {out['data']}")
 
     def timed(name, fn):
+        if name in done:  # --resume: computed by an earlier, interrupted run with the same sizes
+            out["timings_s"][name] = done["timings_s"][name]
+            return done[name]
         t = time.perf_counter()
         value = fn()
         out["timings_s"][name] = round(time.perf_counter() - t, 1)
+        out[name] = value
+        if partial is not None:
+            partial.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
         log(f"{name} done")
         return value
 
@@ -287,14 +296,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "real_model.md")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run already wrote")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    numbers = compute(QUICK if args.quick else Sizes(), progress=not args.no_progress)
+    partial = args.out.with_suffix(".partial.json")
+    if not args.resume and partial.exists():
+        partial.unlink()
+    numbers = compute(QUICK if args.quick else Sizes(), progress=not args.no_progress, partial=partial)
     command = "PYTHONPATH=src python scripts/real_model_report.py" + (" --quick" if args.quick else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
     args.out.write_text(render(numbers, command), encoding="utf-8")
+    partial.unlink(missing_ok=True)
     print(f"wrote {args.out} and {args.out.with_suffix('.json')} ({numbers['total_s']:.0f} s)")
     return 0
 
