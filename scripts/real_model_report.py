@@ -42,7 +42,7 @@ class Sizes:
 
 
 QUICK = Sizes(ce_rows=8, calib_rows=8, seq_len=64, dla_rows=4, dla_len=32, conf_rows=4, conf_len=32, geom_rows=4,
-              ioi_prompts=4, layers=(29,), per_layer=1, n_boot=200)
+              ioi_prompts=3, layers=(28, 29), per_layer=1, n_boot=200)
 
 
 def est(e) -> dict:
@@ -100,12 +100,22 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
         for b, toks in books.items():
             rows = toks[: sizes.ce_rows]
             live = lnfree.cross_entropy(model, rows, n_boot=sizes.n_boot)
+            with model.ln_frozen(), torch.no_grad():
+                finite = torch.isfinite(model(rows)).all(-1)  # [row, pos]: every logit finite
+            res[b]["frozen_finite_share"] = float(finite.double().mean())
+            if not bool(finite.all()):  # the frozen forward overflows: no CE to report, say so
+                res[b]["frozen_ce"] = res[b]["frozen_gap"] = None
+                continue
             with model.ln_frozen():
                 frozen = lnfree.cross_entropy(model, rows, n_boot=sizes.n_boot)
             gap = lnfree.bootstrap(frozen.per_sequence.double() - live.per_sequence.double(), n_boot=sizes.n_boot)
             res[b]["frozen_ce"] = est(frozen.mean)
             res[b]["frozen_gap"] = est(gap)
         res["calibration_rows"] = list(calib.shape)
+        model.estimate_ln_scales(calib, exclude_position_0=True)  # the same, position 0 left out of the means
+        with model.ln_frozen(), torch.no_grad():
+            res["frozen_finite_share_excl_pos0"] = float(torch.isfinite(
+                model(books["persuasion"][: sizes.ce_rows])).all(-1).double().mean())
         return res
 
     out["ce"] = timed("ce", ce)
@@ -183,6 +193,8 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
 
 
 def render(n: dict, command: str) -> str:
+    missing = [k for k in ("ce", "dla", "entropy_neurons", "patching", "geometry") if k not in n]
+    n = {**{k: None for k in missing}, **n}
     ce, dla, en, pt, g = n["ce"], n["dla"], n["entropy_neurons"], n["patching"], n["geometry"]
     L = []
     add = L.append
@@ -197,61 +209,81 @@ def render(n: dict, command: str) -> str:
         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs "
         f"({n['sizes']['n_boot']} resamples over sequences or prompts). All the numbers are in "
         "[real_model.json](real_model.json).\n")
+    if missing:
+        add(f"**Partial run: {', '.join(missing)} not computed yet** (rerun the command with --resume to add "
+            "them).\n")
     add("## Held-out cross-entropy, and freezing every norm without fine-tuning\n")
-    add("| text | rows x tokens | CE (nats/token) | every norm frozen at its mean scale | cost of freezing |")
-    add("|---|---|---|---|---|")
-    for b in ("persuasion", "cfi"):
-        x = ce[b]
-        add(f"| {b} | {x['rows'][0]} x {x['rows'][1]} | {fmt(x['ce'], 4)} | {fmt(x['frozen_ce'], 4)} | "
-            f"+{fmt(x['frozen_gap'], 3)} |")
-    add(f"\nThe frozen scales are the mean RMS of each site's input on {ce['calibration_rows'][0]} other rows of "
-        "persuasion (`model.estimate_ln_scales`), applied with `model.ln_frozen()`; the cost is the paired "
-        "per-sequence difference.\n")
+    if ce is None:
+        add('(not computed in this run)\n')
+    else:
+        add("| text | rows x tokens | CE (nats/token) | every norm frozen at its mean scale | cost of freezing |")
+        add("|---|---|---|---|---|")
+        for b in ("persuasion", "cfi"):
+            x = ce[b]
+            frozen = fmt(x["frozen_ce"], 4) if x["frozen_ce"] else (
+                f"non-finite logits at {1 - x['frozen_finite_share']:.0%} of positions (float32 overflow)")
+            cost = f"+{fmt(x['frozen_gap'], 3)}" if x["frozen_gap"] else "unbounded"
+            add(f"| {b} | {x['rows'][0]} x {x['rows'][1]} | {fmt(x['ce'], 4)} | {frozen} | {cost} |")
+        add(f"\nThe frozen scales are the mean RMS of each site's input on {ce['calibration_rows'][0]} other rows of "
+            "persuasion (`model.estimate_ln_scales`), applied with `model.ln_frozen()`; the cost is the paired "
+            "per-sequence difference.\n")
     add("## DLA against the exact direct effect\n")
-    add(f"NMAE = mean|DLA - DE| / mean|DE| over all {30 * 9} heads, next-token targets at every position of "
-        f"{dla['rows'][0]} x {dla['rows'][1]} tokens (final RMSNorm `{dla['ln_final_mode']}`): "
-        f"**{fmt(dla['nmae'])} %** (max |DLA - DE| {dla['max_abs_error']:.3g} logits).\n")
-    add("| layer | " + " | ".join(str(r["layer"]) for r in dla["per_layer"]) + " |")
-    add("|---|" + "---|" * len(dla["per_layer"]))
-    add("| NMAE % | " + " | ".join(f"{r['nmae']:.3g}" for r in dla["per_layer"]) + " |\n")
+    if dla is None:
+        add('(not computed in this run)\n')
+    else:
+        add(f"NMAE = mean|DLA - DE| / mean|DE| over all {30 * 9} heads, next-token targets at every position of "
+            f"{dla['rows'][0]} x {dla['rows'][1]} tokens (final RMSNorm `{dla['ln_final_mode']}`): "
+            f"**{fmt(dla['nmae'])} %** (max |DLA - DE| {dla['max_abs_error']:.3g} logits).\n")
+        add("| layer | " + " | ".join(str(r["layer"]) for r in dla["per_layer"]) + " |")
+        add("|---|" + "---|" * len(dla["per_layer"]))
+        add("| NMAE % | " + " | ".join(f"{r['nmae']:.3g}" for r in dla["per_layer"]) + " |\n")
     add("## Entropy-neuron candidates of the last layers\n")
-    add(f"Ranked by ||w_out|| / LogitVar (`find_entropy_neurons`), each mean-ablated alone on "
-        f"{en['rows'][0]} x {en['rows'][1]} tokens (`ablate_neurons`): entropy change (%) in the ordinary "
-        "forward pass (total) and with the final RMSNorm scale frozen at its clean value (direct); the "
-        "norm-mediated fraction is 1 - |direct| / |total|.\n")
-    add("| neuron | rho (null-space) | ||w_out|| | entropy change total % | direct % | norm-mediated fraction |")
-    add("|---|---|---|---|---|---|")
-    for r in en["candidates"]:
-        add(f"| {r['neuron']} | {r['rho']:.3f} | {r['norm']:.3g} | {fmt(r['dH_total_%'])} | "
-            f"{fmt(r['dH_direct_%'])} | {fmt(r['ln_mediated_fraction'])} |")
-    c = en["calibration"]
-    add(f"\nCalibration on the same tokens: mean entropy {fmt(c['mean_entropy'])} nats, ECE {fmt(c['ece'])}, "
-        f"top-1 accuracy {fmt(c['accuracy_top1'])}.\n")
+    if en is None:
+        add('(not computed in this run)\n')
+    else:
+        add(f"Ranked by ||w_out|| / LogitVar (`find_entropy_neurons`), each mean-ablated alone on "
+            f"{en['rows'][0]} x {en['rows'][1]} tokens (`ablate_neurons`): entropy change (%) in the ordinary "
+            "forward pass (total) and with the final RMSNorm scale frozen at its clean value (direct); the "
+            "norm-mediated fraction is 1 - |direct| / |total|.\n")
+        add("| neuron | rho (null-space) | ||w_out|| | entropy change total % | direct % | norm-mediated fraction |")
+        add("|---|---|---|---|---|---|")
+        for r in en["candidates"]:
+            add(f"| {r['neuron']} | {r['rho']:.3f} | {r['norm']:.3g} | {fmt(r['dH_total_%'])} | "
+                f"{fmt(r['dH_direct_%'])} | {fmt(r['ln_mediated_fraction'])} |")
+        c = en["calibration"]
+        add(f"\nCalibration on the same tokens: mean entropy {fmt(c['mean_entropy'])} nats, ECE {fmt(c['ece'])}, "
+            f"top-1 accuracy {fmt(c['accuracy_top1'])}.\n")
     add("## IOI: activation patching vs AtP and AtP*\n")
-    add(f"{pt['n_prompts']} IOI prompts (`lnfree.tasks.ioi`, e.g. \"{pt['example']}\"), metric: logit difference "
-        "IO - S, denoising (clean activations into the corrupted run).\n")
-    add("| site | components | clean / corrupt metric | method | Pearson r | Spearman | mean abs error | "
-        "recall of the true top-k |")
-    add("|---|---|---|---|---|---|---|---|")
-    for key, name in (("resid_pre_by_pos", "resid_pre by position"), ("z", "head outputs (z)")):
-        x = pt[key]
-        for method in ("atp", "atp*"):
-            y = x[method]
-            add(f"| {name} | {x['n_components']} | {x['metric_clean']:.3g} / {x['metric_corrupt']:.3g} | {method} | "
-                f"{fmt(y['pearson'])} | {fmt(y['spearman'])} | {fmt(y['mean_abs_error'])} | "
-                f"{fmt(y['recall'])} (k={y['k']}) |")
+    if pt is None:
+        add('(not computed in this run)\n')
+    else:
+        add(f"{pt['n_prompts']} IOI prompts (`lnfree.tasks.ioi`, e.g. \"{pt['example']}\"), metric: logit difference "
+            "IO - S, denoising (clean activations into the corrupted run).\n")
+        add("| site | components | clean / corrupt metric | method | Pearson r | Spearman | mean abs error | "
+            "recall of the true top-k |")
+        add("|---|---|---|---|---|---|---|---|")
+        for key, name in (("resid_pre_by_pos", "resid_pre by position"), ("z", "head outputs (z)")):
+            x = pt[key]
+            for method in ("atp", "atp*"):
+                y = x[method]
+                add(f"| {name} | {x['n_components']} | {x['metric_clean']:.3g} / {x['metric_corrupt']:.3g} | {method} | "
+                    f"{fmt(y['pearson'])} | {fmt(y['spearman'])} | {fmt(y['mean_abs_error'])} | "
+                    f"{fmt(y['recall'])} (k={y['k']}) |")
     add("\n## First-token norm and attention sinks\n")
-    ratios = g["ratio"]
-    add(f"Residual norm at position 0 / mean norm at the other positions ({g['rows'][0]} x {g['rows'][1]} tokens), "
-        f"largest {fmt(g['max_ratio'])}; per site:\n")
-    add("| site | " + " | ".join(s.replace("blocks.", "").replace(".hook_", " ") for s in g["sites"]) + " |")
-    add("|---|" + "---|" * len(g["sites"]))
-    add("| ratio | " + " | ".join(f"{e['value']:.3g}" for e in ratios) + " |\n")
-    add(f"Attention sinks (mean attention >= 30% on position 0): **{fmt(g['sink_rate'])}** of heads "
-        f"({g['n_sinks']} of {g['n_heads']}); strongest: "
-        + ", ".join(f"{h['head']} ({h['attention_to_first']:.2f})" for h in g["top_sinks"]) + ".\n")
+    if g is None:
+        add('(not computed in this run)\n')
+    else:
+        ratios = g["ratio"]
+        add(f"Residual norm at position 0 / mean norm at the other positions ({g['rows'][0]} x {g['rows'][1]} tokens), "
+            f"largest {fmt(g['max_ratio'])}; per site:\n")
+        add("| site | " + " | ".join(s.replace("blocks.", "").replace(".hook_", " ") for s in g["sites"]) + " |")
+        add("|---|" + "---|" * len(g["sites"]))
+        add("| ratio | " + " | ".join(f"{e['value']:.3g}" for e in ratios) + " |\n")
+        add(f"Attention sinks (mean attention >= 30% on position 0): **{fmt(g['sink_rate'])}** of heads "
+            f"({g['n_sinks']} of {g['n_heads']}); strongest: "
+            + ", ".join(f"{h['head']} ({h['attention_to_first']:.2f})" for h in g["top_sinks"]) + ".\n")
     add("## What this shows, and how it differs from GPT-2 in the paper\n")
-    add(findings(n))
+    add(findings(n) if not missing else "(written when every section is computed)")
     add(f"\n*Run time: {n['total_s']:.0f} s on {n['machine']} (stages: "
         + ", ".join(f"{k} {v:.0f} s" for k, v in n["timings_s"].items()) + ").*")
     return "\n".join(L) + "\n"
@@ -262,10 +294,18 @@ def findings(n: dict) -> str:
     ce, dla, en, pt, g = n["ce"], n["dla"], n["entropy_neurons"], n["patching"], n["geometry"]
     out = []
     gap = ce["persuasion"]["frozen_gap"]
-    out.append(f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
-               f"without fine-tuning, costs {fmt(gap)} nats/token on persuasion (cfi: {fmt(ce['cfi']['frozen_gap'])}). "
-               "The paper's point is that fine-tuning recovers this for GPT-2 (a small CE gap after removal); "
-               "here we only measure the untrained cost, which is the size of the problem the fine-tune must solve.")
+    if gap is not None:
+        out.append(f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
+                   f"without fine-tuning, costs {fmt(gap)} nats/token on persuasion. The paper fine-tunes GPT-2 "
+                   "after freezing to recover this; here we only measure the untrained cost.")
+    else:
+        share = 1 - ce["persuasion"]["frozen_finite_share"]
+        out.append(f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
+                   f"without fine-tuning, does not give a worse model but a broken forward pass: the logits are "
+                   f"non-finite (float32 overflow) at {share:.0%} of positions ({1 - ce['frozen_finite_share_excl_pos0']:.0%} "
+                   "with position 0 left out of the scale estimate). A fixed scale cannot tame the first token's residual, whose norm "
+                   "is many times the others' (below); GPT-2's LN removal in the paper works because it freezes "
+                   "gradually while fine-tuning, and SmolLM2 would need the same (`lnfree remove-ln`).")
     out.append(f"- **DLA is an approximation with live norms:** NMAE {fmt(dla['nmae'])} % over all heads. "
                "As in GPT-2 with LayerNorm, the linearisation of the final norm misattributes a share of each "
                "head's direct effect; only a norm-free model makes DLA exact (NMAE 0, as the tiny zoo's "
@@ -297,10 +337,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run already wrote")
+    p.add_argument("--render-partial", action="store_true", help="write the page from an interrupted run's numbers")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     partial = args.out.with_suffix(".partial.json")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render_partial:
+        numbers = json.loads(partial.read_text())
+        numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
+        numbers.setdefault("machine", f"{platform.machine()}, torch {torch.__version__}")
+        command = "PYTHONPATH=src python scripts/real_model_report.py" + (" --quick" if numbers["sizes"]["ce_rows"] <= 8 else "")
+        args.out.write_text(render(numbers, command), encoding="utf-8")
+        args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out} from the partial numbers in {partial}")
+        return 0
     if not args.resume and partial.exists():
         partial.unlink()
     numbers = compute(QUICK if args.quick else Sizes(), progress=not args.no_progress, partial=partial)
