@@ -34,15 +34,15 @@ ce
 # %% [markdown]
 # ## Freezing every norm, without fine-tuning
 #
-# The paper's first step replaces each norm's per-token scale by its average. Without the fine-tuning that
-# follows, that costs SmolLM2 this much cross-entropy (scales estimated on other rows):
+# The paper's first step replaces each norm's per-token scale by its average. Done all at once and
+# without the fine-tuning that follows, SmolLM2's forward pass overflows: position 0's residual is many
+# times larger than the others', and a fixed scale cannot hold it (scales estimated on other rows).
 
 # %%
 model.estimate_ln_scales(zoo.heldout("persuasion", model=model, seq_len=48)[6:12])
-with model.ln_frozen():
-    frozen = lnfree.cross_entropy(model, tokens, n_boot=200)
-gap = lnfree.bootstrap(frozen.per_sequence - ce.per_sequence, n_boot=200)
-print(f"CE live {ce.mean:.3f}, frozen {frozen.mean:.3f}, cost {gap:.3f} nats/token")
+with model.ln_frozen(), torch.no_grad():
+    frozen_logits = model(tokens)
+print(f"finite logits with every norm frozen: {torch.isfinite(frozen_logits).all(-1).float().mean():.0%} of positions")
 
 # %% [markdown]
 # ## DLA vs the exact direct effect
