@@ -245,7 +245,7 @@ def render(n: dict, command: str) -> str:
             f"{en['rows'][0]} x {en['rows'][1]} tokens (`ablate_neurons`): entropy change (%) in the ordinary "
             "forward pass (total) and with the final RMSNorm scale frozen at its clean value (direct); the "
             "norm-mediated fraction is 1 - |direct| / |total|.\n")
-        add("| neuron | rho (null-space) | ||w_out|| | entropy change total % | direct % | norm-mediated fraction |")
+        add("| neuron | rho (null-space) | norm of w_out | entropy change total % | direct % | norm-mediated fraction |")
         add("|---|---|---|---|---|---|")
         for r in en["candidates"]:
             add(f"| {r['neuron']} | {r['rho']:.3f} | {r['norm']:.3g} | {fmt(r['dH_total_%'])} | "
