@@ -384,10 +384,17 @@ def load_corrupt_config(c):
     _load(path)
 
 
-@case(CheckpointError, r"model_type 'llama'.*GPT-2-architecture checkpoints only")
-def load_non_gpt2_architecture(c):
-    (c.tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+@case(CheckpointError, r"model_type 'bert'.*not supported.*causal LMs of model_type .*gpt2.*llama")
+def load_unsupported_architecture(c):
+    (c.tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     _load(c.tmp_path)
+
+
+@case(CheckpointError, r"spec '/no/such/model\.gguf': no such file.*accepted: a zoo name")
+def resolve_missing_path(c):
+    import lnfree
+
+    lnfree.load("/no/such/model.gguf")
 
 
 @case(CheckpointError, r"has shape .* but config.json implies")

@@ -102,22 +102,11 @@ def _is_tl_dir(path: Path) -> bool:
 
 
 def load_model_arg(spec: str, tokenizer_path=None, device=None):
-    """Resolve MODEL (see the module docstring) to an LNFreeTransformer."""
-    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
-
-    path = Path(spec)
+    """Resolve MODEL (see the module docstring) to an LNFreeTransformer (through `lnfree.load`)."""
     tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
-    if path.is_dir() and ((path / "state.json").exists() or latest_checkpoint(path) is not None):
-        model, _ = load_checkpoint(path, device)
-    elif path.is_dir() and _is_tl_dir(path):
-        model = load_tl_dir(path, device, tokenizer=tokenizer or _find_tokenizer(path))
-    else:
-        from lnfree.loading import load_model  # HF dirs and hub ids
+    from lnfree.resolve import load
 
-        model = load_model(spec)
-        from lnfree.model import LNFreeTransformer
-
-        model = LNFreeTransformer.from_hooked(model)
+    model = load(spec, device=device)
     if tokenizer is not None:
         model.set_tokenizer(tokenizer)
     return model
