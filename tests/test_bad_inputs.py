@@ -555,6 +555,34 @@ def removal_checkpoint_that_does_not_exist(c):
     load_checkpoint(c.tmp_path / "missing-run")
 
 
+@case(ValueError, r"^steps must be an integer >= 2, got -5$")
+def remove_layernorm_negative_steps(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=-5, progress=False)
+
+
+@case(ValueError, r"nothing to resume: .* does not exist")
+def remove_layernorm_resume_mistyped_dir(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=4, out_dir=c.tmp_path / "typo", resume=True, progress=False)
+
+
+@case(TypeError, r"data must be .*nested. list of token ids")
+def remove_layernorm_float_token_lists(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, [[0.5, 1.5, 2.5]], steps=4, progress=False)
+
+
+@case(ValueError, r"distill must lie in \[0, 1\]")
+def remove_layernorm_distill_weight_above_one(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=4, distill=1.5, progress=False)
+
+
 @case(FileNotFoundError, r"no exported model family in .* \(zoo.json missing\)")
 def zoo_data_dir_without_manifest(c):
     from lnfree import zoo
