@@ -10,7 +10,8 @@ halves of every head for its interleaved rotary kernel: ``convert_hf_to_gguf.py`
 `unpermute_qk` undoes it, so the weights are those of the HF ``LlamaForCausalLM`` the file was
 made from. Qwen2 files are written unpermuted.
 
-The tokenizer is transformers' own conversion of the file's vocabulary and merges
+The header, metadata and tensor table are parsed here (`_parse`, GGUF v2/v3 little-endian); tensor
+data stays memory-mapped until dequantised. The tokenizer is transformers' own conversion of the file's vocabulary and merges
 (`AutoTokenizer.from_pretrained(dir, gguf_file=name)`), offline.
 """
 
