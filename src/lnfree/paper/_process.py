@@ -37,6 +37,14 @@ def paper_processed(model, name: str = "model"):
     out = copy.deepcopy(model)
     flags = dict(PAPER_FLAGS)
     if modes == {"removed"}:
-        flags["fold_ln"] = False  # nothing left to fold; the readers are already centered
-    out.load_and_process_state_dict(out.state_dict(), refactor_factored_attn_matrices=False, **flags)
+        # Nothing left to fold (the readers are already centered). TransformerLens skips
+        # center_writing_weights when normalization_type is None, but the paper centered them
+        # while its LN modules still existed: mark the copy as LNPre for the processing only.
+        flags["fold_ln"] = False
+        out.cfg.normalization_type = "LNPre"
+    try:
+        out.load_and_process_state_dict(out.state_dict(), refactor_factored_attn_matrices=False, **flags)
+    finally:
+        if modes == {"removed"}:
+            out.cfg.normalization_type = None
     return out.eval()
