@@ -12,6 +12,8 @@ docs/paper.md.
 from lnfree.paper._process import paper_processed
 from lnfree.paper.dla import PaperDLA, dla_nmae, paper_dla
 from lnfree.paper.geometry import PaperNorms, first_token_norm, sink_rate, sink_rate_per_sample
+from lnfree.paper.ioi import IOIAtPComparison, IOIAtPError, IOIPrompts, compare_ioi_atp, ioi_atp_error, ioi_prompts
 
 __all__ = ["paper_processed", "PaperDLA", "dla_nmae", "paper_dla", "PaperNorms", "first_token_norm",
-           "sink_rate", "sink_rate_per_sample"]
+           "sink_rate", "sink_rate_per_sample", "IOIPrompts", "ioi_prompts", "IOIAtPError", "ioi_atp_error",
+           "IOIAtPComparison", "compare_ioi_atp"]
