@@ -153,3 +153,176 @@ def residual_norms(model, tokens, *, no_ln: bool):
         first, rest = v[:, 0], v[:, 1:].reshape(-1)
         out[n] = (first.mean().item(), first.std().item(), rest.mean().item(), rest.std().item())
     return out
+
+
+# ---- IOI prompts (attribution_patching/ioi_dataset.py, ioi_utils.py) -------------------------
+NAMES = (
+    "Michael", "Christopher", "Jessica", "Matthew", "Ashley", "Jennifer", "Joshua", "Amanda",
+    "Daniel", "David", "James", "Robert", "John", "Joseph", "Andrew", "Ryan", "Brandon", "Jason",
+    "Justin", "Sarah", "William", "Jonathan", "Stephanie", "Brian", "Nicole", "Nicholas", "Anthony",
+    "Heather", "Eric", "Elizabeth", "Adam", "Megan", "Melissa", "Kevin", "Steven", "Thomas",
+    "Timothy", "Christina", "Kyle", "Rachel", "Laura", "Lauren", "Amber", "Brittany", "Danielle",
+    "Richard", "Kimberly", "Jeffrey", "Amy", "Crystal", "Michelle", "Tiffany", "Jeremy", "Benjamin",
+    "Mark", "Emily", "Aaron", "Charles", "Rebecca", "Jacob", "Stephen", "Patrick", "Sean", "Erin",
+    "Jamie", "Kelly", "Samantha", "Nathan", "Sara", "Dustin", "Paul", "Angela", "Tyler", "Scott",
+    "Katherine", "Andrea", "Gregory", "Erica", "Mary", "Travis", "Lisa", "Kenneth", "Bryan",
+    "Lindsey", "Kristen", "Jose", "Alexander", "Jesse", "Katie", "Lindsay", "Shannon", "Vanessa",
+    "Courtney", "Christine", "Alicia", "Cody", "Allison", "Bradley", "Samuel",
+)
+PLACES = (
+    "store", "garden", "restaurant", "school", "hospital", "office", "house", "station",
+)
+OBJECTS = (
+    "ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack",
+)
+BABA_TEMPLATE_0 = "Then, [B] and [A] went to the [PLACE]. [B] gave a [OBJECT] to [A]"
+
+
+def gen_prompt_uniform(templates, names, nouns_dict, N, symmetric):
+    """ioi_dataset.py:280-335 (prefixes=None, abc=False), drawing from the global `random`."""
+    rd = random
+    nb_gen, ioi_prompts = 0, []
+    while nb_gen < N:
+        temp = rd.choice(templates)
+        temp_id = templates.index(temp)
+        name_1 = name_2 = name_3 = ""
+        while len(set([name_1, name_2, name_3])) < 3:
+            name_1 = rd.choice(names)
+            name_2 = rd.choice(names)
+            name_3 = rd.choice(names)
+        nouns, ioi_prompt = {}, {}
+        for k in nouns_dict:
+            nouns[k] = rd.choice(nouns_dict[k])
+            ioi_prompt[k] = nouns[k]
+        prompt = temp
+        for k in nouns_dict:
+            prompt = prompt.replace(k, nouns[k])
+        prompt1 = prompt.replace("[A]", name_1).replace("[B]", name_2)
+        ioi_prompt.update({"text": prompt1, "IO": name_1, "S": name_2, "TEMPLATE_IDX": temp_id})
+        ioi_prompts.append(ioi_prompt)
+        nb_gen += 1
+        if symmetric and nb_gen < N:
+            prompt2 = prompt.replace("[A]", name_2).replace("[B]", name_1)
+            ioi_prompts.append({"text": prompt2, "IO": name_2, "S": name_1, "TEMPLATE_IDX": temp_id})
+            nb_gen += 1
+    return ioi_prompts
+
+
+def flip_io_s1(prompts):
+    """gen_flipped_prompts(..., flip=("IO", "S1")), ioi_dataset.py:338-393, 466-475."""
+    out = []
+    for prompt in prompts:
+        t = prompt["text"].split(" ")
+        prompt = prompt.copy()
+        io_index, s1_index = t.index(prompt["IO"]), t.index(prompt["S"])
+        io, s1 = t[io_index], t[s1_index]
+        t[io_index], t[s1_index] = s1, io
+        prompt["text"] = " ".join(t)
+        out.append(prompt)
+    return out
+
+
+def reorder_list(items, n, order):
+    result = []
+    for i in range(0, len(items), n):
+        group = items[i:i + n]
+        result.extend([group[j] for j in order] if len(group) == n else group)
+    return result
+
+
+def get_bisymmetric_prompts_and_answers(total_N, seed):
+    """ioi_utils.py:188-201 after random.seed(seed)."""
+    random.seed(seed)
+    d1 = gen_prompt_uniform([BABA_TEMPLATE_0], list(NAMES), {"[PLACE]": list(PLACES), "[OBJECT]": list(OBJECTS)},
+                            N=total_N * 2, symmetric=True)
+    d2 = flip_io_s1(d1)
+    c = [item for pair in zip(d1, d2) for item in pair]
+    prompts = [m["text"].rsplit(" ", 1)[0] for m in c]
+    answers = [(" " + m["IO"], " " + m["S"]) for m in c]
+    return reorder_list(prompts, 4, [0, 3, 1, 2]), reorder_list(answers, 4, [0, 3, 1, 2])
+
+
+def ioi_tokens(tokenizer, prompts, answers):
+    """attr_vs_act_patching_(per_prompt).py:138-148 (model.to_tokens prepends BOS)."""
+    clean = torch.tensor([tokenizer(tokenizer.bos_token + p)["input_ids"] for p in prompts])
+    corrupted = clean[[(i + 1 if i % 2 == 0 else i - 1) for i in range(len(clean))]]
+    ans = torch.tensor([[tokenizer(a[j])["input_ids"][0] for j in range(2)] for a in answers])
+    return clean, corrupted, ans
+
+
+# ---- attribution vs activation patching (attr_vs_act_patching_(per_prompt).py) ---------------
+def get_logit_diff(logits, answer_token_indices, mean=True):
+    if len(logits.shape) == 2:
+        logits = logits.unsqueeze(0)
+    logits = logits[:, -1, :]
+    correct = logits.gather(1, answer_token_indices[:, 0].unsqueeze(1))
+    incorrect = logits.gather(1, answer_token_indices[:, 1].unsqueeze(1))
+    return (correct - incorrect).mean() if mean else (correct - incorrect).squeeze(-1)
+
+
+def get_cache_fwd_and_bwd(model, tokens, metric):
+    """attribution_patching_utils.py:4-23."""
+    not_qkv_input = lambda name: "_input" not in name  # noqa: E731
+    model.reset_hooks()
+    cache, grad_cache = {}, {}
+
+    def fwd(act, hook):
+        cache[hook.name] = act.detach()
+
+    def bwd(act, hook):
+        grad_cache[hook.name] = act.detach()
+
+    model.add_hook(not_qkv_input, fwd, "fwd")
+    model.add_hook(not_qkv_input, bwd, "bwd")
+    value = metric(model(tokens))
+    value.backward(retain_graph=False)
+    model.reset_hooks()
+    return value.item(), ActivationCache(cache, model), ActivationCache(grad_cache, model)
+
+
+def patching_setup(model):
+    """attr_vs_act_patching_(per_prompt).py:131-134 ("not sure why this is needed")."""
+    model.set_use_attn_result(True)
+    model.set_use_attn_in(True)
+    model.set_use_hook_mlp_in(True)
+    return model
+
+
+def attr_patch_resid_pre(model, clean_tokens, corrupted_tokens, answer_token_indices):
+    """process_batch_for_attr_patching_resid_pre: [layer, pos, batch]."""
+    patching_setup(model)
+    out = []
+    for c, k, a in zip(clean_tokens, corrupted_tokens, answer_token_indices):
+        metric = lambda logits, a=a: get_logit_diff(logits, a.unsqueeze(0), mean=True)  # noqa: E731
+        _, clean_cache, _ = get_cache_fwd_and_bwd(model, c, metric)
+        _, corr_cache, corr_grad = get_cache_fwd_and_bwd(model, k, metric)
+        names = [f"blocks.{l}.hook_resid_pre" for l in range(model.cfg.n_layers)]
+        attr = torch.stack([corr_grad[n] * (clean_cache[n] - corr_cache[n]) for n in names])  # layer batch pos d
+        out.append(einops.reduce(attr, "layer batch pos d_model -> batch layer pos", "sum"))
+    return torch.cat(out, 0).permute(1, 2, 0)
+
+
+@torch.no_grad()
+def act_patch_resid_pre(model, clean_tokens, corrupted_tokens, answer_token_indices):
+    """process_batch_for_act_patching_resid_pre with custom_patching.get_act_patch_resid_pre: [layer, pos, batch]."""
+    patching_setup(model)
+    _, clean_cache = model.run_with_cache(clean_tokens)
+    corrupted_ld = get_logit_diff(model(corrupted_tokens), answer_token_indices, mean=False)
+    L, P = model.cfg.n_layers, clean_tokens.shape[1]
+    out = torch.zeros(L, P, clean_tokens.shape[0], dtype=model.cfg.dtype)
+    for layer in range(L):
+        name = f"blocks.{layer}.hook_resid_pre"
+        for pos in range(P):
+            def setter(act, hook, pos=pos):
+                act[:, pos, ...] = clean_cache[name][:, pos, ...]
+                return act
+            logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, setter)])
+            out[layer, pos] = get_logit_diff(logits, answer_token_indices, mean=False)
+    return out - corrupted_ld.reshape(1, 1, -1)
+
+
+def per_layer_error(act, attr):
+    """final_patching_analysis_new_version.py:115-128 (normalise by [0, 11]) and 491-497 (option 1)."""
+    norm = act[0, 11]
+    norm_diff = torch.abs(act / norm - attr / norm)
+    return norm_diff.sum(dim=1).mean(dim=-1)

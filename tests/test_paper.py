@@ -150,3 +150,65 @@ def test_first_token_norm_matches_paper(models, dirs, data, kind):
     frame = res.to_frame()
     assert set(frame.position) == {"first", "rest"} and len(frame) == 2 * len(res.labels)
     assert res.final_first().value == pytest.approx(float(res.first_mean[-1]), rel=1e-6)
+
+
+# ---- IOI ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gpt2_tok():
+    from lnfree.tokenizer import gpt2_tokenizer
+    return gpt2_tokenizer()
+
+
+def test_ioi_prompts_match_paper(gpt2_tok):
+    for seed in (0, 7):
+        p = P.ioi_prompts(gpt2_tok, n=16, seed=seed)
+        prompts, answers = ref.get_bisymmetric_prompts_and_answers(total_N=4, seed=seed)
+        assert list(p.prompts) == prompts and list(p.answers) == answers
+        clean, corrupt, ans = ref.ioi_tokens(gpt2_tok, prompts, answers)
+        assert torch.equal(p.clean, clean) and torch.equal(p.corrupt, corrupt)
+        assert torch.equal(p.io_ids, ans[:, 0]) and torch.equal(p.s_ids, ans[:, 1])
+        # BABA, ABBA, ABBA, BABA; pairs differ only at S2 (position 11 with BOS), and swap the answers
+        first_io = [pr.split(" ")[1].rstrip(",") != a[0].strip() for pr, a in zip(p.prompts, p.answers)]
+        assert first_io[:4] == [True, False, False, True]
+        diff = (p.clean != p.corrupt).nonzero()
+        assert diff[:, 0].tolist() == list(range(16)) and set(diff[:, 1].tolist()) == {11}
+        assert torch.equal(p.io_ids[0::2], p.s_ids[1::2])
+    assert P.ioi_prompts(gpt2_tok, n=8, seed=3).prompts == P.ioi_prompts(gpt2_tok, n=16, seed=3).prompts[:8]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        P.ioi_prompts(gpt2_tok, n=6)
+
+
+@pytest.mark.parametrize("kind", ["ln", "lnfree"])
+def test_ioi_atp_error_matches_paper(models64, dirs, gpt2_tok, kind):
+    model = models64[kind]
+    before = _state(model)
+    p = P.ioi_prompts(gpt2_tok, n=4, seed=1)
+    res = P.ioi_atp_error(model, p.clean, p.corrupt, p.io_ids, p.s_ids, n_boot=50)
+    _unchanged(model, before)
+    paper = ref.load_paper_model(dirs[kind], no_ln=kind == "lnfree", dtype=torch.float64)
+    ans = torch.stack([p.io_ids, p.s_ids], 1)
+    act = ref.act_patch_resid_pre(paper, p.clean, p.corrupt, ans)
+    attr = ref.attr_patch_resid_pre(paper, p.clean, p.corrupt, ans)
+    want = ref.per_layer_error(act, attr)
+    rel_close(res.norm_factor, act[0, 11])
+    # see below: lnfree stores patched metrics in float32, ~5e-6 per normalised entry, summed over positions
+    rel_close(res.error, want, abs_=5e-6 * p.clean.shape[1])
+    # lnfree's patching API stores patched metrics in float32: ~1e-8 absolute on the logit difference,
+    # ~5e-6 after dividing by this random model's small effect (1/75 of the logit difference)
+    rel_close(res.act, (act / act[0, 11]).permute(2, 0, 1), abs_=2e-5)
+    rel_close(res.attr, (attr / act[0, 11]).permute(2, 0, 1), abs_=2e-5)
+    assert res.mean_over_layers == pytest.approx(float(want.mean()), rel=1e-4, abs=1e-4)
+    assert res.sd_over_layers == pytest.approx(float(want.std()), rel=1e-4, abs=1e-4)
+    # patching the whole clean resid_pre at S2 before layer 0 restores the clean run
+    assert torch.allclose(res.act[:, 0, 11], torch.ones(4, dtype=res.act.dtype))
+    assert (res.error > 0).all()
+
+
+def test_compare_ioi_atp(models, gpt2_tok):
+    p = P.ioi_prompts(gpt2_tok, n=4, seed=2)
+    cmp = P.compare_ioi_atp({"original": models["ln"], "LN-free": models["lnfree"]}, p, n_boot=20)
+    t = cmp.table()
+    assert list(t.model) == ["original", "LN-free"]
+    assert t.mean_over_layers[0] == pytest.approx(cmp.results[0].mean_over_layers)
+    assert len(cmp.to_frame()) == 2 * models["ln"].cfg.n_layers
+    assert "LN-free" in cmp.difference().index
