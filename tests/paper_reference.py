@@ -326,3 +326,98 @@ def per_layer_error(act, attr):
     norm = act[0, 11]
     norm_diff = torch.abs(act / norm - attr / norm)
     return norm_diff.sum(dim=1).mean(dim=-1)
+
+
+# ---- entropy neurons (entropy_neurons/ablate_all_models.py:24-314, 505-516) --------------------
+def calculate_entropy(logits):
+    probs = torch.nn.functional.softmax(logits, dim=-1)
+    return -torch.sum(probs * torch.log(probs + 1e-10), dim=-1)
+
+
+@torch.no_grad()
+def entropy_ablation(model, tokens, neuron_indices, *, no_ln: bool):
+    """AblationAnalyzer: extract_activations, run_simulation, run_ablation (one neuron at a time)."""
+    L = model.cfg.n_layers
+    names = [f"blocks.{L - 1}.hook_resid_pre", f"blocks.{L - 1}.hook_attn_out", f"blocks.{L - 1}.mlp.hook_post"]
+    targets, resid, attn, mid = [], [], [], []
+    for i in range(len(tokens)):  # DataLoader(batch_size=1)
+        batch = tokens[i:i + 1]
+        _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
+        targets.append(batch[:, 1:].reshape(-1))
+        resid.append(cache[names[0]][:, :-1].reshape(-1, model.cfg.d_model))
+        attn.append(cache[names[1]][:, :-1].reshape(-1, model.cfg.d_model))
+        mid.append(cache[names[2]][:, :-1].reshape(-1, model.cfg.d_mlp))
+    targets, resid, attn, mid = (torch.cat(x) for x in (targets, resid, attn, mid))
+    W_out, b_out, unembed = model.blocks[-1].mlp.W_out, model.blocks[-1].mlp.b_out, model.unembed
+
+    def readout(mlp_mid):
+        x = resid + attn + einops.einsum(W_out, mlp_mid, "dmlp dmodel, seq dmlp -> seq dmodel") + b_out
+        if not no_ln:
+            mean = x.mean(dim=-1, keepdim=True)
+            var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
+            x = (x - mean) / (var + 1e-12).sqrt()
+        logits = unembed(x)
+        return torch.nn.functional.cross_entropy(logits, targets, reduction="none"), calculate_entropy(logits)
+
+    sim_loss, sim_entropy = readout(mid)
+    mean_act = mid.mean(dim=0, keepdim=True)
+    results = {}
+    for idx in neuron_indices:
+        ablated = mid.clone()
+        ablated[:, idx] = mean_act[:, idx]
+        loss, ent = readout(ablated)
+        results[idx] = {"loss_effect": (sim_loss - loss).abs().numpy(), "entropy_effect": (sim_entropy - ent).abs().numpy()}
+    return results
+
+
+def median_iqr(x):
+    return np.median(x), np.percentile(x, 25), np.percentile(x, 75)
+
+
+# ---- Table 1 (pile_eval.py:113-205, transformers path) -----------------------------------------
+@torch.no_grad()
+def evaluate_model_on_pile(hf_model, processed_examples, batch_size=8):
+    batches = []
+    for i in range(0, len(processed_examples), batch_size):
+        chunks = processed_examples[i:min(i + batch_size, len(processed_examples))]
+        if len(chunks) < batch_size:
+            continue
+        batches.append(torch.stack(chunks))
+    total_loss, total_tokens = 0.0, 0
+    for ids in batches:
+        out = hf_model(input_ids=ids, labels=ids)
+        total_loss += out.loss.item() * ids.numel()
+        total_tokens += ids.numel()
+    return total_loss / total_tokens
+
+
+def chunk_stream(all_tokens, block_size, num_samples):
+    """pile_eval.py:74-83 (before its unseeded shuffle)."""
+    n_chunks = min(num_samples, len(all_tokens) // block_size)
+    return [torch.tensor(all_tokens[i * block_size:(i + 1) * block_size]) for i in range(n_chunks)
+            if len(all_tokens[i * block_size:(i + 1) * block_size]) == block_size]
+
+
+@torch.no_grad()
+def frozen_scale_direct_effect(model, tokens, idx):
+    """Not in the paper's code: Stolfo et al.'s direct effect (final LN scale held at the clean value),
+    with the paper's 1e-12 LN and entropy, per token; signed changes ablated - clean."""
+    L = model.cfg.n_layers
+    names = [f"blocks.{L - 1}.hook_resid_pre", f"blocks.{L - 1}.hook_attn_out", f"blocks.{L - 1}.mlp.hook_post"]
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    resid, attn, mid = (cache[n][:, :-1] for n in names)
+    targets = tokens[:, 1:]
+    W_out, b_out = model.blocks[-1].mlp.W_out, model.blocks[-1].mlp.b_out
+    x = resid + attn + mid @ W_out + b_out
+    xc = x - x.mean(-1, keepdim=True)
+    scale = (xc.pow(2).mean(-1, keepdim=True) + 1e-12).sqrt()
+    abl = mid.clone()
+    abl[..., idx] = mid.reshape(-1, mid.shape[-1]).mean(0)[idx]
+    xa = resid + attn + abl @ W_out + b_out
+    xa = xa - xa.mean(-1, keepdim=True)
+    out = {}
+    for key, z in (("clean", xc / scale), ("direct", xa / scale)):
+        logits = model.unembed(z)
+        out[key] = (torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none").flatten(),
+                    calculate_entropy(logits).flatten())
+    return {"loss": (out["direct"][0] - out["clean"][0]).numpy(), "entropy": (out["direct"][1] - out["clean"][1]).numpy()}

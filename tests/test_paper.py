@@ -212,3 +212,61 @@ def test_compare_ioi_atp(models, gpt2_tok):
     assert t.mean_over_layers[0] == pytest.approx(cmp.results[0].mean_over_layers)
     assert len(cmp.to_frame()) == 2 * models["ln"].cfg.n_layers
     assert "LN-free" in cmp.difference().index
+
+
+# ---- entropy neurons ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["ln", "lnfree"])
+def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
+    model = models64[kind]
+    before = _state(model)
+    neurons = (3, 17, 101)
+    res = P.entropy_neuron_ablation(model, data, neurons=neurons, n_boot=50)
+    _unchanged(model, before)
+    paper = ref.load_paper_model(dirs[kind], no_ln=kind == "lnfree", dtype=torch.float64)
+    want = ref.entropy_ablation(paper, data, neurons, no_ln=kind == "lnfree")
+    for i, n in enumerate(neurons):
+        for metric in ("loss", "entropy"):
+            got = getattr(res, f"{metric}_effect")[i].numpy()
+            exp = want[n][f"{metric}_effect"]
+            rel_close(got, exp, abs_=1e-9)
+            s = res.summary(n, metric)
+            rel_close([s.value, s.low, s.high], ref.median_iqr(exp), abs_=1e-9)
+    assert res.to_frame().shape[0] == 2 * len(neurons)
+    f = res.stolfo_fraction(neurons[0], "entropy")
+    if kind == "lnfree":  # no final LN: the direct effect is all of it
+        assert f.value == pytest.approx(0.0, abs=1e-9)
+        assert torch.allclose(res.loss_direct, res.loss_total)
+    else:  # Stolfo et al.'s direct effect: the ablated residual read through the clean token's final LN scale
+        direct = ref.frozen_scale_direct_effect(paper, data, neurons[0])
+        rel_close(res.loss_direct[0], direct["loss"], abs_=1e-9)
+        rel_close(res.entropy_direct[0], direct["entropy"], abs_=1e-9)
+        t = res.entropy_total[0].abs()
+        assert f.value == pytest.approx(1 - float(res.entropy_direct[0].abs().mean() / t.mean()))
+        assert not torch.allclose(res.loss_direct, res.loss_total) and len(res.lnfree_fraction) == 3
+
+
+def test_entropy_default_neurons():
+    from lnfree.paper.entropy import paper_neurons
+
+    class Cfg:  # GPT-2 Small / Medium shapes pick the paper's neurons
+        pass
+    for shape, want in (((12, 768, 3072, 50257), (584, 2123, 2870)), ((24, 1024, 4096, 50257), (1083, 1108, 3144))):
+        m = type("M", (), {"cfg": Cfg()})()
+        m.cfg.n_layers, m.cfg.d_model, m.cfg.d_mlp, m.cfg.d_vocab = shape
+        assert paper_neurons(m) == want
+
+
+# ---- Table 1 -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["ln", "lnfree"])
+def test_table1_ce_matches_paper(models, dirs, kind):
+    g = torch.Generator().manual_seed(9)
+    stream = torch.randint(0, VOCAB, (11 * 24 + 5,), generator=g).tolist()
+    chunks = ref.chunk_stream(stream, 24, 10000)
+    tokens = P.pack_documents([stream], block_size=24)
+    assert torch.equal(tokens, torch.stack(chunks))
+    res = P.table1_ce(models[kind], tokens, batch_size=4, n_boot=50)
+    hf = GPT2LMHeadModel.from_pretrained(dirs[kind]).eval()
+    rel_close(res.ce.value, ref.evaluate_model_on_pile(hf, chunks, batch_size=4))
+    assert (res.n_sequences, res.n_dropped) == (8, 3)
+    eot = P.pack_documents([[1, 2, 3], [4]], eot_id=0, block_size=3)
+    assert eot.tolist() == [[1, 2, 3], [0, 4, 0]]

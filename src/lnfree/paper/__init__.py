@@ -12,8 +12,11 @@ docs/paper.md.
 from lnfree.paper._process import paper_processed
 from lnfree.paper.dla import PaperDLA, dla_nmae, paper_dla
 from lnfree.paper.geometry import PaperNorms, first_token_norm, sink_rate, sink_rate_per_sample
+from lnfree.paper.entropy import PAPER_NEURONS, PaperEntropyAblation, entropy_neuron_ablation
+from lnfree.paper.table1 import PaperCE, pack_documents, paper_eval_tokens, table1_ce
 from lnfree.paper.ioi import IOIAtPComparison, IOIAtPError, IOIPrompts, compare_ioi_atp, ioi_atp_error, ioi_prompts
 
 __all__ = ["paper_processed", "PaperDLA", "dla_nmae", "paper_dla", "PaperNorms", "first_token_norm",
            "sink_rate", "sink_rate_per_sample", "IOIPrompts", "ioi_prompts", "IOIAtPError", "ioi_atp_error",
-           "IOIAtPComparison", "compare_ioi_atp"]
+           "IOIAtPComparison", "compare_ioi_atp", "PAPER_NEURONS", "PaperEntropyAblation", "entropy_neuron_ablation",
+           "PaperCE", "table1_ce", "pack_documents", "paper_eval_tokens"]
