@@ -270,3 +270,51 @@ def test_table1_ce_matches_paper(models, dirs, kind):
     assert (res.n_sequences, res.n_dropped) == (8, 3)
     eot = P.pack_documents([[1, 2, 3], [4]], eot_id=0, block_size=3)
     assert eot.tolist() == [[1, 2, 3], [0, 4, 0]]
+
+
+# ---- lnfree reproduce, offline ---------------------------------------------------------------
+@pytest.mark.parametrize("figure", ["table1", "dla", "atp", "entropy", "first-token-norm", "sink-rate"])
+def test_reproduce_offline(dirs, data, tmp_path, capsys, figure):
+    import json
+
+    from lnfree.cli import main
+    from lnfree.paper.reproduce import STAGE
+
+    np.save(tmp_path / "rows.npy", data[:8].numpy())
+    argv = ["reproduce", figure, "--models", str(dirs["ln"]), str(dirs["lnfree"]), "--quick", "--no-progress",
+            "--out", str(tmp_path / "out")]
+    if figure != "atp":
+        argv += ["--data", str(tmp_path / "rows.npy")]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = json.loads((tmp_path / "out" / f"{figure}.json").read_text())
+    nums = out["results"][STAGE[figure]]
+    names = list(out["models"])
+    assert len(names) == 2 and (tmp_path / "out" / f"{figure}.html").stat().st_size > 10_000
+    ln = load_model(dirs["ln"], device="cpu")
+    rows = data[:8]
+    if figure == "dla":
+        q = rows[:6]
+        assert nums[names[0]]["nmae_percent"]["value"] == pytest.approx(P.dla_nmae(ln, q).value, rel=1e-6)
+        assert nums[names[1]]["nmae_percent"]["value"] < 1e-3
+    elif figure == "sink-rate":
+        assert nums[names[0]]["sink_rate"]["value"] == pytest.approx(P.sink_rate(ln, rows).value, rel=1e-6)
+    elif figure == "table1":
+        assert nums["rows"][names[0]]["ce"]["value"] == pytest.approx(P.table1_ce(ln, rows).ce.value, rel=1e-6)
+    elif figure == "atp":
+        p = P.ioi_prompts(ln.tokenizer, n=4)
+        want = P.ioi_atp_error(ln, p.clean, p.corrupt, p.io_ids, p.s_ids).error.tolist()
+        assert nums["per_layer_error"][names[0]] == pytest.approx(want, rel=1e-5)
+    elif figure == "entropy":
+        assert len(nums["neurons"]) == 3 and len(nums[names[0]]["table"]) == 6
+    else:
+        frame = nums[names[0]]["frame"]
+        assert len(frame) == 2 * len(P.geometry.norm_sites(ln))
+
+
+def test_reproduce_needs_hub_or_local_inputs(monkeypatch, capsys):
+    from lnfree.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = main(["reproduce", "dla"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "gpt2" in err[0]

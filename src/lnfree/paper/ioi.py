@@ -118,7 +118,7 @@ def ioi_prompts(tokenizer, n: int = 16, seed: int = 0) -> IOIPrompts:
     prompts = tuple(p["text"].rsplit(" ", 1)[0] for p in c)
     answers = tuple((" " + p["IO"], " " + p["S"]) for p in c)
     bos = tokenizer.bos_token_id
-    rows = [[bos] + list(tokenizer(s)["input_ids"]) for s in prompts]
+    rows = [[bos] + list(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in prompts]
     if len({len(r) for r in rows}) != 1:
         raise ValueError("this tokenizer splits some IOI names, places or objects into several tokens; the paper's "
                          "prompts need GPT-2's tokenizer (every entry one token)")
@@ -126,7 +126,7 @@ def ioi_prompts(tokenizer, n: int = 16, seed: int = 0) -> IOIPrompts:
     corrupt = clean[[i + 1 if i % 2 == 0 else i - 1 for i in range(n)]]
 
     def single(word):
-        ids = tokenizer(word)["input_ids"]
+        ids = tokenizer(word, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"answer {word!r} is not one token for this tokenizer")
         return ids[0]
