@@ -231,7 +231,7 @@ def reorder_list(items, n, order):
 
 
 def get_bisymmetric_prompts_and_answers(total_N, seed):
-    """ioi_utils.py:188-201 after random.seed(seed)."""
+    """ioi_utils.py:17-30 after random.seed(seed)."""
     random.seed(seed)
     d1 = gen_prompt_uniform([BABA_TEMPLATE_0], list(NAMES), {"[PLACE]": list(PLACES), "[OBJECT]": list(OBJECTS)},
                             N=total_N * 2, symmetric=True)
@@ -261,7 +261,7 @@ def get_logit_diff(logits, answer_token_indices, mean=True):
 
 
 def get_cache_fwd_and_bwd(model, tokens, metric):
-    """attribution_patching_utils.py:4-23."""
+    """attribution_patching_utils.py:5-24."""
     not_qkv_input = lambda name: "_input" not in name  # noqa: E731
     model.reset_hooks()
     cache, grad_cache = {}, {}
@@ -328,7 +328,7 @@ def per_layer_error(act, attr):
     return norm_diff.sum(dim=1).mean(dim=-1)
 
 
-# ---- entropy neurons (entropy_neurons/ablate_all_models.py:24-314, 505-516) --------------------
+# ---- entropy neurons (entropy_neurons/ablate_all_models.py:24-318, 455-500) --------------------
 def calculate_entropy(logits):
     probs = torch.nn.functional.softmax(logits, dim=-1)
     return -torch.sum(probs * torch.log(probs + 1e-10), dim=-1)

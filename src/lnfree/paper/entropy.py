@@ -17,12 +17,12 @@ from lnfree.paper._process import paper_processed
 from lnfree.paper.stats import median_iqr
 from lnfree.stats import Estimate, bootstrap
 
-#: ablate_all_models.py:526-527: the paper's last-layer entropy neurons of GPT-2 Small and Medium.
+#: ablate_all_models.py:504-505: the paper's last-layer entropy neurons of GPT-2 Small and Medium.
 PAPER_NEURONS = {"small": (584, 2123, 2870), "medium": (1083, 1108, 3144)}
 _SHAPES = {(12, 768, 3072, 50257): "small", (24, 1024, 4096, 50257): "medium"}
-#: ablate_all_models.py:186, 266: the LN the paper re-applies adds 1e-12 to the variance.
+#: ablate_all_models.py:191, 274: the LN the paper re-applies adds 1e-12 to the variance.
 PAPER_LN_EPS = 1e-12
-#: ablate_all_models.py:66-71: entropy of softmax with log(p + 1e-10).
+#: ablate_all_models.py:68-75: entropy of softmax with log(p + 1e-10).
 ENTROPY_EPS = 1e-10
 
 
@@ -79,7 +79,7 @@ class PaperEntropyAblation(Result):
         raise ValueError(f"neuron must be one of {self.neurons} or {self.labels}, got {neuron!r}")
 
     def summary(self, neuron, metric: str = "loss") -> Estimate:
-        """Median [IQR] of the per-token |change| (ablate_all_models.py:505-516)."""
+        """Median [IQR] of the per-token |change| (ablate_all_models.py:486-495)."""
         eff = {"loss": self.loss_effect, "entropy": self.entropy_effect}
         if metric not in eff:
             raise ValueError(f"metric must be 'loss' or 'entropy', got {metric!r}")
@@ -131,7 +131,7 @@ def entropy_neuron_ablation(model, tokens: Int[torch.Tensor, "sample pos"], *, n
 
     On the paper-processed copy; `neurons` default: the paper's for GPT-2 Small (584, 2123, 2870)
     and Medium (1083, 1108, 3144), else lnfree's top 3 entropy neurons (`find_entropy_neurons`).
-    The mean is over every token but the last of each sequence (ablate_all_models.py:221). The
+    The mean is over every token but the last of each sequence (ablate_all_models.py:116-118, 233). The
     final LN is re-applied with variance + 1e-12 as the paper's simulation does (its
     ``run_simulation``; the model's own eps is 1e-5), the entropy uses log(p + 1e-10). Also:
     Stolfo et al.'s per-token LN-mediated fraction (final LN scale frozen at the clean value for the

@@ -154,7 +154,7 @@ def first_token_norm(model, tokens: Int[torch.Tensor, "sample pos"], *, batch_si
 
     On the paper-processed copy (centred writing weights etc., `paper_processed`); sites
     hook_embed, hook_pos_embed, every resid_mid and resid_post, ln_final.hook_normalized (for an
-    LN-free model: a copy of the last resid_post, residual_norms.py:266-270). Needs >= 2 positions.
+    LN-free model: a copy of the last resid_post, residual_norms.py:272-276). Needs >= 2 positions.
 
     Example:
         >>> res = first_token_norm(model, tokens)

@@ -79,7 +79,7 @@ def _gen_pairs(rng: random.Random, n_pairs: int) -> list[dict]:
 
 
 def _swap_io_s1(p: dict) -> dict:
-    """gen_flipped_prompts with flip=("IO", "S1") (ioi_dataset.py:386-393): swap the first IO and
+    """gen_flipped_prompts with flip=("IO", "S1") (ioi_dataset.py:381-388): swap the first IO and
     the first S word; the labels IO and S stay."""
     t = p["text"].split(" ")
     i, j = t.index(p["IO"]), t.index(p["S"])
@@ -88,7 +88,7 @@ def _swap_io_s1(p: dict) -> dict:
 
 
 def ioi_prompts(tokenizer, n: int = 16, seed: int = 0) -> IOIPrompts:
-    """The paper's IOI prompts (ioi_utils.py:188-201, attr_vs_act_patching_(per_prompt).py:138-148).
+    """The paper's IOI prompts (ioi_utils.py:17-30, attr_vs_act_patching_(per_prompt).py:138-148).
 
     n/2 BABA prompts in symmetric pairs, each also with IO and S1 swapped (ABBA), interleaved and
     reordered in groups of four to BABA, ABBA, ABBA, BABA, the final IO dropped; BOS prepended;

@@ -57,7 +57,7 @@ def percentile_range(values, *, level: float = 0.95) -> Estimate:
 
 
 def median_iqr(values) -> Estimate:
-    """Median with the interquartile range as (low, high), level 0.5 (ablate_all_models.py:509-514)."""
+    """Median with the interquartile range as (low, high), level 0.5 (ablate_all_models.py:486-495)."""
     v = np.asarray(values, dtype=np.float64).ravel()
     if v.size == 0:
         raise ValueError("median_iqr needs at least one value")

@@ -16,7 +16,7 @@ from lnfree.stats import Estimate
 
 #: pile_eval.py:75, prepare_dataset.py:41-44: evaluation sequences are 1024-token chunks.
 BLOCK_SIZE = 1024
-#: eval_pile.py:20 default batch size; pile_eval.py:137-138 drops an incomplete last batch.
+#: eval_pile.py:20 default batch size; pile_eval.py:116-117 drops an incomplete last batch.
 PAPER_BATCH = 8
 #: Hugging Face dataset ids per Table 1 name (pile_eval.py:32-46, prepare_dataset.py:14).
 DATASETS = {
@@ -30,7 +30,7 @@ DATASETS = {
 @result
 class PaperCE(Result):
     """Cross-entropy (nats / token) the paper's way: mean over every next-token prediction of the
-    sequences in complete batches, EOT targets included (the masking is a TODO, pile_eval.py:181-185).
+    sequences in complete batches, EOT targets included (the masking is a TODO, pile_eval.py:164-169).
 
     ce: that mean, with lnfree's bootstrap CI over sequences; n_sequences: sequences counted;
     n_dropped: sequences of the incomplete last batch the paper skips.
@@ -62,7 +62,7 @@ def table1_ce(model, tokens: Int[torch.Tensor, "sequence pos"], *, batch_size: i
     """The paper's Table 1 number on `tokens` (e.g. from `paper_eval_tokens`, [n, 1024] chunks).
 
     The incomplete last batch of `batch_size` is skipped, as evaluate_model_on_pile does
-    (pile_eval.py:137-138); every other prediction counts, EOT targets included. Weight
+    (pile_eval.py:116-117); every other prediction counts, EOT targets included. Weight
     processing does not change log-probs, so the unprocessed model is used, via
     `lnfree.cross_entropy`.
 
