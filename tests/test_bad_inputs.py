@@ -77,10 +77,17 @@ def _fast(fn, limit_s=10.0):
 
 
 # ---- LN / model (lnfree.model) --------------------------------------------------------------------
-@case(ValueError, r"needs LayerNorm.*'RMS'.*RMSNorm models are not supported")
-def lnfree_transformer_on_rmsnorm_config(c):
+@case(ValueError, r"does not support models with shortformer positional embeddings")
+def lnfree_transformer_on_shortformer_config(c):
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=20, n_ctx=8,
-                                  act_fn="gelu_new", normalization_type="RMS")
+                                  act_fn="gelu_new", positional_embedding_type="shortformer")
+    LNFreeTransformer(cfg)
+
+
+@case(ValueError, r"does not support models with Gemma-2-style post-norms \(use_normalization_before_and_after")
+def lnfree_transformer_on_gemma2_post_norms(c):
+    cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=20, n_ctx=8,
+                                  act_fn="gelu_new", normalization_type="RMS", use_normalization_before_and_after=True)
     LNFreeTransformer(cfg)
 
 

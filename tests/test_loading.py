@@ -312,9 +312,25 @@ def test_save_refuses_uncentered_ln_free(tmp_path):
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------
-def test_non_gpt2_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(CheckpointError, match=r"(?s)'llama'.*model_type 'gpt2'"):
+def test_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(CheckpointError, match=r"(?s)'bert'.*not supported.*gpt2.*llama.*qwen2"):
+        load(tmp_path)
+
+
+def test_supported_type_with_wrong_head(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama",
+                                                      "architectures": ["LlamaForSequenceClassification"]}))
+    with pytest.raises(CheckpointError, match=r"LlamaForSequenceClassification.*LlamaForCausalLM"):
+        load(tmp_path)
+
+
+def test_supported_type_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                      "hidden_size": 16, "num_attention_heads": 2,
+                                                      "num_hidden_layers": 1, "intermediate_size": 32,
+                                                      "vocab_size": 11}))
+    with pytest.raises(CheckpointError, match=r"cannot read the weights.*model.safetensors"):
         load(tmp_path)
 
 

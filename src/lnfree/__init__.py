@@ -26,6 +26,7 @@ _EXPORTS = {
     "Result": "lnfree._results",
     "TokenBatch": "lnfree._checks",
     "tokenize": "lnfree._checks",
+    "load": "lnfree.resolve",
     "load_model": "lnfree.loading",
     "save_pretrained": "lnfree.loading",
     "CheckpointError": "lnfree.loading",

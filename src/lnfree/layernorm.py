@@ -1,22 +1,31 @@
-"""A LayerNorm whose per-token scale can be live, frozen to a constant, or removed.
+"""A normalization layer whose per-token scale can be live, frozen to a constant, or removed.
 
-`RemovableLayerNorm` replaces TransformerLens's `LayerNorm` / `LayerNormPre` inside
-`LNFreeTransformer`. It computes exactly what TransformerLens computes while every path is
-`live` (same operations in the same order, so outputs are bit-for-bit identical) and keeps
-TransformerLens's hook names (`hook_scale`, `hook_normalized`), so caches and ActivationCache
-helpers keep working.
+`RemovableLayerNorm` replaces TransformerLens's `LayerNorm`, `LayerNormPre`, `RMSNorm` and
+`RMSNormPre` inside `LNFreeTransformer`. It computes exactly what TransformerLens computes while
+every path is `live` (same operations in the same order, so outputs are bit-for-bit identical) and
+keeps TransformerLens's hook names (`hook_scale`, `hook_normalized`), so caches and
+ActivationCache helpers keep working.
+
+Kinds (`kind`, from the TransformerLens module it replaces):
+- ``LN``: x_c / sqrt(mean(x_c^2) + eps) * w + b, with x_c = x - mean(x) (LayerNorm).
+- ``LNPre``: the same without w and b (TransformerLens's folded LayerNorm).
+- ``RMS``: x / sqrt(mean(x^2) + eps) * w, no centering and no bias (RMSNorm; Gemma's (1 + w)
+  offset is already added to w by TransformerLens's weight conversion).
+- ``RMSPre``: the same without w.
 
 One module can serve several *paths*: `ln1` feeds the query/key path and the value path of
 attention, and the paper removes those two independently. Each path is one LN *site* with its
 own mode and scale. Path "qk" (or the single path "main") uses the TransformerLens hook names;
 the value path adds `hook_scale_v` / `hook_normalized_v`.
 
-Modes, per path:
-- ``live``: x_c / sqrt(mean(x_c^2) + eps) * w + b, the ordinary LayerNorm.
-- ``frozen``: x_c / sigma * w + b with a fixed scalar sigma (the paper's "fake LN").
-- ``removed``: identity. The model has folded centering, w, b and 1/sigma into the weights
-  that read this path (see `LNFreeTransformer.remove_ln`). `hook_scale` still fires, with ones,
-  so code that divides by the cached scale stays exact.
+Modes, per path (the paper's procedure, generalised to RMSNorm by replacing the per-token RMS
+with its fixed average):
+- ``live``: the ordinary normalization above.
+- ``frozen``: the per-token scale is replaced by a fixed scalar sigma (the paper's "fake LN"):
+  x_c / sigma * w + b for LayerNorm, x / sigma * w for RMSNorm.
+- ``removed``: identity. The model has folded centering (LayerNorm only), w, b and 1/sigma into
+  the weights that read this path (see `LNFreeTransformer.remove_ln`). `hook_scale` still fires,
+  with ones, so code that divides by the cached scale stays exact.
 """
 
 from __future__ import annotations
@@ -29,20 +38,26 @@ from jaxtyping import Float
 from transformer_lens.hook_points import HookPoint
 
 MODES = ("live", "frozen", "removed")
+KINDS = ("LN", "LNPre", "RMS", "RMSPre")
 
 StdRecorder = Callable[[str, torch.Tensor], None]
 
 
 class RemovableLayerNorm(nn.Module):
-    """LayerNorm with independently switchable scale sites (one per path).
+    """LayerNorm or RMSNorm with independently switchable scale sites (one per path).
+
+    `kind` is one of ``KINDS``; `centered` (LayerNorm kinds) says whether the mean is subtracted,
+    `has_params` whether there is a weight `w`, `has_bias` whether there is a learned bias `b`.
+    RMS kinds with a weight have no bias: `b` is then a zero buffer (not in the state dict), so
+    code written for LayerNorm's ``x * w + b`` stays correct.
 
     Example:
         >>> from transformer_lens import HookedTransformerConfig
         >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu")
-        >>> ln = RemovableLayerNorm(cfg, paths=("main",))
+        >>> ln = RemovableLayerNorm(cfg, paths=("main",), kind="RMS")
         >>> ln.set_mode("main", "frozen", sigma=2.0)
-        >>> ln(torch.ones(1, 2, 8)).shape
-        torch.Size([1, 2, 8])
+        >>> torch.allclose(ln(torch.ones(1, 2, 8)), torch.full((1, 2, 8), 0.5))
+        True
     """
 
     def __init__(
@@ -51,21 +66,32 @@ class RemovableLayerNorm(nn.Module):
         paths: tuple[str, ...] = ("main",),
         w: Optional[nn.Parameter] = None,
         b: Optional[nn.Parameter] = None,
-        has_params: bool = True,
+        has_params: Optional[bool] = None,
+        kind: Optional[str] = None,
     ):
         super().__init__()
+        if kind is None:  # backwards compatible: has_params alone picks LN / LNPre
+            kind = "LNPre" if has_params is False else "LN"
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.cfg = cfg
         self.eps = cfg.eps
+        self.kind = kind
         self.paths = tuple(paths)
-        self.has_params = has_params
-        if has_params:
+        self.centered = kind in ("LN", "LNPre")
+        self.has_params = kind in ("LN", "RMS")
+        self.has_bias = kind == "LN"
+        if self.has_params:
             self.w = w if w is not None else nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+        if self.has_bias:
             self.b = b if b is not None else nn.Parameter(torch.zeros(cfg.d_model, dtype=cfg.dtype))
+        elif self.has_params:
+            self.register_buffer("b", torch.zeros_like(self.w.detach()), persistent=False)
         self.modes: dict[str, str] = {p: "live" for p in self.paths}
         # One scalar scale per path; nan while never set. Not persistent: the TransformerLens
         # state dict stays unchanged, and checkpoints store scales explicitly.
         self.register_buffer("sigma", torch.full((len(self.paths),), float("nan")), persistent=False)
-        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head, 1] for split inputs)
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
         if len(self.paths) > 1:
             self.hook_scale_v = HookPoint()
@@ -108,10 +134,12 @@ class RemovableLayerNorm(nn.Module):
             hook_scale(torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device))
             return hook_normalized(x)
 
-        # Same operations, in the same order, as transformer_lens.components.LayerNorm.
+        # Same operations, in the same order, as transformer_lens.components.LayerNorm /
+        # LayerNormPre / RMSNorm / RMSNormPre.
         if self.cfg.dtype not in [torch.float32, torch.float64]:
             x = x.to(torch.float32)
-        x = x - x.mean(-1, keepdim=True)
+        if self.centered:
+            x = x - x.mean(-1, keepdim=True)
         if mode == "live":
             scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
             if self.recorder is not None:
@@ -123,15 +151,18 @@ class RemovableLayerNorm(nn.Module):
             scale = sigma.expand(x.shape[:-1] + (1,))
         scale = hook_scale(scale)
         x = hook_normalized(x / scale).to(self.cfg.dtype)
-        if self.has_params:
+        if self.has_bias:
             return x * self.w + self.b
+        if self.has_params:
+            return x * self.w
         return x
 
     def _record(self, path: str, x: torch.Tensor, centered: bool = False) -> None:
+        """Record what the live scale would be: the std (LayerNorm) or the RMS (RMSNorm) + eps."""
         x = x.detach().float()
-        if not centered:
+        if self.centered and not centered:
             x = x - x.mean(-1, keepdim=True)
         self.recorder(path, (x.pow(2).mean(-1) + self.eps).sqrt())
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{p}={m}" for p, m in self.modes.items())
+        return f"kind={self.kind}, " + ", ".join(f"{p}={m}" for p, m in self.modes.items())

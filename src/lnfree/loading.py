@@ -43,6 +43,9 @@ from typing import Optional, Union
 import einops
 import torch
 
+from lnfree._checks import check_device
+from lnfree._errors import CheckpointError
+from lnfree.formats import chmod_umask
 from lnfree.model import LNFreeTransformer
 
 PathLike = Union[str, os.PathLike]
@@ -61,7 +64,7 @@ RELEASED_LN_FREE = (
     "schaeff/gpt2-xl_LNFree800",
     "apollo-research/gpt2_noLN",
 )
-HUB_PATTERNS = ["config.json", "*.safetensors", "*.json", "*.txt"]
+HUB_PATTERNS = ["config.json", "*.safetensors", "*.json", "*.txt", "tokenizer.model"]
 PICKLE_PATTERNS = ["pytorch_model.bin", "pytorch_model-*.bin"]
 
 #: layer_norm_epsilon at or above this marks the released LN-free format.
@@ -81,8 +84,6 @@ class HubUnreachableError(ConnectionError):
     """The Hugging Face hub cannot be used (offline or unreachable) and the model is not cached."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, unreadable, corrupt, unsafe or unsupported."""
 
 
 # ---- public API --------------------------------------------------------------------------
@@ -97,8 +98,14 @@ def load_model(
     fold_value_biases: bool = False,
     tokenizer=None,
     local_files_only: Optional[bool] = None,
+    n_ctx: Optional[int] = None,
 ) -> LNFreeTransformer:
-    """Load a GPT-2 checkpoint (local HF directory or hub id) as an `LNFreeTransformer`.
+    """Load a checkpoint (local HF directory, ``.gguf`` file or hub id) as an `LNFreeTransformer`.
+
+    Architectures: GPT-2 (read here, including the released LN-free format) and every model type in
+    `lnfree.architectures.SUPPORTED` (GPT-Neo, GPT-NeoX/Pythia, OPT, GPT-J, Llama, Mistral, Qwen2,
+    Qwen3, Gemma, Phi-3), converted by TransformerLens's own config and weight converters; GGUF
+    files of llama/qwen2 architecture (`lnfree.gguf_file`), dequantised to float32.
 
     By default the weights are left unprocessed, so the logits equal transformers'
     ``GPT2LMHeadModel`` on the same files (to float rounding) and every LN site is ``live``.
@@ -118,6 +125,9 @@ def load_model(
             False attaches none.
         local_files_only: hub ids only. True: use the local HF cache, never the network. None:
             True when ``HF_HUB_OFFLINE`` is set.
+        n_ctx: context length of the TransformerLens model (None: TransformerLens's default for the
+            architecture). Rotary models allocate an n_ctx x n_ctx mask per layer, so a smaller value
+            saves memory.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -131,23 +141,31 @@ def load_model(
         True
     """
     _check_load_args(name_or_path, dtype, tokenizer, local_files_only)
+    check_device(device)
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+        raise ValueError(f"n_ctx must be a positive int or None, got {n_ctx!r}")
     flags = dict(fold_ln=bool(fold_ln), center_writing_weights=bool(center_writing_weights),
                  center_unembed=bool(center_unembed), fold_value_biases=bool(fold_value_biases))
     path = Path(os.path.expanduser(os.fspath(name_or_path)))
     if path.is_dir():
-        return _load_dir(path, str(name_or_path), device, dtype, flags, tokenizer)
+        return _load_dir(path, str(name_or_path), device, dtype, flags, tokenizer, n_ctx)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from lnfree import formats
+
+        return formats.load_gguf(path, path.name, device=device, dtype=dtype, flags=flags, tokenizer=tokenizer,
+                                 n_ctx=n_ctx)
     if path.exists():
         raise CheckpointError(
-            f"name_or_path must be a checkpoint directory or a hub id; {str(name_or_path)!r} is a file. "
-            f"Pass the directory that holds it (config.json + model.safetensors)."
+            f"name_or_path must be a checkpoint directory, a .gguf file or a hub id; {str(name_or_path)!r} is a file, "
+            f"not a .gguf. Pass the directory that holds it (config.json + model.safetensors)."
         )
     name = os.fspath(name_or_path)
     if not _looks_like_hub_id(name):
         raise CheckpointError(
-            f"no such directory: {name!r} (and it is not a hub id like 'gpt2' or 'owner/name')"
+            f"no such directory or .gguf file: {name!r} (and it is not a hub id like 'gpt2' or 'owner/name')"
         )
     snapshot = _hub_snapshot(HUB_MODELS.get(name, name), name, local_files_only)
-    return _load_dir(Path(snapshot), name, device, dtype, flags, tokenizer)
+    return _load_dir(Path(snapshot), name, device, dtype, flags, tokenizer, n_ctx)
 
 
 def save_pretrained(model, path: PathLike) -> None:
@@ -199,6 +217,7 @@ def save_pretrained(model, path: PathLike) -> None:
     config = _hf_config(model, ln_free, tied)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    chmod_umask(out / "model.safetensors")
     config.save_pretrained(str(out))
     if model.tokenizer is not None:
         _save_plain_tokenizer(model.tokenizer, out)
@@ -571,12 +590,31 @@ def _save_plain_tokenizer(tokenizer, out: Path) -> None:
                 tokenizer.init_kwargs["add_bos_token"] = saved_kwarg
 
 
-def _load_dir(folder: Path, name: str, device, dtype, flags: dict, tokenizer) -> LNFreeTransformer:
+def _load_dir(folder: Path, name: str, device, dtype, flags: dict, tokenizer, n_ctx=None) -> LNFreeTransformer:
+    config = _read_config(folder)
+    if config.get("model_type") != "gpt2":
+        from lnfree import architectures, formats
+
+        try:
+            architectures.architecture(config, str(folder / "config.json"))
+        except architectures.UnsupportedArchitectureError as e:
+            raise CheckpointError(str(e)) from None
+        return formats.load_hf_dir(folder, config, name, device=device, dtype=dtype, flags=flags,
+                                   tokenizer=tokenizer, n_ctx=n_ctx)
+    return _load_gpt2_dir(folder, config, name, device, dtype, flags, tokenizer, n_ctx)
+
+
+def _load_gpt2_dir(folder: Path, config: dict, name: str, device, dtype, flags: dict, tokenizer,
+                   n_ctx=None) -> LNFreeTransformer:
     from transformer_lens import HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights
 
-    config = _read_config(folder)
+    from lnfree.formats import assemble
+
     fields = _gpt2_fields(config, folder / "config.json")
+    if n_ctx is not None and n_ctx != fields["n_ctx"]:
+        raise ValueError(f"n_ctx={n_ctx}: GPT-2's context is fixed by its position embedding ({fields['n_ctx']} "
+                         "positions); pass n_ctx=None")
     sd = _read_state_dict(folder, fields)
     ln_free = fields["eps"] >= LN_FREE_EPS_THRESHOLD
     ln_keys = [k for k in sd if k.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))]
@@ -608,10 +646,9 @@ def _load_dir(folder: Path, name: str, device, dtype, flags: dict, tokenizer) ->
         default_prepend_bos=True, model_name=name, device=device, dtype=dtype, init_weights=False,
     )
     tok = _dir_tokenizer(folder, cfg.d_vocab, tokenizer)
-    model = LNFreeTransformer(cfg, tokenizer=tok)
     tl_sd = convert_gpt2_weights(_hf_view(sd, cfg.n_layers), cfg)
     tl_sd["unembed.b_U"] = torch.zeros(cfg.d_vocab)  # GPT-2's lm_head has no bias
-    model.load_and_process_state_dict(tl_sd, refactor_factored_attn_matrices=False, **flags)
+    model = assemble(cfg, tl_sd, tok, flags)
     if ln_free:
         model.freeze_ln(scales=1.0).remove_ln()
     return model.eval()
@@ -644,7 +681,7 @@ def _check_representable(cfg) -> None:
 def _check_centered_readers(model: LNFreeTransformer) -> None:
     """HF's LN-free format still subtracts the mean; exact only if every reading weight is centered."""
     for site in model.ln_sites:
-        for weight, _, dim in model._readers(site):
+        for weight, _, dim in model.site_readers(site):
             W = weight.detach().double()
             if W.mean(dim).abs().max() > 1e-5 * W.abs().max().clamp_min(1e-30):
                 raise ValueError(

@@ -1,13 +1,20 @@
-"""`LNFreeTransformer`: a HookedTransformer in which every LayerNorm is a removable site.
+"""`LNFreeTransformer`: a HookedTransformer in which every normalization layer is a removable site.
 
 Sites, in the order the paper removes them within a layer type:
 ``blocks.{i}.ln1.qk`` (attention query/key input), ``blocks.{i}.ln1.v`` (attention value input),
 ``blocks.{i}.ln2`` (MLP input) and ``ln_final``. Each is ``live``, ``frozen`` (fixed scalar scale,
 the paper's fake LN) or ``removed`` (scale, centering, w and b folded into the weights that read
-the site; the LayerNorm module becomes the identity).
+the site; the norm module becomes the identity).
+
+Every TransformerLens norm kind is a site: LayerNorm, LNPre, RMSNorm and RMSPre. The paper's
+procedure generalises directly to RMSNorm: its per-token RMS is replaced by a fixed average RMS
+sigma (frozen: x / sigma * w, no centering), and removal folds w / sigma into the readers.
+Grouped-query attention folds into the shared key/value weights; rotary, ALiBi, parallel
+attention + MLP, gated MLPs, split q/k/v inputs, attn_in and attn_result work in every mode.
+Features that cannot be handled are refused at construction (`unsupported_features`).
 
 All LN logic of the package lives here and in `lnfree.layernorm`; analyses ask the model
-(`ln_mode`, `ln_scale`, `site_hook`) instead of re-deriving it.
+(`ln_mode`, `ln_scale`, `site_hook`, `site_readers`) instead of re-deriving it.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import torch
 import torch.nn as nn
 from jaxtyping import Int
 from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformer_lens.components import LayerNorm, LayerNormPre, TransformerBlock
+from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre, TransformerBlock
+from transformer_lens.utilities import repeat_along_head_dimension
+from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
 from lnfree.layernorm import MODES, RemovableLayerNorm
 
@@ -32,55 +41,114 @@ SitesArg = Union[None, str, Sequence[str]]
 class LNFreeBlock(TransformerBlock):
     """TransformerBlock whose ln1 is called once per path (query/key, value).
 
-    With every path live this computes exactly what `TransformerBlock.forward` computes.
+    Mirrors `TransformerBlock.forward` of TransformerLens 3.9 step by step (hooks, split q/k/v
+    inputs, attn_in, parallel attention + MLP), so with every path live it computes exactly what
+    TransformerLens computes. Without split inputs the query and key share one ln1 call (one
+    ``hook_scale``); with `use_split_qkv_input` ln1 is applied to the query and to the key input
+    separately (each [batch, pos, head, d_model]), as TransformerLens does.
     """
 
     def forward(self, resid_pre, shortformer_pos_embed=None, past_kv_cache_entry=None, attention_mask=None):
-        resid_pre = self.hook_resid_pre(resid_pre)
-        qk_in = self.ln1(resid_pre, "qk")
-        v_in = self.ln1(resid_pre, "v")
-        extra = 0.0 if shortformer_pos_embed is None else shortformer_pos_embed
-        attn_out = self.hook_attn_out(
-            self.attn(
-                query_input=qk_in + extra,
-                key_input=qk_in + extra,
-                value_input=v_in,
-                past_kv_cache_entry=past_kv_cache_entry,
-                attention_mask=attention_mask,
-            )
+        cfg = self.cfg
+        resid_pre = self.hook_resid_pre(resid_pre)  # [batch, pos, d_model]
+        attn_in = resid_pre
+        if cfg.use_attn_in:
+            attn_in = self.hook_attn_in(repeat_along_head_dimension(resid_pre, n_heads=cfg.n_heads))
+        extra = 0.0  # TransformerLens adds 0.0 to the normalized q/k inputs of non-shortformer models
+        if cfg.use_split_qkv_input:
+            grouped = cfg.n_key_value_heads is not None and not cfg.ungroup_grouped_query_attention
+            n_kv_heads = cfg.n_key_value_heads if grouped else cfg.n_heads
+            query_input = self.hook_q_input(repeat_along_head_dimension(resid_pre, n_heads=cfg.n_heads))
+            key_input = self.hook_k_input(repeat_along_head_dimension(resid_pre, n_heads=n_kv_heads))
+            value_input = self.hook_v_input(repeat_along_head_dimension(resid_pre, n_heads=n_kv_heads))
+            q_in = self.ln1(query_input, "qk") + extra
+            k_in = self.ln1(key_input, "qk") + extra
+        else:
+            value_input = attn_in
+            q_in = k_in = self.ln1(attn_in, "qk") + extra
+        attn_out = self.attn(
+            query_input=q_in,
+            key_input=k_in,
+            value_input=self.ln1(value_input, "v"),
+            past_kv_cache_entry=past_kv_cache_entry,
+            attention_mask=attention_mask,
         )
-        if self.cfg.attn_only:
+        attn_out = self.hook_attn_out(attn_out)
+        if resid_pre.device != attn_out.device:
+            resid_pre = resid_pre.to(attn_out.device)
+        if cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
-        if self.cfg.parallel_attn_mlp:
-            mlp_in = resid_pre if not self.cfg.use_hook_mlp_in else self.hook_mlp_in(resid_pre.clone())
+        if cfg.parallel_attn_mlp:
+            mlp_in = resid_pre if not cfg.use_hook_mlp_in else self.hook_mlp_in(resid_pre.clone())
             mlp_out = self.apply_mlp(self.ln2(mlp_in))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_in = resid_mid if not self.cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
+        mlp_in = resid_mid if not cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
         mlp_out = self.apply_mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
 
 
-def _check_supported(cfg) -> None:
-    if cfg.normalization_type not in ("LN", "LNPre", None):
-        raise ValueError(
-            f"LNFreeTransformer needs LayerNorm (normalization_type 'LN' or 'LNPre'); this model uses "
-            f"{cfg.normalization_type!r}. RMSNorm models are not supported."
-        )
-    unsupported = {
-        "use_split_qkv_input": cfg.use_split_qkv_input,
-        "use_attn_in": cfg.use_attn_in,
-        "use_normalization_before_and_after": cfg.use_normalization_before_and_after,
-        "layer-norm activation (SoLU)": cfg.is_layer_norm_activation(),
-        "grouped-query attention": cfg.n_key_value_heads is not None,
+# TransformerLens module class -> RemovableLayerNorm kind.
+_NORM_KINDS = {LayerNorm: "LN", LayerNormPre: "LNPre", RMSNorm: "RMS", RMSNormPre: "RMSPre"}
+
+
+def unsupported_features(cfg) -> list[str]:
+    """Features of a TransformerLens config that LNFreeTransformer refuses, each named with its option.
+
+    Everything else TransformerLens's HookedTransformer builds is supported: LayerNorm, LNPre,
+    RMSNorm and RMSPre sites (also mixed, e.g. `final_rms`), grouped-query attention, rotary and
+    ALiBi positions, local attention, parallel attention + MLP, gated MLPs, split q/k/v inputs,
+    attn_in, attn_result, QK-norm, attention-score soft-capping.
+
+    Example:
+        >>> from transformer_lens import HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu",
+        ...                               positional_embedding_type="shortformer")
+        >>> unsupported_features(cfg)
+        ["shortformer positional embeddings (positional_embedding_type='shortformer')"]
+    """
+    reasons = {
+        "shortformer positional embeddings (positional_embedding_type='shortformer')":
+            cfg.positional_embedding_type == "shortformer",
+        "Gemma-2-style post-norms (use_normalization_before_and_after=True)": cfg.use_normalization_before_and_after,
+        f"post-norm architecture {cfg.original_architecture} (ln1/ln2 normalize sublayer outputs)":
+            cfg.original_architecture in POST_NORM_ARCHITECTURES,
+        f"layer-norm activation {cfg.act_fn!r} (SoLU's MLP LayerNorm)": cfg.is_layer_norm_activation(),
+        "a LayerNorm after the embedding (post_embedding_ln=True, BLOOM)": cfg.post_embedding_ln,
+        "mixture-of-experts MLPs (num_experts)": bool(cfg.num_experts),
+        "4-bit quantized weights (load_in_4bit=True)": bool(getattr(cfg, "load_in_4bit", False)),
+        "output logit soft-capping (output_logits_soft_cap > 0)": cfg.output_logits_soft_cap > 0,
     }
-    bad = [name for name, on in unsupported.items() if on]
+    return [name for name, on in reasons.items() if on]
+
+
+_WHY = {
+    "shortformer": "the positional embedding is added after ln1 to queries and keys only, so folding ln1 "
+                   "into W_Q/W_K would also rescale it",
+    "post-norm": "those norms act on sublayer outputs, which are not sites",
+    "SoLU": "the MLP's own LayerNorm is not a removable site",
+    "post_embedding_ln": "the embedding LayerNorm is not a removable site",
+    "mixture-of-experts": "folding into the router and every expert is not implemented",
+    "4-bit": "quantized weights cannot be folded",
+    "soft-capping": "the logits are then not linear in the residual stream, so direct logit attribution "
+                    "and LN-free decompositions would be wrong",
+}
+
+
+def _check_supported(cfg) -> None:
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None):
+        raise ValueError(
+            f"LNFreeTransformer supports normalization_type 'LN', 'LNPre', 'RMS', 'RMSPre' or None; "
+            f"this model uses {cfg.normalization_type!r}"
+        )
+    bad = unsupported_features(cfg)
     if bad:
-        raise ValueError(f"LNFreeTransformer does not support models with {', '.join(bad)}")
+        why = [reason for key, reason in _WHY.items() if any(key in b for b in bad)]
+        raise ValueError(f"LNFreeTransformer does not support models with {'; '.join(bad)}: {'; '.join(why)}")
 
 
 class LNFreeTransformer(HookedTransformer):
-    """HookedTransformer with removable LayerNorm sites.
+    """HookedTransformer with removable LayerNorm / RMSNorm sites.
 
     Example:
         >>> from transformer_lens import HookedTransformerConfig
@@ -167,16 +235,16 @@ class LNFreeTransformer(HookedTransformer):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "LNFreeTransformer":
-        """Load a hub id, a local HF GPT-2 directory, or a released LN-free checkpoint.
+        """Load any model reference: a zoo name, a .gguf file, a run/checkpoint/TransformerLens/HF dir, a hub id.
 
-        See `lnfree.loading.load_model` for the arguments.
+        See `lnfree.load` (`lnfree.resolve.load`) for the kinds and `lnfree.loading.load_model` for the arguments.
 
         Example:
-            >>> model = LNFreeTransformer.from_pretrained("path/to/local/gpt2-dir")  # doctest: +SKIP
+            >>> model = LNFreeTransformer.from_pretrained("tiny-ln", device="cpu")  # doctest: +SKIP
         """
-        from lnfree.loading import load_model
+        from lnfree.resolve import load
 
-        return load_model(name_or_path, **kwargs)
+        return load(name_or_path, **kwargs)
 
     def save_pretrained(self, path: str) -> None:
         """Save in HF GPT-2 format (LN-free models in the released 1e6/eps format).
@@ -201,12 +269,11 @@ class LNFreeTransformer(HookedTransformer):
     def _as_removable(self, ln: nn.Module, paths: tuple[str, ...]) -> nn.Module:
         if isinstance(ln, RemovableLayerNorm):
             return ln
-        if isinstance(ln, LayerNorm):
-            new = RemovableLayerNorm(self.cfg, paths, w=ln.w, b=ln.b)
-        elif isinstance(ln, LayerNormPre):
-            new = RemovableLayerNorm(self.cfg, paths, has_params=False)
+        kind = _NORM_KINDS.get(type(ln))
+        if kind is not None:
+            new = RemovableLayerNorm(self.cfg, paths, w=getattr(ln, "w", None), b=getattr(ln, "b", None), kind=kind)
         elif isinstance(ln, nn.Identity):
-            new = RemovableLayerNorm(self.cfg, paths, has_params=False)
+            new = RemovableLayerNorm(self.cfg, paths, kind="LNPre")
             for p in paths:
                 new.modes[p] = "removed"
         else:
@@ -327,7 +394,9 @@ class LNFreeTransformer(HookedTransformer):
     # ---- scales ------------------------------------------------------------------------
     @contextlib.contextmanager
     def recording_ln_std(self, mask: Optional[torch.Tensor] = None) -> Iterator["LNStdStats"]:
-        """Record, during forward passes, each site's per-token input std (sqrt(var + eps)).
+        """Record, during forward passes, each site's per-token scale: what the live `hook_scale` is
+        (or would be, for frozen and removed sites): the std sqrt(var + eps) for LayerNorm, the RMS
+        sqrt(mean(x^2) + eps) for RMSNorm.
 
         `mask` ([batch, pos] bool) selects the tokens counted. Yields an `LNStdStats` whose
         `.means()` gives the mean std per site.
@@ -354,7 +423,10 @@ class LNFreeTransformer(HookedTransformer):
         store: bool = True,
         progress: bool = False,
     ) -> dict[str, float]:
-        """Mean over batch and positions of each site's per-token input std, as the paper computes it.
+        """Mean over batch and positions of each site's per-token scale, as the paper computes it.
+
+        The scale is the live `hook_scale`: sqrt(mean(x_c^2) + eps) (the std) for LayerNorm sites,
+        sqrt(mean(x^2) + eps) (the RMS, no centering) for RMSNorm sites.
 
         Stored on the model (unless `store=False`) so that `freeze_ln()` without scales uses them.
         Removed sites have no scale to estimate and are skipped.
@@ -495,9 +567,9 @@ class LNFreeTransformer(HookedTransformer):
         """Permanently remove `sites` (None = all): fold their fixed scale into the weights.
 
         Frozen sites keep their scale; live sites take `scales` or the stored estimate. For each
-        site, centering, w, b and 1/sigma are folded into the weights that read it (W_Q/W_K,
-        W_V, W_in, W_U and their biases); the site becomes the identity and the logits equal
-        the frozen model's. When every site is removed, `cfg.normalization_type` becomes None.
+        site, centering (LayerNorm only), w, b and 1/sigma are folded into the weights that read
+        it (`site_readers`: W_Q/W_K, W_V, W_in/W_gate, W_U and their biases); the site becomes
+        the identity and the logits equal the frozen model's. When every site is removed, `cfg.normalization_type` becomes None.
 
         Example:
             >>> model.remove_ln(scales=3.0).is_ln_free
@@ -517,35 +589,64 @@ class LNFreeTransformer(HookedTransformer):
         module, path = self._site(site)
         sigma = module.get_sigma(path)
         w = module.w.detach().float() if module.has_params else None
-        b = module.b.detach().float() if module.has_params else None
-        for weight, bias, reads_dim in self._readers(site):
+        b = module.b.detach().float() if module.has_bias else None
+        has_b = b is not None and bool(b.abs().max() > 0)
+        readers = self.site_readers(site)
+        if has_b and any(bias is None for _, bias, _ in readers):
+            raise ValueError(
+                f"cannot remove {site}: its LayerNorm bias b is nonzero and a weight reading it has no "
+                "bias to fold it into (a gated MLP adds b_in after the gate product); freeze it instead"
+            )
+        for weight, bias, reads_dim in readers:
             W = weight.detach().float()
             shape = [1] * W.ndim
             shape[reads_dim] = -1
             M = W * w.view(shape) if w is not None else W
-            M = (M - M.mean(reads_dim, keepdim=True)) / sigma  # fold centering, w and 1/sigma
-            if bias is not None and b is not None:
-                new_bias = bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim]))
-                self._set_param(bias, new_bias)
-            elif bias is None and b is not None and bool(b.abs().max() > 0):
-                raise ValueError(f"cannot fold the LN bias of {site}: the reading weight has no bias")
+            if module.centered:  # LayerNorm subtracts the mean: fold it as a centered weight
+                M = M - M.mean(reads_dim, keepdim=True)
+            M = M / sigma
+            if has_b:
+                self._set_param(bias, bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim])))
             self._set_param(weight, M)
         module.set_mode(path, "removed")
         module.sigma[module._index(path)] = 1.0
 
-    def _readers(self, site: str) -> list[tuple[nn.Parameter, Optional[nn.Parameter], int]]:
-        """(weight, bias, index of the d_model dim) for every weight that reads a site."""
+    def site_readers(self, site: str) -> list[tuple[nn.Parameter, Optional[nn.Parameter], int]]:
+        """The parameters that read a site's output: (weight, bias or None, index of the d_model dim).
+
+        These are what `remove_ln` folds a site into: W_Q and W_K (with b_Q, b_K) for
+        ``ln1.qk``, W_V (b_V) for ``ln1.v``, W_in (b_in) and W_gate for ``ln2``, W_U (b_U) for
+        ``ln_final``. Grouped-query attention gives its stored, shared key/value weights
+        (`_W_K`, `_W_V`, [n_key_value_heads, d_model, d_head]), not the repeated views. A gated
+        MLP's bias is None: TransformerLens adds b_in after the gate product, so it does not
+        read the site. The parameters are the model's own (not copies).
+
+        Example:
+            >>> from transformer_lens import HookedTransformerConfig
+            >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, n_heads=4, d_head=4, d_vocab=20,
+            ...                               act_fn="silu", normalization_type="RMS", n_key_value_heads=2)
+            >>> model = LNFreeTransformer(cfg)
+            >>> [(tuple(w.shape), dim) for w, _, dim in model.site_readers("blocks.0.ln1.qk")]
+            [((4, 16, 4), 1), ((2, 16, 4), 1)]
+        """
+        self._site(site)
         if site == "ln_final":
             return [(self.unembed.W_U, self.unembed.b_U, 0)]
         block = self.blocks[int(site.split(".")[1])]
+        attn = block.attn
+        grouped = hasattr(attn, "_W_K")  # GroupedQueryAttention: W_K / W_V are repeated views
         if site.endswith("ln1.qk"):
-            return [(block.attn.W_Q, block.attn.b_Q, 1), (block.attn.W_K, block.attn.b_K, 1)]
+            W_K, b_K = (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K)
+            return [(attn.W_Q, attn.b_Q, 1), (W_K, b_K, 1)]
         if site.endswith("ln1.v"):
-            return [(block.attn.W_V, block.attn.b_V, 1)]
-        readers = [(block.mlp.W_in, block.mlp.b_in, 0)]
-        if hasattr(block.mlp, "W_gate"):
-            readers.append((block.mlp.W_gate, None, 0))
-        return readers
+            return [(attn._W_V, attn._b_V, 1) if grouped else (attn.W_V, attn.b_V, 1)]
+        mlp = block.mlp
+        if hasattr(mlp, "W_gate"):
+            return [(mlp.W_in, None, 0), (mlp.W_gate, None, 0)]
+        return [(mlp.W_in, mlp.b_in, 0)]
+
+    # Older name, kept for callers written before `site_readers` was public.
+    _readers = site_readers
 
     def _set_param(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Replace a parameter by a new one (never in place: from_hooked models share tensors)."""

