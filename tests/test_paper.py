@@ -318,3 +318,43 @@ def test_reproduce_needs_hub_or_local_inputs(monkeypatch, capsys):
     rc = main(["reproduce", "dla"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "gpt2" in err[0]
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    for mod in ("dla", "geometry", "ioi", "table1", "entropy", "stats", "_process"):
+        m = importlib.import_module(f"lnfree.paper.{mod}")
+        failed, _ = doctest.testmod(m, optionflags=doctest.ELLIPSIS)
+        assert failed == 0, mod
+
+
+def test_bad_inputs(models, data, gpt2_tok):
+    ln = models["ln"]
+    frozen = copy.deepcopy(ln)
+    frozen.estimate_ln_scales(data)
+    frozen.freeze_ln(["ln_final"])
+    with pytest.raises(ValueError, match="remove_ln"):
+        P.dla_nmae(frozen, data)
+    with pytest.raises(TypeError, match="model"):
+        P.sink_rate("gpt2", data)
+    with pytest.raises(ValueError, match="ci must be one of"):
+        P.sink_rate(ln, data, ci="wald")
+    with pytest.raises(ValueError, match="threshold"):
+        P.sink_rate(ln, data, threshold=1.5)
+    with pytest.raises(ValueError, match="neurons"):
+        P.entropy_neuron_ablation(ln, data, neurons=[10**6])
+    with pytest.raises(ValueError, match="incomplete batches"):
+        P.table1_ce(ln, data[:3])
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        P.first_token_norm(ln, data[:, :1])
+    p = P.ioi_prompts(gpt2_tok, n=4)
+    with pytest.raises(ValueError, match="same shape"):
+        P.ioi_atp_error(ln, p.clean, p.corrupt[:, :-1], p.io_ids, p.s_ids)
+    with pytest.raises(ValueError, match="io_ids"):
+        P.ioi_atp_error(ln, p.clean, p.corrupt, p.io_ids[:2], p.s_ids)
+    with pytest.raises(ValueError, match="exactly one position"):
+        P.ioi_atp_error(ln, p.clean, p.clean, p.io_ids, p.s_ids)
+    with pytest.raises(ValueError, match="token ids"):
+        P.dla_nmae(ln, torch.full((2, 4), VOCAB))

@@ -47,7 +47,7 @@ _EXPORTS = {
     "remove_layernorm": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
 }
-_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation"}
+_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "paper"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -84,8 +84,11 @@ def paper_dla(
     arithmetic after the forward pass is float64 (the paper's is float32).
 
     Example:
-        >>> res = paper_dla(model, tokens, n_boot=100)        # doctest: +SKIP
-        >>> print(res.nmae)                                   # doctest: +SKIP
+        >>> import lnfree
+        >>> model, tokens = lnfree.load("tiny-ln", device="cpu"), lnfree.zoo.heldout("persuasion")[:4, :32]
+        >>> res = paper_dla(model, tokens, n_boot=100)
+        >>> res.dla.shape, res.nmae.value > 0                 # [head, sample]
+        (torch.Size([32, 4]), True)
     """
     proc = paper_processed(model)
     tokens = check_tokens(proc, tokens)
@@ -103,7 +106,9 @@ def dla_nmae(model, tokens: Int[torch.Tensor, "sample pos"], *, n_boot: int = 10
     """The paper's DLA NMAE (%) with its crossed-bootstrap CI; see `paper_dla`.
 
     Example:
-        >>> print(dla_nmae(model, tokens))   # doctest: +SKIP
-        12.3 [10.1, 14.9]
+        >>> import lnfree
+        >>> free = lnfree.load("tiny-lnfree", device="cpu")
+        >>> float(dla_nmae(free, lnfree.zoo.heldout("persuasion")[:4, :32], n_boot=50)) < 1e-3   # exact without LN
+        True
     """
     return paper_dla(model, tokens, n_boot=n_boot, level=level, seed=seed, batch_size=batch_size).nmae

@@ -61,8 +61,11 @@ def sink_rate(model, tokens: Int[torch.Tensor, "sample pos"], *, layers: Optiona
     `layers` reproduces the paper's divisor quirk (see `sink_rate_per_sample`).
 
     Example:
-        >>> print(sink_rate(model, tokens))   # doctest: +SKIP
-        0.46 [0.43, 0.49]
+        >>> import lnfree
+        >>> model = lnfree.load("tiny-ln", device="cpu")
+        >>> est = sink_rate(model, lnfree.zoo.heldout("persuasion")[:16, :64])
+        >>> 0 < est.value < 1, est.n                          # two batches of 8
+        (True, 2)
     """
     check_choice(ci, ("paper", "bootstrap"), "ci")
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
@@ -157,8 +160,10 @@ def first_token_norm(model, tokens: Int[torch.Tensor, "sample pos"], *, batch_si
     LN-free model: a copy of the last resid_post, residual_norms.py:272-276). Needs >= 2 positions.
 
     Example:
-        >>> res = first_token_norm(model, tokens)
-        >>> res.to_frame()          # doctest: +SKIP
+        >>> import lnfree
+        >>> res = first_token_norm(lnfree.load("tiny-ln", device="cpu"), lnfree.zoo.heldout("persuasion")[:2, :32])
+        >>> res.labels[0], res.labels[-1], len(res.to_frame())
+        ('hook_embed', 'ln_final.hook_normalized', 22)
     """
     proc = paper_processed(model)
     tokens = check_tokens(proc, tokens, min_pos=2)

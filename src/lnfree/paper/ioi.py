@@ -220,8 +220,10 @@ def ioi_atp_error(model, clean: Int[torch.Tensor, "prompt pos"], corrupt: Int[to
     clean and corrupt differ, which is 11 for `ioi_prompts`.
 
     Example:
-        >>> p = ioi_prompts(lnfree.gpt2_tokenizer(), n=16)                                  # doctest: +SKIP
-        >>> res = ioi_atp_error(model, p.clean, p.corrupt, p.io_ids, p.s_ids)               # doctest: +SKIP
+        >>> import lnfree
+        >>> gpt2 = lnfree.load("gpt2")                                                      # doctest: +SKIP
+        >>> p = ioi_prompts(gpt2.tokenizer, n=16)                                            # doctest: +SKIP
+        >>> res = ioi_atp_error(gpt2, p.clean, p.corrupt, p.io_ids, p.s_ids)                 # doctest: +SKIP
         >>> res.mean_over_layers, res.sd_over_layers                                        # doctest: +SKIP
     """
     proc = paper_processed(model)

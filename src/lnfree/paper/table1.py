@@ -67,7 +67,10 @@ def table1_ce(model, tokens: Int[torch.Tensor, "sequence pos"], *, batch_size: i
     `lnfree.cross_entropy`.
 
     Example:
-        >>> print(table1_ce(gpt2, tokens).ce)   # doctest: +SKIP
+        >>> import lnfree
+        >>> res = table1_ce(lnfree.load("tiny-ln", device="cpu"), lnfree.zoo.heldout("persuasion")[:10, :64])
+        >>> res.n_sequences, res.n_dropped                    # the incomplete second batch of 8 is skipped
+        (8, 2)
     """
     model = as_lnfree(model)
     tokens = check_tokens(model, tokens, min_pos=2)
