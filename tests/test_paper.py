@@ -180,7 +180,7 @@ def test_ioi_prompts_match_paper(gpt2_tok):
 
 @pytest.mark.parametrize("kind", ["ln", "lnfree"])
 def test_ioi_atp_error_matches_paper(models64, dirs, gpt2_tok, kind):
-    model = models64[kind]
+    model = models64[kind]  # float64: the effect is 1/75 of the logit difference, float32 noise would be 1e-4
     before = _state(model)
     p = P.ioi_prompts(gpt2_tok, n=4, seed=1)
     res = P.ioi_atp_error(model, p.clean, p.corrupt, p.io_ids, p.s_ids, n_boot=50)
@@ -204,22 +204,13 @@ def test_ioi_atp_error_matches_paper(models64, dirs, gpt2_tok, kind):
     assert (res.error > 0).all()
 
 
-def test_compare_ioi_atp(models, gpt2_tok):
-    p = P.ioi_prompts(gpt2_tok, n=4, seed=2)
-    cmp = P.compare_ioi_atp({"original": models["ln"], "LN-free": models["lnfree"]}, p, n_boot=20)
-    t = cmp.table()
-    assert list(t.model) == ["original", "LN-free"]
-    assert t.mean_over_layers[0] == pytest.approx(cmp.results[0].mean_over_layers)
-    assert len(cmp.to_frame()) == 2 * models["ln"].cfg.n_layers
-    assert "LN-free" in cmp.difference().index
-
-
 # ---- entropy neurons ---------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["ln", "lnfree"])
 def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
     model = models64[kind]
     before = _state(model)
-    neurons = (3, 17, 101)
+    neurons = (3, 101)
+    data = data[:4]
     res = P.entropy_neuron_ablation(model, data, neurons=neurons, n_boot=50)
     _unchanged(model, before)
     paper = ref.load_paper_model(dirs[kind], no_ln=kind == "lnfree", dtype=torch.float64)
@@ -242,7 +233,7 @@ def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
         rel_close(res.entropy_direct[0], direct["entropy"], abs_=1e-9)
         t = res.entropy_total[0].abs()
         assert f.value == pytest.approx(1 - float(res.entropy_direct[0].abs().mean() / t.mean()))
-        assert not torch.allclose(res.loss_direct, res.loss_total) and len(res.lnfree_fraction) == 3
+        assert not torch.allclose(res.loss_direct, res.loss_total) and len(res.lnfree_fraction) == 2
 
 
 def test_entropy_default_neurons():
@@ -304,6 +295,11 @@ def test_reproduce_offline(dirs, data, tmp_path, capsys, figure):
         p = P.ioi_prompts(ln.tokenizer, n=4)
         want = P.ioi_atp_error(ln, p.clean, p.corrupt, p.io_ids, p.s_ids).error.tolist()
         assert nums["per_layer_error"][names[0]] == pytest.approx(want, rel=1e-5)
+        table = {row["model"]: row for row in nums["table"]}  # compare_ioi_atp: mean and sd over layers per model
+        for name in names:
+            errs = np.array(nums["per_layer_error"][name])
+            assert table[name]["mean_over_layers"] == pytest.approx(errs.mean(), rel=1e-6)
+            assert table[name]["sd_over_layers"] == pytest.approx(errs.std(ddof=1), rel=1e-6)
     elif figure == "entropy":
         assert len(nums["neurons"]) == 3 and len(nums[names[0]]["table"]) == 6
     else:
