@@ -307,13 +307,18 @@ def test_reproduce_offline(dirs, data, tmp_path, capsys, figure):
         assert len(frame) == 2 * len(P.geometry.norm_sites(ln))
 
 
-def test_reproduce_needs_hub_or_local_inputs(monkeypatch, capsys):
+def test_reproduce_needs_hub_or_local_inputs(dirs, monkeypatch, capsys):
     from lnfree.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rc = main(["reproduce", "dla"])
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rc = main(["reproduce", "dla"])  # the paper's models need the hub: fail fast, one line
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "gpt2" in err[0]
+    # local models without --data (not the zoo's tokenizer): the paper's data sets need the hub
+    rc = main(["reproduce", "sink-rate", "--models", str(dirs["ln"]), str(dirs["lnfree"]), "--quick"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "--data" in err[0], err
 
 
 def test_docstring_examples_run():

@@ -20,22 +20,21 @@ SMALL = ("gpt2", "schaeff/gpt2-small_vanilla300", "schaeff/gpt2-small_LNFree300"
 #: figure -> what it is, the paper's data set, the paper's sample count (quick: a smoke-run count).
 FIGURES = {
     "table1": {"what": "held-out cross-entropy (Table 1)", "data": ("pile-apollo-luca", "openwebtext", "pile-10k"),
-               "n": 10000, "quick": 8},
-    "dla": {"what": "DLA vs direct effect of every head: NMAE (%)", "data": ("luca-pile",), "n": 1000, "quick": 6},
+               "n": 10000, "quick": 8, "max_context": None},
+    "dla": {"what": "DLA vs direct effect of every head: NMAE (%)", "data": ("luca-pile",), "n": 1000, "quick": 6,
+            "max_context": 512},
     "atp": {"what": "attribution vs activation patching on IOI resid_pre: per-layer error", "data": (), "n": 480,
-            "quick": 4},
+            "quick": 4, "max_context": None},
     "entropy": {"what": "entropy-neuron mean ablation: per-token |dCE|, |dH| median [IQR]", "data": ("luca-pile",),
-                "n": 250, "quick": 4},
+                "n": 250, "quick": 4, "max_context": 512},
     "first-token-norm": {"what": "residual L2 norms, first token vs the rest, per site", "data": ("luca-pile",),
-                         "n": 1000, "quick": 4},
+                         "n": 1000, "quick": 4, "max_context": 512},
     "sink-rate": {"what": "attention-sink rate (attention to position 0 > 0.3)", "data": ("pile-apollo-luca",),
-                  "n": 1000, "quick": 8},
+                  "n": 1000, "quick": 8, "max_context": 512},
 }
 #: the key of each figure's numbers in FIGURE.json, as in the report's JSON (lnfree.report.pipeline stages).
 STAGE = {"table1": "ce", "dla": "dla", "atp": "atp", "entropy": "confidence", "first-token-norm": "first_token_norm",
          "sink-rate": "sink_rate"}
-#: the paper truncates documents to 512 tokens for these figures (load_dataset.py:379, sink_rate.py:189).
-MAX_CONTEXT = 512
 
 
 def _err(msg: str):
@@ -52,7 +51,7 @@ def _load_models(specs, device) -> dict:
     return {name: load_any(spec, device=device) for name, spec in zip(names, specs)}
 
 
-def _hub_rows(name: str, tokenizer, n: int) -> torch.Tensor:
+def _hub_rows(name: str, tokenizer, n: int, max_context) -> torch.Tensor:
     """The paper's evaluation rows for `name` from the hub (see `lnfree.paper.table1.paper_eval_tokens`)."""
     try:
         import datasets
@@ -64,24 +63,27 @@ def _hub_rows(name: str, tokenizer, n: int) -> torch.Tensor:
     try:
         if name == "luca-pile":  # load_dataset.py:358-381: shuffle(seed=42).take(n), first 512 tokens each
             ds = datasets.load_dataset("lucabaroni/apollo-pile-filtered-10k", streaming=True, split="train")
-            rows = [ex["input_ids"][:MAX_CONTEXT] for ex in ds.shuffle(seed=42).take(n)]
-            return torch.tensor(rows)
-        rows = paper_eval_tokens(name, tokenizer, num_samples=n)
-        return rows[:, :MAX_CONTEXT] if name == "pile-apollo-luca" and n <= 1000 else rows
+            rows = torch.tensor([ex["input_ids"][:max_context] for ex in ds.shuffle(seed=42).take(n)])
+        else:
+            rows = paper_eval_tokens(name, tokenizer, num_samples=n)
     except Exception as e:  # network, missing dataset: one clear line
         raise _err(f"cannot read the paper's data set {name!r} from the hub ({' '.join(str(e).split())}); offline, "
                    "pass --data with .npy token arrays or text files") from None
+    return rows if max_context is None else rows[:, :max_context]
 
 
 def _data(args, fig: str, model) -> dict:
-    from lnfree.report.cli import _resolve_data
+    """--data when given; else the zoo's held-out sets for zoo-tokenizer models; else the paper's (hub)."""
+    from lnfree.report.cli import _zoo_data_for, load_data
 
     spec = FIGURES[fig]
-    if args.data or args.models:
-        data = _resolve_data(args.data, model, args.seq_len, [str(s) for s in (args.models or [])])
+    if args.data:
+        data = load_data(args.data, model, args.seq_len)
     else:
-        n = spec["quick"] if args.quick else spec["n"]
-        data = {name: _hub_rows(name, model.tokenizer, n) for name in spec["data"]}
+        data = _zoo_data_for(model) if args.models else None
+        if data is None:
+            n = spec["quick"] if args.quick else spec["n"]
+            data = {name: _hub_rows(name, model.tokenizer, n, spec["max_context"]) for name in spec["data"]}
     if args.quick:
         data = {k: v[: spec["quick"]] for k, v in data.items()}
     return data
