@@ -239,7 +239,7 @@ def dla_token_ids_out_of_vocab(c):
 def dla_position_out_of_range(c):
     from lnfree import direct_logit_attribution
 
-    direct_logit_attribution(c.model, c.tokens, c.tokens[:, 0], pos=12)
+    direct_logit_attribution(c.model, c.tokens, targets=c.tokens[:, 0], pos=12)
 
 
 @case(ValueError, r"components must be one of \('heads', 'layers', 'neurons', 'all'\), got 'head'")
@@ -260,7 +260,7 @@ def dla_neurons_without_layer(c):
 def dla_targets_wrong_shape(c):
     from lnfree import direct_logit_attribution
 
-    direct_logit_attribution(c.model, c.tokens, c.tokens[:5, 0])
+    direct_logit_attribution(c.model, c.tokens, targets=c.tokens[:5, 0])
 
 
 @case(TypeError, "targets as a list of ints .* is ambiguous")
@@ -268,10 +268,10 @@ def dla_targets_list_of_two_ints(c):
     from lnfree import direct_logit_attribution
 
     # two prompts, targets [5, 7]: per-prompt ids or the logit difference 5 - 7? Never guessed.
-    direct_logit_attribution(c.model, c.tokens[:2], [5, 7])
+    direct_logit_attribution(c.model, c.tokens[:2], targets=[5, 7])
 
 
-@case(ValueError, "must share the vocabulary: d_vocab 61 vs 70")
+@case(ValueError, r"different vocabularies \(d_vocab 61 vs 70\)")
 def compare_dla_different_vocab(c):
     from lnfree import compare_dla
 

@@ -46,6 +46,13 @@ _EXPORTS = {
     "attention_sink_rate": "lnfree.analysis.geometry",
     "remove_layernorm": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
+    "compare_cross_entropy": "lnfree.evaluation",
+    "CEResult": "lnfree.evaluation",
+    "CEComparison": "lnfree.evaluation",
+    "DLAResult": "lnfree.analysis.dla",
+    "DLAComparison": "lnfree.analysis.dla",
+    "ResidNorms": "lnfree.analysis.geometry",
+    "SinkRate": "lnfree.analysis.geometry",
 }
 _SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "paper"}
 
