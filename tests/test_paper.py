@@ -219,9 +219,11 @@ def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
         for metric in ("loss", "entropy"):
             got = getattr(res, f"{metric}_effect")[i].numpy()
             exp = want[n][f"{metric}_effect"]
-            rel_close(got, exp, abs_=1e-9)
+            # lnfree.ablate_neurons rounds its per-token values to float32: 1 ulp of a CE near 10 nats is
+            # 9.5e-7, far below the effects of real entropy neurons (1e-2) but not of this random model's
+            rel_close(got, exp, abs_=4e-6)
             s = res.summary(n, metric)
-            rel_close([s.value, s.low, s.high], ref.median_iqr(exp), abs_=1e-9)
+            rel_close([s.value, s.low, s.high], ref.median_iqr(exp), abs_=4e-6)
     assert res.to_frame().shape[0] == 2 * len(neurons)
     f = res.stolfo_fraction(neurons[0], "entropy")
     if kind == "lnfree":  # no final LN: the direct effect is all of it
@@ -229,8 +231,8 @@ def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
         assert torch.allclose(res.loss_direct, res.loss_total)
     else:  # Stolfo et al.'s direct effect: the ablated residual read through the clean token's final LN scale
         direct = ref.frozen_scale_direct_effect(paper, data, neurons[0])
-        rel_close(res.loss_direct[0], direct["loss"], abs_=1e-9)
-        rel_close(res.entropy_direct[0], direct["entropy"], abs_=1e-9)
+        rel_close(res.loss_direct[0], direct["loss"], abs_=4e-6)
+        rel_close(res.entropy_direct[0], direct["entropy"], abs_=4e-6)
         t = res.entropy_total[0].abs()
         assert f.value == pytest.approx(1 - float(res.entropy_direct[0].abs().mean() / t.mean()))
         assert not torch.allclose(res.loss_direct, res.loss_total) and len(res.lnfree_fraction) == 2

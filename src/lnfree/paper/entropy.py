@@ -22,8 +22,6 @@ PAPER_NEURONS = {"small": (584, 2123, 2870), "medium": (1083, 1108, 3144)}
 _SHAPES = {(12, 768, 3072, 50257): "small", (24, 1024, 4096, 50257): "medium"}
 #: ablate_all_models.py:191, 274: the LN the paper re-applies adds 1e-12 to the variance.
 PAPER_LN_EPS = 1e-12
-#: ablate_all_models.py:68-75: entropy of softmax with log(p + 1e-10).
-ENTROPY_EPS = 1e-10
 
 
 def paper_neurons(model) -> Optional[tuple[int, ...]]:
@@ -35,13 +33,18 @@ def paper_neurons(model) -> Optional[tuple[int, ...]]:
 
 def _top_neurons(model, layer: int) -> tuple[int, ...]:
     """lnfree's three highest-scoring entropy neurons of `layer` (ints, whatever `top` returns)."""
-    tops = find_entropy_neurons(model, layer=layer).top(3)
-    return tuple(int(t) if isinstance(t, (int, np.integer)) else int(str(t).rsplit("N", 1)[-1]) for t in tops)
+    return tuple(n for _, n in find_entropy_neurons(model, layer=layer).pairs(3))
 
 
-def _entropy(logits):
-    probs = torch.softmax(logits, dim=-1)
-    return -(probs * torch.log(probs + ENTROPY_EPS)).sum(-1)
+@torch.no_grad()
+def _paper_means(proc, tokens, layer: int, batch_size: int) -> torch.Tensor:
+    """Mean hook_post activation over every position but the last of every row (ablate_all_models.py:116-118, 233)."""
+    post = f"blocks.{layer}.mlp.hook_post"
+    total = torch.zeros(proc.cfg.d_mlp, dtype=torch.float64)
+    for sl in batches(tokens.shape[0], batch_size, enabled=False):
+        _, cache = proc.run_with_cache(tokens[sl].to(proc.cfg.device), names_filter=[post])
+        total += cache[post][:, :-1].double().sum((0, 1)).cpu()
+    return (total / (tokens.shape[0] * (tokens.shape[1] - 1))).to(proc.cfg.dtype)
 
 
 @result
@@ -133,9 +136,11 @@ def entropy_neuron_ablation(model, tokens: Int[torch.Tensor, "sample pos"], *, n
     and Medium (1083, 1108, 3144), else lnfree's top 3 entropy neurons (`find_entropy_neurons`).
     The mean is over every token but the last of each sequence (ablate_all_models.py:116-118, 233). The
     final LN is re-applied with variance + 1e-12 as the paper's simulation does (its
-    ``run_simulation``; the model's own eps is 1e-5), the entropy uses log(p + 1e-10). Also:
-    Stolfo et al.'s per-token LN-mediated fraction (final LN scale frozen at the clean value for the
-    direct effect) and lnfree's per-prompt one (`lnfree.ablate_neurons`, on the unprocessed model).
+    ``run_simulation``; the model's own eps is 1e-5). The ablation is `lnfree.ablate_neurons` (its
+    per-token total and direct effects, the direct one with the final LN scale frozen at the clean
+    token's value), which gives Stolfo et al.'s per-token LN-mediated fraction and lnfree's
+    per-prompt one. The entropy is exact; the paper's log(p + 1e-10) shifts H by at most
+    d_vocab x 1e-10 and its changes by far less.
 
     Example:
         >>> import lnfree
@@ -152,47 +157,17 @@ def entropy_neuron_ablation(model, tokens: Int[torch.Tensor, "sample pos"], *, n
     neurons = tuple(int(n) for n in neurons)
     if not neurons or any(not 0 <= n < proc.cfg.d_mlp for n in neurons):
         raise ValueError(f"neurons must be indices in [0, {proc.cfg.d_mlp}) of the last MLP layer, got {neurons}")
-    has_ln = proc.ln_mode("ln_final") == "live"
-    if has_ln:
-        proc.ln_final.eps = PAPER_LN_EPS
-    post, scale_hook = f"blocks.{layer}.mlp.hook_post", proc.site_hook("ln_final", "scale")
+    if proc.ln_mode("ln_final") == "live":
+        proc.ln_final.eps = PAPER_LN_EPS  # the paper's re-applied LN (the copy only)
     batch_size = positive_int(batch_size, "batch_size")
-    dev = proc.cfg.device
-
-    total = torch.zeros(proc.cfg.d_mlp, dtype=torch.float64)
-    for sl in batches(tokens.shape[0], batch_size, enabled=False):
-        _, cache = proc.run_with_cache(tokens[sl].to(dev), names_filter=[post])
-        total += cache[post][:, :-1].double().sum((0, 1)).cpu()
-    mean = (total / (tokens.shape[0] * (tokens.shape[1] - 1))).to(proc.cfg.dtype)
-
-    out = {k: [[] for _ in neurons] for k in ("lt", "ht", "ld", "hd")}
-    for sl in batches(tokens.shape[0], batch_size, enabled=False):
-        batch = tokens[sl].to(dev)
-        target = batch[:, 1:]
-        logits, cache = proc.run_with_cache(batch, names_filter=[scale_hook] if has_ln else [])
-        ce0 = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, reduction="none")
-        h0 = _entropy(logits[:, :-1])
-        clean_scale = cache[scale_hook] if has_ln else None
-        for j, n in enumerate(neurons):
-            def ablate(act, hook, n=n):
-                act[..., n] = mean[n]
-                return act
-
-            def freeze(scale, hook):
-                return clean_scale
-
-            # Without a final LN (LN-free) the direct effect is the total effect.
-            frozen = [(post, ablate), (scale_hook, freeze)] if has_ln else [(post, ablate)]
-            for key, hooks in (("t", [(post, ablate)]), ("d", frozen)):
-                lg = proc.run_with_hooks(batch, fwd_hooks=hooks)[:, :-1]
-                ce = torch.nn.functional.cross_entropy(lg.transpose(1, 2), target, reduction="none")
-                out["l" + key][j].append((ce - ce0).flatten().double().cpu())
-                out["h" + key][j].append((_entropy(lg) - h0).flatten().double().cpu())
-    cat = {k: torch.stack([torch.cat(v) for v in vals]) for k, vals in out.items()}
-    lnfree_abl = ablate_neurons(model, tokens, list(neurons), layer=layer, batch_size=batch_size)
-    fractions = tuple(lnfree_abl.ln_mediated_fraction(i, "entropy") for i in range(len(neurons)))
+    means = _paper_means(proc, tokens, layer, batch_size)[list(neurons)]
+    abl = ablate_neurons(proc, tokens, list(neurons), layer=layer, means=means, batch_size=batch_size,
+                         n_boot=n_boot, level=level, seed=seed)
+    cat = {f"{m[0]}{e[0]}": torch.stack([abl.per_token(i, metric, e).double() for i in range(len(neurons))])
+           for m, metric in (("l", "ce"), ("h", "entropy")) for e in ("total", "direct")}
+    fractions = tuple(abl.ln_mediated_fraction(i, "entropy") for i in range(len(neurons)))
     return PaperEntropyAblation(
-        layer=layer, neurons=neurons, labels=tuple(f"L{layer}N{n}" for n in neurons), mean_activation=mean[list(neurons)].cpu(),
+        layer=layer, neurons=neurons, labels=tuple(f"L{layer}N{n}" for n in neurons), mean_activation=means.cpu(),
         loss_effect=cat["lt"].abs(), entropy_effect=cat["ht"].abs(), loss_total=cat["lt"], entropy_total=cat["ht"],
         loss_direct=cat["ld"], entropy_direct=cat["hd"], lnfree_fraction=fractions, n_boot=n_boot, level=level,
         seed=seed, model_name=model_label(model), model_id=model_id(model),
