@@ -149,6 +149,9 @@ def test_first_token_norm_matches_paper(models, dirs, data, kind):
     rel_close(got, np.array([want[n] for n in res.labels]), abs_=1e-6)  # pos 0 embeddings: std of equal values
     frame = res.to_frame()
     assert set(frame.position) == {"first", "rest"} and len(frame) == 2 * len(res.labels)
+    wide = res.table()
+    assert list(wide.columns) == ["site", "first", "first_std", "rest", "rest_std"]
+    rel_close(wide[["first", "first_std", "rest", "rest_std"]].to_numpy(), got)
     assert res.final_first().value == pytest.approx(float(res.first_mean[-1]), rel=1e-6)
 
 

@@ -129,6 +129,11 @@ class PaperNorms(Result):
         """Mean norm of the other tokens at the last site, bootstrap CI over tokens."""
         return bootstrap(self.rest[:, -1], n_boot=self.n_boot, level=self.level, seed=self.seed)
 
+    def table(self) -> pd.DataFrame:
+        """One row per site: first, first_std, rest, rest_std (the paper's plotted means and spreads)."""
+        return pd.DataFrame({"site": list(self.labels), "first": self.first_mean.numpy(), "first_std": self.first_std.numpy(),
+                             "rest": self.rest_mean.numpy(), "rest_std": self.rest_std.numpy()})
+
     def to_frame(self) -> pd.DataFrame:
         """Long format: site, position ("first"/"rest"), mean, std."""
         rows = []
