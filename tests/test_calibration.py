@@ -169,16 +169,7 @@ def test_confidence_module_reexports_calibration():
 
 
 # ---- SmolLM2-135M: a real model, left padding with rotary positions -------------------------------
-import conftest  # noqa: E402
-
-if not hasattr(conftest, "smollm2"):  # until the shared session fixture lands in conftest.py
-
-    @pytest.fixture(scope="module")
-    def smollm2():
-        from lnfree import zoo
-
-        return zoo.load("smollm2-135m", device="cpu")
-
+# (the `smollm2` session fixture is in conftest.py)
 
 @pytest.mark.slow
 def test_smollm2_calibration_matches_numpy_with_left_padding(smollm2):

@@ -60,4 +60,7 @@ def test_notebook_executes(path, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert outputs, "the notebook printed nothing"
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    # tqdm.auto without ipywidgets prints "IProgress not found" into the notebook: no bar may do that
+    texts = [str(o.get("text", "")) + str(o.get("data", "")) for o in outputs]
+    assert not [t for t in texts if "IProgress" in t], f"{path.name}: a progress bar printed tqdm's IProgress warning"
     print(f"{path.name}: {elapsed:.1f} s")

@@ -122,3 +122,22 @@ def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
     for load in (lnfree.load, lnfree.load_model, zoo.load):
         with pytest.raises(ValueError, match=r"no CUDA device is available.*device='cpu'"):
             load("tiny-ln" if load is not lnfree.load_model else "gpt2", device="cuda")
+
+
+def test_zoo_pretraining_run_and_checkpoint(tmp_path):
+    import numpy as np
+
+    from lnfree.zoo import train as zt
+
+    model_kw = zt.base_model_kwargs(61, n_layers=1, d_model=32, n_heads=2, d_head=16, d_mlp=64, n_ctx=16)
+    tc = zt.TrainConfig(batch_size=4, seq_len=16, warmup_steps=1, max_steps=3, lr=3e-3, min_lr=3e-4, ckpt_every=2,
+                        log_every=5, eval_every=0, model=model_kw, threads=1)
+    ids = np.random.default_rng(0).integers(1, 61, 2000).astype(np.int64)
+    trained, _ = zt.pretrain(ids, tc, tmp_path / "run", progress=False)
+    tk = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(0))
+    for spec in (tmp_path / "run", tmp_path / "run" / "final"):
+        model = lnfree.load(spec, device="cpu")
+        assert isinstance(model, LNFreeTransformer)
+        assert torch.allclose(logits(model, tk), logits(trained, tk), atol=1e-5)
+    step = zt.latest_checkpoint(tmp_path / "run")
+    assert step is not None and isinstance(lnfree.load(step, device="cpu"), LNFreeTransformer)

@@ -75,3 +75,16 @@ def test_names_everywhere():
     with pytest.raises(ValueError, match="smollm2-135m"):
         zoo.load("smollm2-13m")
     assert LNFreeTransformer.from_pretrained("smollm2-135m", device="cpu").cfg.n_layers == 30
+
+
+def test_heldout_retokenized(smollm2):
+    text = zoo.heldout_text("persuasion")
+    rows = zoo.heldout("persuasion", model=smollm2, seq_len=128)
+    assert rows.shape[1] == 128 and rows.shape[0] > 50
+    assert (rows[:, 0] == 0).all() and smollm2.tokenizer.convert_ids_to_tokens(0) == "<|endoftext|>"
+    assert text.startswith(smollm2.tokenizer.decode(rows[:3, 1:].reshape(-1)))  # consecutive text, in order
+    family = zoo.heldout("persuasion")
+    assert torch.equal(zoo.heldout("persuasion", model="tiny-ln", seq_len=256)[:, 1:].reshape(-1)[:1000],
+                       family[:, 1:].reshape(-1)[:1000])  # the family's own tokenizer gives its tokens back
+    with pytest.raises(ValueError, match="seq_len"):
+        zoo.heldout("persuasion", seq_len=128)

@@ -232,3 +232,19 @@ def test_checkpoint_dir_marks_only_what_it_is_told(tmp_path):
         ck.discard(ck.latest())
     got = CheckpointDir.read(ck.latest())
     assert got["state"] == {"step": 5} and torch.equal(got["weights"]["w"], torch.ones(2))
+
+
+def test_cli_remove_ln_takes_a_zoo_name(tmp_path):
+    """`lnfree remove-ln tiny-ln` resolves the zoo name through lnfree.load (issue 12)."""
+    from lnfree import zoo
+    from lnfree.cli import main
+
+    rows = zoo.heldout("persuasion")[:24, :32].numpy()
+    np.save(tmp_path / "rows.npy", rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["remove-ln", "tiny-ln", "--data", str(tmp_path / "rows.npy"), "--out", str(tmp_path / "run"),
+                     "--steps", "3", "--batch-size", "2", "--eval-seqs", "0", "--device", "cpu", "--lora-rank", "2",
+                     "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["ln_free"] and summary["variant"] == "lora" and summary["steps"] == 3

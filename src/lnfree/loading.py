@@ -156,8 +156,8 @@ def load_model(
                                  n_ctx=n_ctx)
     if path.exists():
         raise CheckpointError(
-            f"name_or_path must be a checkpoint directory, a .gguf file or a hub id; {str(name_or_path)!r} is a file, "
-            f"not a .gguf. Pass the directory that holds it (config.json + model.safetensors)."
+            f"name_or_path must be a checkpoint directory, a .gguf file or a hub id; {str(name_or_path)!r} is a file. "
+            f"Pass the directory that holds it (config.json + model.safetensors), or a .gguf file."
         )
     name = os.fspath(name_or_path)
     if not _looks_like_hub_id(name):

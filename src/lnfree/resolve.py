@@ -6,14 +6,14 @@ Kinds, tried in this order:
 2. a ``.gguf`` file (llama / qwen2; `lnfree.gguf_file`);
 3. a removal run directory (``checkpoints/latest``; its ``final_tl/`` when the run finished, else the
    latest checkpoint) or one removal checkpoint directory (``state.json``): `lnfree.removal.load_checkpoint`;
-4. a zoo pretraining run directory (``ckpt/latest.json`` or ``final/``) or a TransformerLens weights
+4. a zoo pretraining run directory (``final/`` or its latest checkpoint) or a TransformerLens weights
    directory (``model.safetensors`` + ``config.json`` of HookedTransformerConfig fields, at top level or
    under ``"model"``; e.g. a removal run's ``final_tl/``): `lnfree.removal.load_tl_dir`;
 5. a Hugging Face directory (``config.json`` with a ``model_type``) of any architecture
    `lnfree.loading.load_model` reads;
 6. a hub id (``gpt2``, ``owner/name``): `lnfree.loading.load_model`, offline-first, failing fast.
 
-Anything else raises ValueError listing these kinds.
+Anything else raises `lnfree.CheckpointError` (a ValueError) listing these kinds.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from lnfree._checks import check_device
+from lnfree._errors import CheckpointError
 
 KINDS = (
     "a zoo name ({zoo})",
@@ -83,13 +84,13 @@ def load(spec: Union[str, os.PathLike], *, device: Optional[Union[str, torch.dev
     if path.is_dir():
         return _load_dir(path, device, dtype, kwargs)
     if path.exists():
-        raise ValueError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()}")
     if _looks_like_path(name):
-        raise ValueError(f"spec {name!r}: no such file or directory (and not a zoo name); accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r}: no such file or directory (and not a zoo name); accepted: {kinds_text()}")
     from lnfree.loading import _looks_like_hub_id
 
     if not _looks_like_hub_id(name):
-        raise ValueError(f"spec {name!r} is not a model reference lnfree knows; accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r} is not a model reference lnfree knows; accepted: {kinds_text()}")
     return load_model(name, device=device, **dtype_kw, **kwargs)
 
 
@@ -117,24 +118,34 @@ def _tl_config_file(folder: Path) -> Optional[dict]:
 
 
 def _zoo_run_checkpoint(folder: Path) -> Optional[Path]:
-    """The weights dir of a zoo pretraining run: ``final/``, else the ``ckpt/latest.json`` target."""
+    """The weights dir of a zoo pretraining run: ``final/``, else its latest checkpoint (either layout)."""
+    from lnfree.zoo.train import latest_checkpoint
+
     if _tl_config_file(folder / "final") is not None:
         return folder / "final"
-    pointer = folder / "ckpt" / "latest.json"
-    if pointer.is_file():
-        try:
-            target = folder / "ckpt" / json.loads(pointer.read_text())["dir"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        return target if _tl_config_file(target) is not None else None
-    return None
+    try:
+        target = latest_checkpoint(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return target if target is not None and _tl_config_file(target) is not None else None
+
+
+def _is_removal_checkpoint(folder: Optional[Path]) -> bool:
+    from lnfree.removal.checkpoint import CHECKPOINT_FORMAT
+
+    if folder is None or not (folder / "state.json").is_file():
+        return False
+    try:
+        return json.loads((folder / "state.json").read_text()).get("format") == CHECKPOINT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _load_dir(folder: Path, device, dtype, kwargs: dict):
     from lnfree.loading import load_model
-    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
+    from lnfree.removal.checkpoint import latest_checkpoint, load_checkpoint, load_tl_dir
 
-    if (folder / "state.json").is_file() or latest_checkpoint(folder) is not None:
+    if _is_removal_checkpoint(folder) or _is_removal_checkpoint(latest_checkpoint(folder)):
         _no_kwargs(kwargs, "a removal run or checkpoint directory")
         if (folder / "summary.json").is_file() and _tl_config_file(folder / "final_tl") is not None:
             return _cast(load_tl_dir(folder / "final_tl", device=_dev(device), tokenizer=_find_tokenizer(folder)),
@@ -148,8 +159,8 @@ def _load_dir(folder: Path, device, dtype, kwargs: dict):
     if (folder / "config.json").is_file():
         return load_model(folder, device=device, **({} if dtype is None else {"dtype": dtype}), **kwargs)
     found = sorted(p.name for p in folder.iterdir())[:10]
-    raise ValueError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
-                     f"accepted: {kinds_text()}")
+    raise CheckpointError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
+                          f"accepted: {kinds_text()}")
 
 
 def _dev(device) -> Optional[str]:

@@ -4,17 +4,16 @@
                      [--vanilla] [--resume] [--batch-size 16] [--micro-batch-size 8] [--seq-len 256]
                      [--eval-data heldout.npy] ...
 
-MODEL is a Hugging Face hub id or local HF directory (via `lnfree.loading.load_model`), a
-TransformerLens weights directory (``model.safetensors`` + ``config.json`` with
-HookedTransformerConfig kwargs, e.g. the zoo's pretraining output or a run's ``final_tl/``), or a
-directory written by this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
+MODEL is anything `lnfree.load` resolves: a zoo name (``tiny-ln``, ``smollm2-135m``), a ``.gguf``
+file, a Hugging Face hub id or local HF directory, a TransformerLens weights directory
+(``model.safetensors`` + ``config.json``, e.g. a run's ``final_tl/``), or a directory written by
+this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
 ``torchrun --nproc_per_node 8 -m lnfree.cli remove-ln ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -84,42 +83,13 @@ def _load_tokenizer(path: str):
     return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)
 
 
-def _find_tokenizer(model_dir: Path):
-    """A tokenizer.json next to a TransformerLens weights dir or up to two levels above (the zoo layout)."""
-    for d in (model_dir, model_dir.parent, model_dir.parent.parent):
-        if (d / "tokenizer.json").exists():
-            return _load_tokenizer(str(d / "tokenizer.json"))
-    return None
-
-
-def _is_tl_dir(path: Path) -> bool:
-    conf_file = path / "config.json"
-    if not (path / "model.safetensors").exists() or not conf_file.exists():
-        return False
-    conf = json.loads(conf_file.read_text())
-    kwargs = conf.get("model", conf)
-    return isinstance(kwargs, dict) and "d_model" in kwargs and "n_layers" in kwargs
-
-
 def load_model_arg(spec: str, tokenizer_path=None, device=None):
-    """Resolve MODEL (see the module docstring) to an LNFreeTransformer."""
-    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
+    """Resolve MODEL with `lnfree.load` (zoo names, .gguf, run/checkpoint dirs, TL and HF dirs, hub ids)."""
+    from lnfree.resolve import load
 
-    path = Path(spec)
-    tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
-    if path.is_dir() and ((path / "state.json").exists() or latest_checkpoint(path) is not None):
-        model, _ = load_checkpoint(path, device)
-    elif path.is_dir() and _is_tl_dir(path):
-        model = load_tl_dir(path, device, tokenizer=tokenizer or _find_tokenizer(path))
-    else:
-        from lnfree.loading import load_model  # HF dirs and hub ids
-
-        model = load_model(spec)
-        from lnfree.model import LNFreeTransformer
-
-        model = LNFreeTransformer.from_hooked(model)
-    if tokenizer is not None:
-        model.set_tokenizer(tokenizer)
+    model = load(spec, device=device)
+    if tokenizer_path:
+        model.set_tokenizer(_load_tokenizer(tokenizer_path))
     return model
 
 

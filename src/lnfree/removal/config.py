@@ -24,7 +24,9 @@ class RemovalConfig:
     next-token distribution into the loss (``(1 - distill) * CE + distill * KL``).
     Paper-recipe switches (`lnfree.removal.schedule.PAPER_RECIPES`): ``share_ln1_sigma`` (ln1's q/k
     and v paths share one sigma that keeps tracking while the v path is live), ``mask_eot_labels``
-    (no CE on end-of-text labels), ``vanilla_aux`` (the vanilla control keeps the aux loss).
+    (no CE on end-of-text labels), ``vanilla_aux`` (the vanilla control keeps the aux loss),
+    ``ln1_momentum_power`` (ln1's EMA momentum is ``momentum ** k`` per micro-batch: the paper's code
+    updates it on each of its k = 3 calls per forward).
 
     Example:
         >>> cfg = RemovalConfig(optim=OptimConfig(steps=12, lr=1e-3), batch_size=4, micro_batch_size=2,
@@ -50,6 +52,7 @@ class RemovalConfig:
     distill: float = 0.0
     distill_temperature: float = 1.0
     share_ln1_sigma: bool = False
+    ln1_momentum_power: int = 1
     mask_eot_labels: bool = False
     vanilla_aux: bool = False
     checkpoint_every: int = 50
@@ -68,7 +71,8 @@ class RemovalConfig:
         if not isinstance(self.optim, OptimConfig):
             raise TypeError(f"optim must be an OptimConfig, got {type(self.optim).__name__}")
         ints = {"batch_size": 1, "micro_batch_size": 1, "seq_len": 2, "checkpoint_every": 1,
-                "keep_checkpoints": 1, "max_rollbacks": 0, "seed": 0, "spike_window": 1, "spike_min_history": 1}
+                "keep_checkpoints": 1, "max_rollbacks": 0, "seed": 0, "spike_window": 1, "spike_min_history": 1,
+                "ln1_momentum_power": 1}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

@@ -170,7 +170,9 @@ class _Run:
         self.k_local = cfg.batch_size // (cfg.micro_batch_size * dist.world)
         self.sites = [s for s in schedule.sites if s in set(model.ln_sites)]
         live = [s for s in self.sites if model.ln_mode(s) == "live"]
-        self.ema = SigmaEMA([] if cfg.vanilla else live, cfg.momentum)
+        ln1 = {s: cfg.momentum ** cfg.ln1_momentum_power for s in live if ".ln1." in s} \
+            if cfg.ln1_momentum_power != 1 else None
+        self.ema = SigmaEMA([] if cfg.vanilla else live, cfg.momentum, site_momentum=ln1)
         self.guard = DivergenceGuard(cfg.diverge_factor, cfg.diverge_margin, cfg.spike_factor, cfg.spike_margin,
                                      cfg.spike_window, cfg.spike_min_history)
         if cfg.lora_rank:
@@ -302,6 +304,22 @@ class _Run:
         self.model.freeze_ln(due, scales=scales)
         self.ema.drop(due)
         self._emit({"event": "freeze", "step": self.step, "sigma": scales})
+        self.sync_shared_ln1()
+
+    def sync_shared_ln1(self) -> None:
+        """``share_ln1_sigma``: a frozen ln1 q/k path takes the current EMA of its live v path (the same input):
+        the paper's ln1 keeps one sigma that tracks until its v path is removed."""
+        if not self.cfg.share_ln1_sigma:
+            return
+        tracked = set(self.ema.sites)
+        shared = {}
+        for site in self.sites:
+            if site.endswith(".ln1.qk") and self.model.ln_mode(site) == "frozen":
+                v = site[: -len("qk")] + "v"
+                if v in tracked and self.ema.values.get(v) is not None:
+                    shared[site] = self.ema.value(v)
+        if shared:
+            self.model.freeze_ln(list(shared), scales=shared)
 
     # -- one step ------------------------------------------------------------------------
     def _ignore(self) -> Optional[int]:
@@ -403,6 +421,7 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         for means in stats.micro_means:
             self.ema.update(means)
+        self.sync_shared_ln1()
         self.guard.record(stats.loss, ce=stats.ce)
         self.step += 1
         self.position += self.cfg.batch_size
@@ -555,6 +574,8 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
         raise ValueError(f"the schedule is for {sched.n_layers} layers; the model has {n_layers}")
     base = preset or PRESETS["gpt2-small"]
     if seq_len is None:
+        if isinstance(data, (str, os.PathLike)) and str(data).endswith(".npy") and os.path.isfile(data):
+            data = np.load(data, mmap_mode="r")  # a 2-D .npy keeps its row width, like an array
         if isinstance(data, TokenData):
             width = data.seq_len
         else:
@@ -629,7 +650,7 @@ def remove_layernorm(
     max_rollbacks: int = 3,
     keep_checkpoints: int = 2,
     weight_decay: Optional[float] = None,
-    recipe: Optional[str] = None,
+    recipe: Union[None, str, dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
@@ -683,7 +704,8 @@ def remove_layernorm(
             (a RuntimeError) naming the last good checkpoint.
         weight_decay: AdamW weight decay on matrices (default 0.01, or the recipe's).
         recipe: "paper" with a preset: the paper's code's run of that size (see
-            `lnfree.removal.schedule.PAPER_RECIPES` and docs/removal.md); None: lnfree's recipe.
+            `lnfree.removal.schedule.PAPER_RECIPES` and docs/removal.md); a dict of some of its switches
+            (`RECIPE_KEYS`: one departure at a time); None: lnfree's recipe.
         callback: called (on rank 0) with a dict for every step and event (freeze, checkpoint, rollback).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
@@ -723,16 +745,20 @@ def remove_layernorm(
         eot = eot_token_id if eot_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         sched, hp, preset = _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size,
                                               seq_len, data)
+        rec = _recipe(recipe, preset)
+        if batch_size is None and "batch_size" in rec:
+            hp["batch_size"] = rec["batch_size"]
         per_rank = hp["batch_size"] // dist.world
-        mbs = per_rank if micro_batch_size is None else micro_batch_size
+        mbs = (rec.get("micro_batch_size") or per_rank) if micro_batch_size is None else micro_batch_size
+        if rec.get("micro_batch_size") and micro_batch_size is None and hp["batch_size"] % (mbs * dist.world):
+            mbs = per_rank  # the paper's micro-batch does not divide this process count's share: one per rank
         if hp["batch_size"] % (mbs * dist.world):
             raise ValueError(f"batch_size ({hp['batch_size']}) must be a multiple of micro_batch_size ({mbs}) x "
                              f"processes ({dist.world})")
-        rec = _recipe(recipe, preset)
         optim = OptimConfig(steps=sched.steps, lr=float(hp["lr"]), min_lr=float(hp["min_lr"]), warmup=hp["warmup"],
                             weight_decay=rec.get("weight_decay", 0.01) if weight_decay is None else float(weight_decay),
                             betas=(0.9, 0.999), grad_clip=1.0, horizon=rec.get("horizon"),
-                            no_decay=rec.get("no_decay", "ndim<2"))
+                            no_decay=rec.get("no_decay", "ndim<2"), warmup_from_zero=rec.get("warmup_from_zero", False))
         cfg = RemovalConfig(optim=optim, batch_size=hp["batch_size"], micro_batch_size=mbs, seq_len=hp["seq_len"],
                             aux_lambda=float(hp["aux_lambda"]), vanilla=bool(vanilla), seed=seed, bf16=bool(bf16),
                             schedule=sched.to_dict(), eot_token_id=eot,
@@ -740,13 +766,11 @@ def remove_layernorm(
                             lora_rank=lora_rank, lora_alpha=None if lora_alpha is None else float(lora_alpha),
                             distill=float(distill), distill_temperature=float(distill_temperature),
                             share_ln1_sigma=rec.get("share_ln1_sigma", False),
+                            ln1_momentum_power=rec.get("ln1_momentum_power", 1),
                             mask_eot_labels=rec.get("mask_eot_labels", False),
                             vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks)
-        if cfg.share_ln1_sigma:
-            raise NotImplementedError("share_ln1_sigma (the paper's EXP_RECOMPUTE_STD_ON_REAL) is documented in "
-                                      "docs/removal.md but not implemented yet")
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
         seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
                            max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
@@ -769,13 +793,19 @@ def remove_layernorm(
             torch.distributed.destroy_process_group()
 
 
-def _recipe(recipe: Optional[str], preset: Optional[Preset]) -> dict:
+def _recipe(recipe, preset: Optional[Preset]) -> dict:
+    """The settings a recipe fixes: {} for lnfree's; the paper's per preset; or a dict of the switches."""
+    from lnfree.removal.schedule import PAPER_RECIPES, RECIPE_KEYS
+
     if recipe is None:
         return {}
-    from lnfree.removal.schedule import PAPER_RECIPES
-
+    if isinstance(recipe, dict):  # individual departures (e.g. to measure one at a time)
+        bad = sorted(set(recipe) - set(RECIPE_KEYS))
+        if bad:
+            raise ValueError(f"recipe keys {bad} unknown; allowed: {sorted(RECIPE_KEYS)}")
+        return dict(recipe)
     if recipe != "paper":
-        raise ValueError(f"recipe must be None (lnfree's) or 'paper', got {recipe!r}")
+        raise ValueError(f"recipe must be None (lnfree's), 'paper' or a dict of {sorted(RECIPE_KEYS)}, got {recipe!r}")
     if preset is None:
         raise ValueError("recipe='paper' needs a preset schedule (schedule='gpt2-small', ...): the paper's runs are "
                          "per model size")

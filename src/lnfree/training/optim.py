@@ -44,6 +44,8 @@ class OptimConfig:
         no_decay: ``"ndim<2"`` (no decay on biases and norm weights) or ``"bias"`` (decay on every
             tensor whose name does not end in a bias, norm weights included, as HF Trainer does for
             models whose norm layers are not ``nn.LayerNorm`` modules, e.g. the paper's).
+        warmup_from_zero: warm up as HF Trainer's schedulers do, ``lr * step / warmup`` (0 at step 0),
+            instead of ``lr * (step + 1) / warmup``.
 
     Example:
         >>> cfg = OptimConfig(steps=100, lr=1.0, min_lr=0.5, warmup=10)
@@ -61,6 +63,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     horizon: Optional[int] = None
     no_decay: str = "ndim<2"
+    warmup_from_zero: bool = False
 
     def __post_init__(self):
         _int("steps", self.steps, 1)
@@ -108,7 +111,7 @@ def lr_at(step: int, cfg: OptimConfig, time_frac: float = 0.0) -> float:
         [0.2, 1.0, 0.6, 0.2]
     """
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.lr * (step + (0 if cfg.warmup_from_zero else 1)) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.decay_end - cfg.warmup)
     progress = min(1.0, max(time_frac, progress))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
