@@ -44,11 +44,41 @@ def _err(msg: str):
 
 
 # ---- models and data ------------------------------------------------------------------------
-def _load_models(specs, device) -> dict:
-    from lnfree.report.cli import _names, load_any
+def _default_load(spec: str, device=None):
+    """`lnfree.load`, its errors as one CLI line (the CLI passes its own resolver instead)."""
+    import lnfree
 
-    names = _names(specs)
-    return {name: load_any(spec, device=device) for name, spec in zip(names, specs)}
+    try:
+        return lnfree.load(spec, device=device)
+    except (ValueError, TypeError, OSError, ConnectionError) as e:
+        raise _err(f"cannot load model {spec!r}: {' '.join(str(e).split())}") from None
+
+
+def _default_names(specs) -> list[str]:
+    out = []
+    for s in specs:
+        name, i = Path(str(s)).name or str(s), 2
+        while name in out:
+            name, i = f"{Path(str(s)).name}-{i}", i + 1
+        out.append(name)
+    return out
+
+
+def _default_load_data(specs, model, seq_len=None) -> dict:
+    """.npy token arrays [n, pos] only (the CLI passes its richer reader: streams, text files)."""
+    import numpy as np
+
+    out = {}
+    for spec in specs:
+        arr = np.load(spec, allow_pickle=False)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise _err(f"data {spec!r} must be integer token ids [n, pos]")
+        out[Path(spec).stem] = torch.from_numpy(arr.astype(np.int64))
+    return out
+
+
+def _load_models(specs, device, load, names) -> dict:
+    return {name: load(spec, device=device) for name, spec in zip(names(specs), specs)}
 
 
 def _hub_rows(name: str, tokenizer, n: int, max_context) -> torch.Tensor:
@@ -72,15 +102,13 @@ def _hub_rows(name: str, tokenizer, n: int, max_context) -> torch.Tensor:
     return rows if max_context is None else rows[:, :max_context]
 
 
-def _data(args, fig: str, model) -> dict:
+def _data(args, fig: str, model, load_data, zoo_data) -> dict:
     """--data when given; else the zoo's held-out sets for zoo-tokenizer models; else the paper's (hub)."""
-    from lnfree.report.cli import _zoo_data_for, load_data
-
     spec = FIGURES[fig]
     if args.data:
         data = load_data(args.data, model, args.seq_len)
     else:
-        data = _zoo_data_for(model) if args.models else None
+        data = zoo_data(model) if args.models and zoo_data is not None else None
         if data is None:
             n = spec["quick"] if args.quick else spec["n"]
             data = {name: _hub_rows(name, model.tokenizer, n, spec["max_context"]) for name in spec["data"]}
@@ -202,8 +230,12 @@ COMPUTE: dict[str, Callable] = {"table1": _table1, "dla": _dla, "sink-rate": _si
                                 "entropy": _entropy, "atp": _atp}
 
 
-def run_reproduce(args) -> int:
+def run_reproduce(args, *, load=None, names=None, load_data=None, zoo_data=None) -> int:
     """Run one figure (argparse namespace from ``lnfree reproduce``); returns the exit code.
+
+    The CLI passes its model resolver (`load`), display names (`names`), data reader
+    (`load_data`) and zoo held-out lookup (`zoo_data`); the defaults are `lnfree.load`, base
+    names, ``.npy`` rows and none.
 
     Example:
         >>> from lnfree.cli import main
@@ -220,9 +252,9 @@ def run_reproduce(args) -> int:
     if fig not in FIGURES:
         raise _err(f"FIGURE must be one of {', '.join(FIGURES)}, got {fig!r}")
     specs = list(args.models or SMALL)
-    models = _load_models(specs, args.device)
+    models = _load_models(specs, args.device, load or _default_load, names or _default_names)
     base = next(iter(models.values()))
-    data = {} if fig == "atp" else _data(args, fig, base)
+    data = {} if fig == "atp" else _data(args, fig, base, load_data or _default_load_data, zoo_data)
     lines: list[str] = []
     numbers, figures = COMPUTE[fig](models, data, args, lines)
     out = Path(args.out or f"out/reproduce/{fig}")

@@ -301,4 +301,4 @@ def run_reproduce(args) -> int:
     """The paper's numbers, computed as its code does: see `lnfree.paper.reproduce`."""
     from lnfree.paper.reproduce import run_reproduce as run
 
-    return run(args)
+    return run(args, load=load_any, names=_names, load_data=load_data, zoo_data=_zoo_data_for)
