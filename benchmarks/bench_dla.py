@@ -79,7 +79,7 @@ def _setup(cfg: dict):
 def _ours(model, tokens, targets):
     from lnfree.analysis.dla import direct_logit_attribution
 
-    return direct_logit_attribution(model, tokens, targets, components="heads", pos=-1, batch_size=tokens.shape[0])
+    return direct_logit_attribution(model, tokens, targets=targets, components="heads", pos=-1, batch_size=tokens.shape[0])
 
 
 def _transformer_lens(model, tokens, targets):

@@ -111,7 +111,7 @@ def _worker(method: str, cfg: dict, n: int) -> dict:
 
     if method == "ours":
         def call(t, y):
-            return direct_logit_attribution(model, t, y, components="heads", pos=-1, batch_size=cfg["batch_size"])
+            return direct_logit_attribution(model, t, targets=y, components="heads", pos=-1, batch_size=cfg["batch_size"])
     else:
         def call(t, y):
             _, cache = model.run_with_cache(t)

@@ -41,21 +41,24 @@ def _model(c: dict):
     return LNFreeTransformer(cfg)
 
 
-def _run(model, c: dict, *, vanilla: bool, aux_lambda: float, batch: int, seq: int, micro: int = None):
-    """A trainer `_Run` over random tokens (no files, no progress bar)."""
+def _run(model, c: dict, *, vanilla: bool, aux_lambda: float, batch: int, seq: int, micro: int = None,
+         teacher=None, **variant):
+    """A trainer `_Run` over random tokens (no files, no progress bar); `variant`: lora_rank, distill."""
     import torch
 
     from lnfree.removal.data import TokenData
     from lnfree.removal.schedule import Schedule
     from lnfree.removal.trainer import RemovalConfig, _Dist, _Run
+    from lnfree.training import OptimConfig
 
     g = torch.Generator().manual_seed(1)
     data = TokenData(torch.randint(0, c["d_vocab"], (max(64, 4 * batch), seq), generator=g).numpy())
     sched = Schedule.scaled(c["n_layers"], 10_000)
-    cfg = RemovalConfig(steps=10_000, batch_size=batch, micro_batch_size=micro or batch, seq_len=seq, lr=6e-4,
-                        min_lr=3e-4, warmup=10, aux_lambda=aux_lambda, vanilla=vanilla, seed=0, bf16=False,
-                        schedule=sched.to_dict())
-    return _Run(model, data, cfg, sched, out_dir=None, dist=_Dist(), device=torch.device("cpu"), progress=False)
+    cfg = RemovalConfig(optim=OptimConfig(steps=10_000, lr=6e-4, min_lr=3e-4, warmup=10, weight_decay=0.01),
+                        batch_size=batch, micro_batch_size=micro or batch, seq_len=seq, aux_lambda=aux_lambda,
+                        vanilla=vanilla, seed=0, bf16=False, schedule=sched.to_dict(), **variant)
+    return _Run(model, data, cfg, sched, out_dir=None, dist=_Dist(), device=torch.device("cpu"), progress=False,
+                teacher=teacher)
 
 
 def _steps(run, n: int) -> float:

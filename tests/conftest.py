@@ -52,3 +52,13 @@ def ln_free_model(tokens) -> LNFreeTransformer:
     m = make_model()
     m.estimate_ln_scales(tokens)
     return m.remove_ln()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LNFreeTransformer:
+    """The real SmolLM2-135M (`lnfree.zoo.load("smollm2-135m")`, CPU, fp32, every site live), loaded once
+    per session. Shared: do not change it in place (no remove_ln/freeze_ln/set_tokenizer); a test that
+    needs to change it loads its own copy with `lnfree.zoo.load("smollm2-135m", device="cpu")`."""
+    from lnfree import zoo
+
+    return zoo.load("smollm2-135m", device="cpu")

@@ -335,61 +335,99 @@ def test_supported_configs_report_no_unsupported_features():
         assert unsupported_features(make_cfg(name)) == [], name
 
 
-# ---- against transformers' own models: Gemma ((1 + w) RMSNorm, sqrt(d_model) embedding scale) and Llama
+# ---- against transformers' own models: Gemma ((1 + w) RMSNorm, sqrt(d_model) embedding scale), Llama,
+# GPT-NeoX (LayerNorm, partial rotary, parallel) and GPT-J (one shared LayerNorm, adjacent-pair rotary)
+TINY_HF = dict(n_layers=2, d_model=32, n_heads=4, d_mlp=48, d_vocab=D_VOCAB, n_ctx=12, seed=0)
+
+
 def _hf_pair(arch: str):
     """A tiny random HF model and the LNFreeTransformer built from it by TransformerLens's converter."""
     import transformers
-    from transformer_lens.pretrained.weight_conversions import convert_gemma_weights, convert_llama_weights
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_gemma_weights,
+        convert_gptj_weights,
+        convert_llama_weights,
+        convert_neox_weights,
+    )
 
-    common = dict(vocab_size=D_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=12, rope_theta=10000.0, rms_norm_eps=1e-6)
+    llama_common = dict(vocab_size=D_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=12, rope_theta=10000.0, rms_norm_eps=1e-6)
+    rms = dict(eps=1e-6, normalization_type="RMS", positional_embedding_type="rotary", rotary_base=10000,
+               gated_mlp=True, final_rms=True)
+    rotary_ln = dict(eps=1e-5, normalization_type="LN", positional_embedding_type="rotary", rotary_dim=4,
+                     parallel_attn_mlp=True, d_head=8)
     torch.manual_seed(0)
     if arch == "gemma":
-        hf_cfg = transformers.GemmaConfig(num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh",
-                                          **common)
-        hf = transformers.GemmaForCausalLM(hf_cfg)
-        tl = dict(d_head=16, act_fn="gelu_pytorch_tanh", n_key_value_heads=1, rotary_dim=16)
+        hf = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+            num_key_value_heads=1, head_dim=16, hidden_activation="gelu_pytorch_tanh", **llama_common))
+        tl = dict(d_head=16, act_fn="gelu_pytorch_tanh", n_key_value_heads=1, rotary_dim=16, **rms)
         convert = convert_gemma_weights
-    else:
-        hf_cfg = transformers.LlamaConfig(num_key_value_heads=2, head_dim=8, hidden_act="silu", **common)
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-        tl = dict(d_head=8, act_fn="silu", n_key_value_heads=2, rotary_dim=8)
+    elif arch == "llama":
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            num_key_value_heads=2, head_dim=8, hidden_act="silu", **llama_common))
+        tl = dict(d_head=8, act_fn="silu", n_key_value_heads=2, rotary_dim=8, **rms)
         convert = convert_llama_weights
+    elif arch == "neox":
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            vocab_size=D_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=12, use_parallel_residual=True, hidden_act="gelu", partial_rotary_factor=0.5))
+        tl = dict(act_fn="gelu", **rotary_ln)
+        convert = convert_neox_weights
+    else:
+        hf = transformers.GPTJForCausalLM(transformers.GPTJConfig(
+            vocab_size=D_VOCAB, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=12, n_inner=48,
+            activation_function="gelu_new"))
+        tl = dict(act_fn="gelu_new", rotary_adjacent_pairs=True, **rotary_ln)
+        convert = convert_gptj_weights
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:  # Gemma stores w - 1 (zeros by default), Llama w: both get a spread
-                p.copy_((0.0 if arch == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
-        if arch == "llama":
-            hf.model.embed_tokens.weight.mul_(50.0)
-    hf = hf.eval()
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_mlp=48, d_vocab=D_VOCAB, n_ctx=12, eps=1e-6,
-                                  normalization_type="RMS", positional_embedding_type="rotary", rotary_base=10000,
-                                  gated_mlp=True, final_rms=True, seed=0, **tl)
-    model = LNFreeTransformer(cfg).eval()
+            if "norm" in name or "ln" in name.split(".")[-2]:
+                if name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn_like(p))
+                else:  # Gemma stores w - 1 (zeros by default), the others w: all get a spread
+                    p.copy_((0.0 if arch == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
+        hf.get_input_embeddings().weight.mul_(1.0 if arch == "gemma" else 50.0)
+    model = LNFreeTransformer(HookedTransformerConfig(**TINY_HF, **tl)).eval()
     model.load_state_dict(convert(hf, model.cfg), strict=False)
-    return hf, model
+    return hf.eval(), model
+
+
+def _hf_norms(hf, arch: str) -> list[tuple[torch.nn.Module, list[str]]]:
+    """Every HF norm module and the lnfree sites that read its output."""
+    if arch in ("gemma", "llama"):
+        body, final = hf.model.layers, hf.model.norm
+        pairs = [(layer.input_layernorm, [f"blocks.{i}.ln1.qk", f"blocks.{i}.ln1.v"]) for i, layer in enumerate(body)]
+        pairs += [(layer.post_attention_layernorm, [f"blocks.{i}.ln2"]) for i, layer in enumerate(body)]
+    elif arch == "neox":
+        body, final = hf.gpt_neox.layers, hf.gpt_neox.final_layer_norm
+        pairs = [(layer.input_layernorm, [f"blocks.{i}.ln1.qk", f"blocks.{i}.ln1.v"]) for i, layer in enumerate(body)]
+        pairs += [(layer.post_attention_layernorm, [f"blocks.{i}.ln2"]) for i, layer in enumerate(body)]
+    else:  # GPT-J: one LayerNorm feeds attention and MLP
+        body, final = hf.transformer.h, hf.transformer.ln_f
+        pairs = [(layer.ln_1, [f"blocks.{i}.ln1.qk", f"blocks.{i}.ln1.v", f"blocks.{i}.ln2"])
+                 for i, layer in enumerate(body)]
+    return pairs + [(final, ["ln_final"])]
 
 
 def _freeze_hf_norms(hf, arch: str, scales: dict) -> None:
-    """Replace every HF RMSNorm's per-token RMS by our fixed sigma (the independent frozen model)."""
+    """Replace every HF norm's per-token scale by our fixed sigma (the independent frozen model)."""
     import types
 
     def frozen_forward(sigma):
         def forward(self, x):
+            x = x.float()
+            if isinstance(self, torch.nn.LayerNorm):
+                return (x - x.mean(-1, keepdim=True)) / sigma * self.weight + self.bias
             w = (1.0 + self.weight.float()) if arch == "gemma" else self.weight.float()
-            return (x.float() / sigma * w).to(x.dtype)
+            return x / sigma * w
         return forward
 
-    for i, layer in enumerate(hf.model.layers):
-        assert scales[f"blocks.{i}.ln1.qk"] == scales[f"blocks.{i}.ln1.v"]  # HF has one input norm
-        layer.input_layernorm.forward = types.MethodType(frozen_forward(scales[f"blocks.{i}.ln1.qk"]),
-                                                         layer.input_layernorm)
-        layer.post_attention_layernorm.forward = types.MethodType(frozen_forward(scales[f"blocks.{i}.ln2"]),
-                                                                  layer.post_attention_layernorm)
-    hf.model.norm.forward = types.MethodType(frozen_forward(scales["ln_final"]), hf.model.norm)
+    for module, sites in _hf_norms(hf, arch):
+        assert len({scales[s] for s in sites}) == 1  # one HF module: one scale for the sites it feeds
+        module.forward = types.MethodType(frozen_forward(scales[sites[0]]), module)
 
 
-@pytest.mark.parametrize("arch", ["gemma", "llama"])
+@pytest.mark.parametrize("arch", ["gemma", "llama", "neox", "gptj"])
 def test_every_mode_matches_transformers(arch, tokens):
     hf, model = _hf_pair(arch)
     with torch.no_grad():
@@ -398,8 +436,11 @@ def test_every_mode_matches_transformers(arch, tokens):
     if arch == "gemma":  # TransformerLens stores Gemma's scaled embedding and 1 + w
         torch.testing.assert_close(model.W_E, hf.model.embed_tokens.weight * 32**0.5)
         torch.testing.assert_close(model.blocks[0].ln1.w, 1 + hf.model.layers[0].input_layernorm.weight)
-    scales = model.estimate_ln_scales(tokens)
-    scales = {s: scales[s.replace(".v", ".qk")] * 1.3 for s in scales}  # qk == v: HF has one input norm
+    estimates = model.estimate_ln_scales(tokens)
+    scales = {}
+    for _, sites in _hf_norms(hf, arch):  # sites fed by one HF module read the same input: one scale
+        assert max(estimates[s] for s in sites) == pytest.approx(min(estimates[s] for s in sites), rel=1e-6)
+        scales.update({s: estimates[sites[0]] * 1.3 for s in sites})
     _freeze_hf_norms(hf, arch, scales)
     with torch.no_grad():
         hf_frozen = hf(tokens).logits
@@ -409,3 +450,18 @@ def test_every_mode_matches_transformers(arch, tokens):
     assert rel_err(frozen, hf_frozen) < 1e-4
     model.remove_ln()
     assert rel_err(model(tokens), hf_frozen) < 1e-4
+
+
+def test_overflow_without_the_per_token_scale_warns(tokens):
+    """Frozen scales far below the real ones blow the residual stream up (gated MLPs square it):
+    the non-finite logits come with a warning saying why, in eval mode; live models never warn."""
+    import warnings
+
+    model = LNFreeTransformer.from_hooked(make_hooked("llama-like")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(tokens)
+        with model.ln_frozen(scales=1.0):
+            assert torch.isfinite(model(tokens)).all()  # finite: no warning (it would raise here)
+    with model.ln_frozen(scales=1e-30), pytest.warns(RuntimeWarning, match="non-finite outputs .* overflowed"):
+        assert not torch.isfinite(model(tokens)).all()

@@ -239,7 +239,7 @@ def dla_token_ids_out_of_vocab(c):
 def dla_position_out_of_range(c):
     from lnfree import direct_logit_attribution
 
-    direct_logit_attribution(c.model, c.tokens, c.tokens[:, 0], pos=12)
+    direct_logit_attribution(c.model, c.tokens, targets=c.tokens[:, 0], pos=12)
 
 
 @case(ValueError, r"components must be one of \('heads', 'layers', 'neurons', 'all'\), got 'head'")
@@ -260,7 +260,7 @@ def dla_neurons_without_layer(c):
 def dla_targets_wrong_shape(c):
     from lnfree import direct_logit_attribution
 
-    direct_logit_attribution(c.model, c.tokens, c.tokens[:5, 0])
+    direct_logit_attribution(c.model, c.tokens, targets=c.tokens[:5, 0])
 
 
 @case(TypeError, "targets as a list of ints .* is ambiguous")
@@ -268,10 +268,43 @@ def dla_targets_list_of_two_ints(c):
     from lnfree import direct_logit_attribution
 
     # two prompts, targets [5, 7]: per-prompt ids or the logit difference 5 - 7? Never guessed.
-    direct_logit_attribution(c.model, c.tokens[:2], [5, 7])
+    direct_logit_attribution(c.model, c.tokens[:2], targets=[5, 7])
 
 
-@case(ValueError, "must share the vocabulary: d_vocab 61 vs 70")
+@case(ValueError, r"attention_mask must have the tokens' shape \(6, 12\), got \(6, 11\)")
+def dla_attention_mask_wrong_shape(c):
+    from lnfree import direct_logit_attribution
+
+    direct_logit_attribution(c.model, c.tokens, attention_mask=torch.ones(6, 11))
+
+
+@case(ValueError, r"real tokens of rows \[0\] are not one contiguous run")
+def cross_entropy_mask_with_a_hole(c):
+    from lnfree import cross_entropy
+
+    mask = torch.ones(6, 12, dtype=torch.long)
+    mask[0, 5] = 0
+    cross_entropy(c.model, c.tokens, attention_mask=mask)
+
+
+@case(ValueError, r"TokenBatch, which carries its attention mask")
+def sinks_token_batch_and_a_mask(c):
+    from lnfree import TokenBatch, attention_sink_rate
+
+    mask = torch.ones(6, 12, dtype=torch.long)
+    attention_sink_rate(c.model, TokenBatch(c.tokens, mask), attention_mask=mask)
+
+
+@case(ValueError, r"rows \[2\] have fewer than 2 real tokens")
+def first_token_norm_row_with_one_real_token(c):
+    from lnfree import first_token_norm
+
+    mask = torch.ones(6, 12, dtype=torch.long)
+    mask[2, 1:] = 0
+    first_token_norm(c.model, c.tokens, attention_mask=mask)
+
+
+@case(ValueError, r"different vocabularies \(d_vocab 61 vs 70\)")
 def compare_dla_different_vocab(c):
     from lnfree import compare_dla
 
@@ -384,10 +417,17 @@ def load_corrupt_config(c):
     _load(path)
 
 
-@case(CheckpointError, r"model_type 'llama'.*GPT-2-architecture checkpoints only")
-def load_non_gpt2_architecture(c):
-    (c.tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+@case(CheckpointError, r"model_type 'bert'.*not supported.*causal LMs of model_type .*gpt2.*llama")
+def load_unsupported_architecture(c):
+    (c.tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     _load(c.tmp_path)
+
+
+@case(CheckpointError, r"spec '/no/such/model\.gguf': no such file.*accepted: a zoo name")
+def resolve_missing_path(c):
+    import lnfree
+
+    lnfree.load("/no/such/model.gguf")
 
 
 @case(CheckpointError, r"has shape .* but config.json implies")
@@ -579,6 +619,34 @@ def removal_checkpoint_that_does_not_exist(c):
     from lnfree.removal import load_checkpoint
 
     load_checkpoint(c.tmp_path / "missing-run")
+
+
+@case(ValueError, r"^steps must be an integer >= 2, got -5$")
+def remove_layernorm_negative_steps(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=-5, progress=False)
+
+
+@case(ValueError, r"nothing to resume: .* does not exist")
+def remove_layernorm_resume_mistyped_dir(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=4, out_dir=c.tmp_path / "typo", resume=True, progress=False)
+
+
+@case(TypeError, r"data must be .*nested. list of token ids")
+def remove_layernorm_float_token_lists(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, [[0.5, 1.5, 2.5]], steps=4, progress=False)
+
+
+@case(ValueError, r"distill must lie in \[0, 1\]")
+def remove_layernorm_distill_weight_above_one(c):
+    from lnfree import remove_layernorm
+
+    remove_layernorm(c.model, c.tokens, steps=4, distill=1.5, progress=False)
 
 
 @case(FileNotFoundError, r"no exported model family in .* \(zoo.json missing\)")

@@ -2,6 +2,7 @@
 LN-free exactness (DLA == DE, components sum to the logit), the LN gap, and bad input."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from conftest import make_model
+from lnfree.stats import Estimate
 from lnfree.analysis.dla import DLAComparison, DLAResult, compare_dla, direct_logit_attribution
 
 
@@ -52,7 +54,7 @@ def test_head_de_matches_brute_force_and_dla_matches_transformer_lens(model, tok
     targets = tokens[:, 0]
     other = (tokens[:, 0] + 7) % model.cfg.d_vocab
     for tgt in (targets, (targets, other)):
-        res = direct_logit_attribution(model, tokens, tgt, components="heads", pos=-1, batch_size=4)
+        res = direct_logit_attribution(model, tokens, targets=tgt, components="heads", pos=-1, batch_size=4)
         assert res.dla.shape == res.direct_effect.shape == (model.cfg.n_layers * model.cfg.n_heads, tokens.shape[0])
         assert res.labels[:5] == ("L0H0", "L0H1", "L0H2", "L0H3", "L1H0")
 
@@ -79,7 +81,7 @@ def test_head_de_matches_brute_force_and_dla_matches_transformer_lens(model, tok
 def test_layer_de_matches_brute_force_including_bias(model, tokens):
     pos = torch.tensor([3, 11, 0, 7, 5, -1])  # per-prompt positions, one negative
     targets = (tokens[:, 2] * 3) % model.cfg.d_vocab
-    res = direct_logit_attribution(model, tokens, targets, components="layers", pos=pos)
+    res = direct_logit_attribution(model, tokens, targets=targets, components="layers", pos=pos)
     L = model.cfg.n_layers
     assert res.labels == ("embed", "pos_embed", "0_attn_out", "0_mlp_out", "1_attn_out", "1_mlp_out", "bias")
     assert torch.equal(res.positions, pos % tokens.shape[1])
@@ -134,11 +136,11 @@ def test_neuron_de_matches_brute_force_next_token_all_positions(model, tokens):
 @pytest.mark.parametrize("components,layer", [("heads", None), ("layers", None), ("all", None), ("neurons", 0)])
 def test_ln_free_dla_equals_de(ln_free_model, tokens, components, layer):
     assert ln_free_model.is_ln_free
-    res = direct_logit_attribution(ln_free_model, tokens, tokens[:, 3], components=components, layer=layer, pos="all")
+    res = direct_logit_attribution(ln_free_model, tokens, targets=tokens[:, 3], components=components, layer=layer, pos="all")
     assert res.ln_final_mode == "removed"
     rel = (res.dla - res.direct_effect).norm() / res.direct_effect.norm()
     assert rel < 1e-5
-    overall, per_component = res.nmae()
+    overall, per_component = res.nmae(), res.nmae_by_component()
     assert abs(overall.value) < 1e-5 and overall.high < 1e-5
     assert np.nanmax(np.abs(per_component.to_numpy())) < 1e-5
 
@@ -150,7 +152,7 @@ def test_ln_free_components_sum_to_logit_and_logit_difference(ln_free_model, tok
     b_idx, p_idx = _last(tokens)
     for tgt, expected in ((t, logits[b_idx, p_idx, t]), ((t, o), logits[b_idx, p_idx, t] - logits[b_idx, p_idx, o])):
         for components in ("layers", "all"):
-            res = direct_logit_attribution(ln_free_model, tokens, tgt, components=components)
+            res = direct_logit_attribution(ln_free_model, tokens, targets=tgt, components=components)
             assert res.labels[-1] == "bias"
             torch.testing.assert_close(res.dla.sum(0), expected, atol=1e-4, rtol=0)
             torch.testing.assert_close(res.direct_effect.sum(0), expected, atol=1e-4, rtol=0)
@@ -167,32 +169,32 @@ def test_ln_model_has_a_gap_and_frozen_ln_final_closes_it(model, tokens):
     cache = _cache(model, tokens)
     scale = cache["ln_final.hook_scale"][:, -1, 0]
     assert scale.std() / scale.mean() > 0.01  # ln_final's scale really varies: the gap must exist
-    res = direct_logit_attribution(model, tokens, tokens[:, 0], components="heads")
+    res = direct_logit_attribution(model, tokens, targets=tokens[:, 0], components="heads")
     assert res.ln_final_mode == "live"
-    overall, per_head = res.nmae()
+    overall, per_head = res.nmae(), res.nmae_by_component()
     assert overall.value > 1.0 and overall.low > 0.5  # percent
     assert (per_head > 0.1).all()
     gap = (res.dla - res.direct_effect).abs()
     assert gap.max() > 1e-2
 
     frozen = copy.deepcopy(model).freeze_ln("ln_final", scales=float(scale.mean()))
-    res_f = direct_logit_attribution(frozen, tokens, tokens[:, 0], components="all")
+    res_f = direct_logit_attribution(frozen, tokens, targets=tokens[:, 0], components="all")
     assert res_f.ln_final_mode == "frozen"
     torch.testing.assert_close(res_f.dla, res_f.direct_effect, atol=1e-5, rtol=1e-5)
-    assert res_f.nmae()[0].value < 1e-3
+    assert res_f.nmae().value < 1e-3
     # frozen: layers also sum to the logit (LN on the path is affine)
-    res_l = direct_logit_attribution(frozen, tokens, tokens[:, 0], components="layers")
+    res_l = direct_logit_attribution(frozen, tokens, targets=tokens[:, 0], components="layers")
     torch.testing.assert_close(res_l.dla.sum(0), res_l.logit, atol=1e-4, rtol=0)
 
 
 def test_nmae_definition_and_aggregates(model, tokens):
-    res = direct_logit_attribution(model, tokens, tokens[:, 0], components="heads")
+    res = direct_logit_attribution(model, tokens, targets=tokens[:, 0], components="heads")
     err, de = (res.dla - res.direct_effect).abs().double(), res.direct_effect.abs().double()
-    overall, per = res.nmae()
+    overall, per = res.nmae(), res.nmae_by_component()
     assert overall.value == pytest.approx(float(100 * err.mean() / de.mean()), rel=1e-9)
     assert overall.low <= overall.value <= overall.high and overall.n == tokens.shape[0]
     np.testing.assert_allclose(per.to_numpy(), (100 * err.mean(1) / de.mean(1)).numpy(), rtol=1e-9)
-    mean_est, _ = res.nmae(aggregate="mean")
+    mean_est = res.nmae(aggregate="mean")
     assert mean_est.value == pytest.approx(float((100 * err.mean(1) / de.mean(1)).mean()), rel=1e-9)
     by_layer = res.nmae_frame("layer", n_boot=100)
     assert list(by_layer["group"]) == ["0", "1"]
@@ -212,7 +214,7 @@ def test_batching_and_hooked_transformer_input_give_the_same_numbers(model, toke
 
 
 def test_frame_top_plot(model, tokens):
-    res = direct_logit_attribution(model, tokens, tokens[:, 1], components="heads")
+    res = direct_logit_attribution(model, tokens, targets=tokens[:, 1], components="heads")
     frame = res.to_frame()
     assert len(frame) == 8 * 6 and {"component", "layer", "prompt", "dla", "direct_effect", "logit"} <= set(frame)
     row = frame[(frame.component == "L1H2") & (frame.prompt == 4)].iloc[0]
@@ -229,16 +231,66 @@ def test_frame_top_plot(model, tokens):
 
 
 def test_compare_dla(model, ln_free_model, tokens):
-    cmp = compare_dla(model, ln_free_model, tokens, tokens[:, 2], components="heads", n_boot=100)
+    cmp = compare_dla(model, ln_free_model, tokens, targets=tokens[:, 2], components="heads", n_boot=100)
     assert isinstance(cmp, DLAComparison) and isinstance(cmp.a, DLAResult)
+    ln, free = cmp.names  # labelled from the models' norm state, not the argument position
+    assert (ln, free) == ("custom (LN)", "custom (LN-free)")
     table = cmp.to_frame()
     overall = table[table.group == "overall"].set_index("model")["nmae"]
-    assert overall["LN"] > 1.0 and abs(overall["LN-free"]) < 1e-5
+    assert overall[ln] > 1.0 and abs(overall[free]) < 1e-5
     assert set(table.group) == {"overall", "0", "1"}
-    assert cmp.nmae_difference["overall"] == pytest.approx(overall["LN"] - overall["LN-free"])
+    assert cmp.nmae_difference["overall"] == pytest.approx(overall[ln] - overall[free])
     assert len(cmp.plot().data) > 4
     with pytest.raises(ValueError, match="d_vocab"):
         compare_dla(model, make_model(d_vocab=50), tokens % 50)
+
+
+def test_compare_dla_names_follow_the_models_and_difference_has_a_paired_ci(model, ln_free_model, tokens):
+    swapped = compare_dla(ln_free_model, model, tokens, components="heads", n_boot=200)
+    assert swapped.names == ("custom (LN-free)", "custom (LN)")  # the bug: position-based names said "LN" here
+    assert swapped.a.model_name == "custom (LN-free)" and swapped.b.model_name == "custom (LN)"
+    assert swapped.a.model_id != swapped.b.model_id
+    named = compare_dla(model, ln_free_model, tokens, names=("mine", "theirs"), n_boot=50)
+    assert named.names == ("mine", "theirs") and set(named.to_frame().model) == {"mine", "theirs"}
+    diff = swapped.difference()
+    assert list(diff.columns) == ["group", "difference", "low", "high", "n"] and list(diff.group) == ["overall", "0", "1"]
+    np.testing.assert_allclose(diff.difference.to_numpy(), swapped.nmae_difference.to_numpy(), rtol=1e-9)
+    row = diff.iloc[0]
+    assert row.low <= row.difference <= row.high < 0  # LN-free minus LN: clearly negative
+    est = swapped.overall_difference()
+    assert float(est) == pytest.approx(row.difference) and est.n == tokens.shape[0]
+    # the difference CI resamples prompts jointly: a hand-written paired bootstrap agrees
+    rng = np.random.default_rng(0)
+    e_a = (swapped.a.dla - swapped.a.direct_effect).abs().double().sum(0).mean(-1).numpy()
+    d_a = swapped.a.direct_effect.abs().double().sum(0).mean(-1).numpy()
+    e_b = (swapped.b.dla - swapped.b.direct_effect).abs().double().sum(0).mean(-1).numpy()
+    d_b = swapped.b.direct_effect.abs().double().sum(0).mean(-1).numpy()
+    idx = rng.integers(0, len(e_a), size=(200, len(e_a)))
+    boots = [100 * (e_a[i].sum() / d_a[i].sum() - e_b[i].sum() / d_b[i].sum()) for i in idx]
+    assert est.low == pytest.approx(np.quantile(boots, 0.025), rel=1e-6)
+    fig = swapped.plot()
+    assert fig.layout.yaxis.title.text == "NMAE (%)" and fig.layout.xaxis.title.text == "layer"
+    assert "custom (LN-free)" in repr(swapped) and "overall_difference=" in repr(swapped)
+
+
+def test_result_contract(model, tokens):
+    res = direct_logit_attribution(model, tokens, components="heads", n_boot=100, level=0.9, seed=3)
+    assert res.model_name == "custom (LN)" and res.model_id
+    assert (res.n_boot, res.level, res.seed) == (100, 0.9, 3)
+    est = res.nmae()
+    assert isinstance(est, Estimate) and est.level == 0.9 and float(est) == est.value
+    assert res.nmae(seed=3, n_boot=100, level=0.9).low == est.low  # the stored settings are the defaults
+    assert res.nmae(seed=4).low != est.low
+    text = repr(res)
+    assert text.startswith("DLAResult(model='custom (LN)'") and "nmae=" in text and len(text) <= 240
+    assert "tensor" not in text and "<table" in res._repr_html_()
+    assert res == res and res != direct_logit_attribution(model, tokens, components="heads") and hash(res)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        res.components = "layers"
+    fig = res.plot()
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text and "custom (LN)" in fig.layout.title.text
+    with pytest.raises(TypeError, match="positional"):
+        direct_logit_attribution(model, tokens, tokens[:, 0])  # targets is keyword-only
 
 
 # ---- bad input ---------------------------------------------------------------------------------
@@ -281,3 +333,16 @@ def test_bad_model_and_tokens(model, tokens):
         direct_logit_attribution(model, tokens[:, :1])
     with pytest.raises(ValueError, match="names"):
         compare_dla(model, model, tokens, names=("a", "a"))
+
+
+def test_model_id_is_cached_but_follows_weight_edits_and_removal(model, tokens):
+    from lnfree import _checks
+
+    first = direct_logit_attribution(model, tokens, components="heads").model_id
+    assert _checks.model_id(model) == first  # cached, same answer
+    with torch.no_grad():
+        model.W_U[0, 0] += 1.0  # in place: the tensor's version changes
+    edited = _checks.model_id(model)
+    assert edited != first
+    model.estimate_ln_scales(tokens)
+    assert _checks.model_id(model.remove_ln()) not in (first, edited)

@@ -34,7 +34,7 @@ def test_brute_force_and_exclude_position_0(model, tokens):
             nll[b, p] = math.log(sum(math.exp(v) for v in row.tolist())) - float(row[tokens[b, p + 1]])
     res = cross_entropy(model, tokens, exclude_position_0=True)
     assert res.value == pytest.approx(float(nll[:, 1:].mean()), rel=1e-5)
-    assert res.n_tokens == nll[:, 1:].numel() and res.settings["exclude_position_0"]
+    assert res.n_tokens == nll[:, 1:].numel() and res.exclude_position_0
     assert cross_entropy(model, tokens).value == pytest.approx(float(nll.mean()), rel=1e-5)
 
 
@@ -89,6 +89,43 @@ def test_bad_input(model, tokens):
         cross_entropy(model, tokens, batch_size=0)
     with pytest.raises(ValueError, match="no prediction"):
         cross_entropy(model, tokens[:, :2], exclude_position_0=True)
-    with pytest.raises(TypeError):
-        cross_entropy(model, [[1, 2, 3]])
+    # nested lists are token ids too (the shared check accepts them), with the same numbers
+    assert cross_entropy(model, tokens[:2].tolist()).value == pytest.approx(cross_entropy(model, tokens[:2]).value)
+    with pytest.raises(TypeError, match="rectangular"):
+        cross_entropy(model, [[1, 2, 3], [4]])
     assert np.isfinite(cross_entropy(model, tokens[:, :2]).value)
+
+
+def test_result_contract_and_plot_axis_is_tight(model, tokens, ln_free_model):
+    res = cross_entropy(model, tokens, n_boot=200, level=0.9, seed=1)
+    assert (res.n_boot, res.level, res.seed, res.model_name) == (200, 0.9, 1, "custom (LN)")
+    assert res.mean.level == 0.9 and float(res.mean) == res.value and res.tokens_per_sequence.tolist() == [11] * 6
+    text = repr(res)
+    assert text.startswith("CEResult(model='custom (LN)'") and "mean=" in text and "tensor" not in text
+    assert res == res and hash(res) and "<table" in res._repr_html_()
+    fig = res.plot()
+    lo, hi = fig.layout.yaxis.range
+    assert lo > 0.5 * float(res.per_sequence.min()) and hi < 1.5 * float(res.per_sequence.max())  # not from 0
+    assert fig.layout.yaxis.title.text and res.mean.low >= lo and res.mean.high <= hi
+    with pytest.raises(TypeError, match="positional"):
+        cross_entropy(model, tokens, 4)
+
+
+def test_compare_cross_entropy_paired_difference(model, tokens, ln_free_model):
+    from lnfree.evaluation import CEComparison, compare_cross_entropy
+    from lnfree.stats import bootstrap
+
+    cmp = compare_cross_entropy(ln_free_model, model, tokens, n_boot=300)
+    assert isinstance(cmp, CEComparison) and cmp.names == ("custom (LN-free)", "custom (LN)")
+    diff = cmp.difference()
+    a, b = cross_entropy(ln_free_model, tokens), cross_entropy(model, tokens)
+    assert diff.value == pytest.approx(a.value - b.value, rel=1e-9)
+    # equal-length rows: the paired CI is the bootstrap of per-sequence differences
+    ref = bootstrap(a.per_sequence.double() - b.per_sequence.double(), n_boot=300)
+    assert diff.low == pytest.approx(ref.low, rel=1e-5) and diff.high == pytest.approx(ref.high, rel=1e-5)
+    frame = cmp.to_frame()
+    assert list(frame.columns) == ["model", "sequence", "metric", "value"] and len(frame) == 12
+    fig = cmp.plot()
+    lo, hi = fig.layout.yaxis.range
+    assert lo > 0 and fig.layout.yaxis.title.text and fig.layout.yaxis2.title.text
+    assert "difference=" in repr(cmp)

@@ -38,6 +38,22 @@ def hf_llama(d_model=64, n_layers=2, n_heads=4, n_kv=2, d_mlp=128, seed=0):
     return model
 
 
+def hf_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    vocab = len(_tokens())
+    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=vocab, max_position_embeddings=64, rms_norm_eps=1e-6,
+                      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm weights and the q/k/v biases away from their defaults
+                p.copy_((1 if "norm" in name else 0) + 0.3 * torch.randn_like(p))
+    return model
+
+
 def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py `permute` (rows of each head interleaved for its rotary)."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -76,12 +92,12 @@ def write_gguf(path, model, qtype=T.F32, *, arch="llama", quantize_names=("attn_
         if hf_name in names:
             name = names[hf_name]
         else:
-            i, rest = hf_name.split(".")[2], ".".join(hf_name.split(".")[3:-1])
-            name = f"blk.{i}.{layer[rest]}.weight"
+            parts = hf_name.split(".")
+            name = f"blk.{parts[2]}.{layer['.'.join(parts[3:-1])]}.{parts[-1]}"
         a = t.detach().float().numpy()
-        if name.endswith("attn_q.weight"):
+        if arch == "llama" and name.endswith("attn_q.weight"):  # llama.cpp permutes llama's Q/K only
             a = llamacpp_permute(a, c.num_attention_heads)
-        elif name.endswith("attn_k.weight"):
+        elif arch == "llama" and name.endswith("attn_k.weight"):
             a = llamacpp_permute(a, c.num_key_value_heads)
         kind = (raw_types or {}).get(name, qtype if a.ndim == 2 and any(k in name for k in quantize_names) else T.F32)
         if kind == T.F32:
@@ -127,6 +143,19 @@ def test_logits_equal_transformers_gguf(tmp_path, qtype):
         assert rel_err(model(TOKENS), ref(TOKENS).logits) < 1e-4
     assert set(model.ln_modes().values()) == {"live"}
     assert model.cfg.n_key_value_heads == 2 and model.cfg.normalization_type == "RMS"
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.Q8_0])
+def test_qwen2_file(tmp_path, qtype):
+    hf = hf_qwen2()
+    path = write_gguf(tmp_path / f"qwen2-{qtype.name}.gguf", hf, qtype, arch="qwen2")
+    model = load_model(path, device="cpu")
+    assert model.cfg.original_architecture == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        got = model(TOKENS)
+        assert rel_err(got, transformers_gguf(path)(TOKENS).logits) < 1e-4
+        if qtype == T.F32:
+            assert rel_err(got, hf(TOKENS).logits) < 1e-4
 
 
 def test_f32_file_equals_source_model(tmp_path):

@@ -496,3 +496,82 @@ def test_hub_id_uses_cache_then_download(ckpt, monkeypatch, tokens):
     fetch = [kw for _, kw in calls if not kw.get("local_files_only")]
     assert calls[-1][0] == "openai-community/gpt2" and len(fetch) == 1
     assert {"config.json", "*.safetensors"} <= set(fetch[0]["allow_patterns"])
+
+
+# ---- every architecture from a local directory ------------------------------------------------------
+V = 97
+SMALL = {
+    "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+                    window_size=4, max_position_embeddings=32),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=32, rotary_pct=0.5),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, max_position_embeddings=32,
+                word_embed_proj_dim=32),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=32),
+    "llama": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=32),
+    "mistral": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, max_position_embeddings=32, sliding_window=None),
+    "qwen2": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=32),
+    "qwen3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  intermediate_size=64, max_position_embeddings=32),
+    "gemma": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+                  intermediate_size=64, max_position_embeddings=32),
+    "phi3": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=64, max_position_embeddings=32, pad_token_id=0),
+}
+
+
+def tiny_hf(model_type: str, seed: int = 0):
+    """A tiny random transformers causal LM with norm weights and biases away from their defaults."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=V, **SMALL[model_type])).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return hf
+
+
+@pytest.mark.parametrize("model_type", sorted(SMALL))
+def test_every_architecture_matches_transformers(tmp_path, model_type):
+    from lnfree import architectures
+
+    assert model_type in architectures.SUPPORTED
+    hf = tiny_hf(model_type)
+    folder = tmp_path / f"tiny-{model_type}"  # 'llama'/'gemma' in the path must not confuse TransformerLens
+    hf.save_pretrained(folder)
+    model = load(folder)
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens).logits
+        got = model(tokens)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+    assert set(model.ln_modes().values()) == {"live"}
+    assert model.cfg.original_architecture == architectures.SUPPORTED[model_type]
+
+
+def test_architecture_processing_flags_keep_log_probs(tmp_path):
+    hf = tiny_hf("llama")
+    hf.save_pretrained(tmp_path / "m")
+    tokens = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(2))
+    plain = load(tmp_path / "m")
+    folded = load(tmp_path / "m", fold_ln=True, center_unembed=True)
+    with torch.no_grad():
+        a, b = plain(tokens).log_softmax(-1), folded(tokens).log_softmax(-1)
+    assert torch.allclose(a, b, atol=1e-4)
+    assert folded.cfg.normalization_type == "RMSPre"
+
+
+def test_saved_weights_respect_umask(ckpt, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_pretrained(load(ckpt[0]), tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -22,6 +22,16 @@ matches the installed 3.9 package):
   `process_weights_` gives identical results on both classes
 - tests/unit/test_split_qkv.py and GQA cases are also run with RMSNorm.
 
+Also checked once by hand (not part of the suite: it needs the upstream repository): the upstream files
+themselves (tests/unit: test_direct_path_patching, test_generate_no_tokenizer, test_n_params_total,
+test_split_qkv, test_use_attn_result, test_optional_submodule, test_hooked_root_module, test_hook_points,
+test_key_value_cache_entry, test_patching, test_svd_interpreter, test_utils, test_weight_processing,
+tools/test_direct_logit_attribution; tests/integration: test_grouped_query_attention,
+test_start_at_layer, test_stop_at_layer, test_d_vocab), run offline with
+``transformer_lens.HookedTransformer`` replaced by LNFreeTransformer in a conftest, give exactly the
+same outcome as with HookedTransformer: 214 passed, and the same 11 failed / 28 errors (hub downloads,
+or differences between the development branch and the 3.9 release).
+
 Not ported: component-only tests (tests/unit/components/*, factored_matrix, hook_points, config,
 weight_conversion, utilities: they never build a HookedTransformer, so LNFreeTransformer changes
 nothing there); tests that need hub downloads (pretrained weights or tokenizers: test_patching,

@@ -114,18 +114,18 @@ def test_resume_matches_uninterrupted(tok, tmp_path):
     # (simulate a crash: keep only the step-3 checkpoint, then resume to 7).
     part_dir = tmp_path / "part"
     zt.pretrain(ids, tc, part_dir, progress=False)  # writes ckpt at 3, 6, 7
-    import json, shutil
-    ck = part_dir / "ckpt"
+    import shutil
+    ck = part_dir / "checkpoints"
     for p in ck.glob("step_*"):
         if p.name != "step_000006":
             shutil.rmtree(p)
-    (ck / "latest.json").write_text(json.dumps({"step": 6, "dir": "step_000006"}))
+    (ck / "latest").write_text("step_000006\n")
     shutil.rmtree(part_dir / "final")
     resumed, h_res = zt.pretrain(ids, tc, part_dir, resume=True, progress=False)
     assert len(h_res) == 1 and h_res[0] == pytest.approx(h_full[-1], abs=0)
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
-    loaded = zt.load_model(part_dir)
+    loaded = zt.load_run(part_dir)
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
 
@@ -143,3 +143,78 @@ def test_resume_from_time_budget_stop(tok, tmp_path):
     assert len(h) == 6
     for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_config_embeds_the_shared_optimiser_config():
+    from lnfree.training import OptimConfig, lr_at
+
+    tc = zt.TrainConfig(warmup_steps=10, max_steps=100, lr=2e-3, min_lr=1e-4, weight_decay=0.1)
+    assert isinstance(tc.optim, OptimConfig)
+    assert (tc.optim.steps, tc.optim.lr, tc.optim.min_lr, tc.optim.warmup, tc.optim.horizon) == (100, 2e-3, 1e-4, 10, 100)
+    assert [zt.lr_at(s, tc) for s in (0, 50, 100)] == [lr_at(s, tc.optim) for s in (0, 50, 100)]
+    with pytest.raises(ValueError, match="min_lr"):
+        zt.TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        zt.TrainConfig(batch_size=0)
+    with pytest.raises(Exception):  # frozen: a changed max_steps cannot leave `optim` stale
+        tc.max_steps = 5
+
+
+def test_old_run_dir_layout_still_resumes(tok, tmp_path):
+    """A run dir written before lnfree.training (ckpt/latest.json + state.pt) resumes bit-identically."""
+    import json
+    import shutil
+
+    t, f = tok
+    ids = zt.tokenize_files([f], t)
+    tc = tiny_config(len(t), max_steps=7)
+    full, h_full = zt.pretrain(ids, tc, tmp_path / "full", progress=False)
+    old = tmp_path / "old"
+    zt.pretrain(ids, tc, old, progress=False)  # checkpoints at 3, 6, 7: keep 6, in the old layout
+    new_ck = old / "checkpoints" / "step_000006"
+    (old / "ckpt").mkdir()
+    legacy = old / "ckpt" / "step_000006"
+    shutil.copytree(new_ck, legacy)
+    tensors = torch.load(legacy / "optimizer.pt", weights_only=True)
+    state = json.loads((legacy / "state.json").read_text())
+    torch.save({"step": 6, "optimizer": tensors["optimizer"], "torch_rng": tensors["torch_rng"],
+                "data_rng": tensors["data_rng"], "elapsed_s": state["elapsed_s"], "extra_json": "{}"}, legacy / "state.pt")
+    for name in ("optimizer.pt", "state.json"):
+        (legacy / name).unlink()
+    (old / "ckpt" / "latest.json").write_text(json.dumps({"step": 6, "dir": "step_000006"}))
+    shutil.rmtree(old / "checkpoints")
+    shutil.rmtree(old / "final")
+    assert zt.latest_checkpoint(old) == legacy
+    resumed, h = zt.pretrain(ids, tc, old, resume=True, progress=False)
+    assert h == pytest.approx(h_full[-1:], abs=0)
+    for (k, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_resumed_log_reads_as_one_run_and_files_respect_umask(tok, tmp_path):
+    import json
+    import os
+    import shutil
+    import stat
+
+    t, f = tok
+    ids = zt.tokenize_files([f], t)
+    tc = tiny_config(len(t), max_steps=7, log_every=1)
+    run = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        zt.pretrain(ids, tc, run, progress=False)  # checkpoints at 3, 6, 7; log lines for steps 1..7
+        ck = run / "checkpoints"
+        for p in ck.glob("step_*"):
+            if p.name != "step_000006":
+                shutil.rmtree(p)
+        (ck / "latest").write_text("step_000006\n")  # as if killed after step 7's log line, before its checkpoint
+        shutil.rmtree(run / "final")
+        zt.pretrain(ids, tc, run, resume=True, progress=False)
+    finally:
+        os.umask(old)
+    steps = [r["step"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == list(range(1, 8))  # step 7 once, not twice
+    modes = {stat.S_IMODE(p.stat().st_mode) for p in run.rglob("*") if p.is_file()}
+    assert modes == {0o644}

@@ -20,8 +20,8 @@ tokens = zoo.heldout("persuasion")[:16, :64]
 res_ln = lnfree.direct_logit_attribution(ln_model, tokens, components="heads")  # next-token targets
 res_free = lnfree.direct_logit_attribution(ln_free, tokens, components="heads")
 print("DLA shape [head, prompt, position]:", tuple(res_ln.dla.shape))
-print("NMAE with LN:    ", res_ln.nmae(n_boot=200)[0], "%")
-print("NMAE without LN: ", res_free.nmae(n_boot=200)[0], "%")
+print("NMAE with LN:    ", res_ln.nmae(n_boot=200), "%")
+print("NMAE without LN: ", res_free.nmae(n_boot=200), "%")
 
 # %% [markdown]
 # The per-layer breakdown, with bootstrap confidence intervals over sequences:
@@ -39,7 +39,7 @@ res_ln.nmae_frame("layer", n_boot=200)
 ln_model.estimate_ln_scales(tokens)  # each site's mean scale on these tokens (stored on the model)
 with ln_model.ln_frozen("ln_final"):
     res_frozen = lnfree.direct_logit_attribution(ln_model, tokens, components="heads")
-print("NMAE with ln_final frozen:", res_frozen.nmae(n_boot=200)[0], "%")
+print("NMAE with ln_final frozen:", res_frozen.nmae(n_boot=200), "%")
 
 # %% [markdown]
 # ## Components sum to the logit

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Result": "lnfree._results",
     "TokenBatch": "lnfree._checks",
     "tokenize": "lnfree._checks",
+    "load": "lnfree.resolve",
     "load_model": "lnfree.loading",
     "save_pretrained": "lnfree.loading",
     "CheckpointError": "lnfree.loading",
@@ -49,6 +50,13 @@ _EXPORTS = {
     "attention_sink_rate": "lnfree.analysis.geometry",
     "remove_layernorm": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
+    "compare_cross_entropy": "lnfree.evaluation",
+    "CEResult": "lnfree.evaluation",
+    "CEComparison": "lnfree.evaluation",
+    "DLAResult": "lnfree.analysis.dla",
+    "DLAComparison": "lnfree.analysis.dla",
+    "ResidNorms": "lnfree.analysis.geometry",
+    "SinkRate": "lnfree.analysis.geometry",
 }
 _SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation"}
 

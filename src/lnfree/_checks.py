@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import weakref
 from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -260,16 +261,50 @@ def model_label(model) -> str:
     return f"{name} ({ln_state_label(model)})"
 
 
+_MODEL_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_id(model) -> str:
-    """A short fingerprint of a model's weights and norm state: results from different models differ."""
+    """A short fingerprint of a model's weights and norm state: results from different models differ.
+
+    Cached per model while its fingerprinted tensors are the same objects at the same version
+    (in-place edits bump a tensor's version; remove_ln writes new Parameters), since hashing
+    |W_E| and |W_U| costs about a second for a 49k-token vocabulary.
+    """
+    params = (model.W_E, model.W_U, model.blocks[0].attn.W_Q if model.cfg.n_layers else model.W_E)
+    key = (tuple((id(p), p._version) for p in params),
+           tuple(sorted(model.ln_modes().items())) if hasattr(model, "ln_modes") else (), model.cfg.model_name)
+    try:
+        cached = _MODEL_IDS.get(model)
+    except TypeError:  # not weak-referenceable: no cache
+        cached = None
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    digest = _model_digest(model)
+    try:
+        _MODEL_IDS[model] = (key, digest)
+    except TypeError:
+        pass
+    return digest
+
+
+def _model_digest(model) -> str:
     h = hashlib.sha1()
     h.update(repr((model.cfg.model_name, model.cfg.n_layers, model.cfg.d_model, model.cfg.d_vocab)).encode())
     h.update(repr(sorted(model.ln_modes().items())).encode() if hasattr(model, "ln_modes") else b"")
     with torch.no_grad():
         for p in (model.W_E, model.W_U, model.blocks[0].attn.W_Q if model.cfg.n_layers else model.W_E):
-            h.update(np.float64(p.detach().double().flatten()[:4096].sum().item()).tobytes())
-            h.update(np.float64(p.detach().double().abs().sum().item()).tobytes())
+            flat = p.detach().reshape(-1)
+            h.update(np.float64(flat[:4096].double().sum().item()).tobytes())
+            h.update(np.float64(_abs_sum(flat)).tobytes())
     return h.hexdigest()[:12]
+
+
+def _abs_sum(flat: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """sum |x| in float64, in chunks: a float64 copy of W_E / W_U would be the biggest allocation of
+    an analysis (226 MiB for a 49k x 576 embedding) and dominate its peak memory."""
+    return sum(float(torch.linalg.vector_norm(flat[i:i + chunk], 1, dtype=torch.float64))
+               for i in range(0, flat.numel(), chunk))
 
 
 def compare_names(model_a, model_b, names=None) -> tuple[str, str]:

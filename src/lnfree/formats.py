@@ -60,6 +60,10 @@ def assemble(cfg, state_dict: dict[str, torch.Tensor], tokenizer, flags: dict, l
                                           **{f: bool(flags.get(f)) for f in _FLAGS})
     else:
         full = model.fill_missing_keys(dict(state_dict))
+        # TransformerLens's Phi-3 converter writes zero biases for its RMSNorms, which have none
+        zeros = [k for k, v in full.items() if k.endswith(".b") and k not in model.state_dict() and not v.any()]
+        for k in zeros:
+            del full[k]
         missing, unexpected = model.load_state_dict(full, strict=False)
         missing = [k for k in missing if not k.endswith((".IGNORE", ".mask"))]
         if missing or unexpected:

@@ -43,6 +43,7 @@ from typing import Optional, Union
 import einops
 import torch
 
+from lnfree._checks import check_device
 from lnfree._errors import CheckpointError
 from lnfree.formats import chmod_umask
 from lnfree.model import LNFreeTransformer
@@ -140,7 +141,7 @@ def load_model(
         True
     """
     _check_load_args(name_or_path, dtype, tokenizer, local_files_only)
-    device = check_device(device)
+    check_device(device)
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
         raise ValueError(f"n_ctx must be a positive int or None, got {n_ctx!r}")
     flags = dict(fold_ln=bool(fold_ln), center_writing_weights=bool(center_writing_weights),
@@ -155,8 +156,8 @@ def load_model(
                                  n_ctx=n_ctx)
     if path.exists():
         raise CheckpointError(
-            f"name_or_path must be a checkpoint directory, a .gguf file or a hub id; {str(name_or_path)!r} is a file, "
-            f"not a .gguf. Pass the directory that holds it (config.json + model.safetensors)."
+            f"name_or_path must be a checkpoint directory, a .gguf file or a hub id; {str(name_or_path)!r} is a file. "
+            f"Pass the directory that holds it (config.json + model.safetensors), or a .gguf file."
         )
     name = os.fspath(name_or_path)
     if not _looks_like_hub_id(name):
@@ -165,33 +166,6 @@ def load_model(
         )
     snapshot = _hub_snapshot(HUB_MODELS.get(name, name), name, local_files_only)
     return _load_dir(Path(snapshot), name, device, dtype, flags, tokenizer, n_ctx)
-
-
-def check_device(device):
-    """`device` unchanged, after checking that it exists here (a clear error instead of a torch assert).
-
-    Example:
-        >>> check_device("cpu")
-        'cpu'
-    """
-    if device is None:
-        return None
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be None, a str like 'cpu' or 'cuda:0', or a torch.device; got {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device {device!r} is not a torch device; pass None, 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r}: no CUDA device is available on this machine; pass "
-                             "device='cpu' (or None, which picks CUDA only when it is available)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) exist "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device={str(device)!r}: MPS is not available here; pass device='cpu'")
-    return device
 
 
 def save_pretrained(model, path: PathLike) -> None:
@@ -706,9 +680,8 @@ def _check_representable(cfg) -> None:
 
 def _check_centered_readers(model: LNFreeTransformer) -> None:
     """HF's LN-free format still subtracts the mean; exact only if every reading weight is centered."""
-    readers = getattr(model, "site_readers", None) or model._readers
     for site in model.ln_sites:
-        for weight, _, dim in readers(site):
+        for weight, _, dim in model.site_readers(site):
             W = weight.detach().double()
             if W.mean(dim).abs().max() > 1e-5 * W.abs().max().clamp_min(1e-30):
                 raise ValueError(

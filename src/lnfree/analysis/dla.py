@@ -4,8 +4,9 @@ For a component c (a head, a layer output, a neuron, ...) writing into the final
 stream r (the input of ``ln_final``), with u the unembedding direction of the target
 (``W_U[:, target]``, minus ``W_U[:, other]`` for a logit difference):
 
-- ``DLA(c) = (c - mean(c)) / scale * w_lnf . u`` with ``scale`` the cached ``ln_final.hook_scale``
-  of this prompt and position. For an LN-free model (``ln_final`` removed) the scale is 1 and
+- ``DLA(c) = center(c) / scale * w_lnf . u`` with ``scale`` the cached ``ln_final.hook_scale``
+  of this prompt and position; ``center`` subtracts the mean for LayerNorm and is the identity for
+  RMSNorm (which never centres). For an LN-free model (``ln_final`` removed) the scale is 1 and
   ``ln_final`` is the identity: ``DLA(c) = c . u`` with the folded ``W_U``. ``ln_final.b`` and
   ``b_U`` belong to the separate ``"bias"`` component.
 - ``DE(c) = logit(r) - logit(r - c)``, with ``ln_final`` recomputed on ``r - c``.
@@ -16,21 +17,25 @@ on the path (frozen or removed) and not otherwise. DE is computed for every comp
 the model runs once per batch, up to ``ln_final``, with hooks that keep only the activations the
 components need at the chosen positions; ``ln_final`` is then re-applied to ``r - C`` for blocks of
 components, and only the needed columns of ``W_U`` are read (never the full vocabulary).
+
+Padding: with ``attention_mask=`` (or a `TokenBatch`) positions count each row's real tokens
+(position 0 = the row's first real token, -1 = its last), whichever side was padded; padded
+entries of a ``pos="all"`` result are NaN and excluded from every statistic (``valid``).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import ClassVar, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
-from transformer_lens import HookedTransformer
+from jaxtyping import Bool, Float, Int
 
+from lnfree import _checks
+from lnfree._results import Result, result
 from lnfree.model import LNFreeTransformer
 from lnfree.stats import Estimate, bootstrap
 
@@ -45,20 +50,46 @@ TargetsArg = Union[None, int, torch.Tensor, Sequence]
 PosArg = Union[None, int, str, torch.Tensor]
 
 
+# ---- NMAE from per-prompt sums ---------------------------------------------------------------
+# mean|DLA - DE| / mean|DE| over any set of entries is sum / sum (the counts cancel), so every NMAE,
+# its bootstrap over prompts and any padding reduce to per-prompt sums [prompt, component].
+def _pooled(e: np.ndarray, d: np.ndarray) -> float:
+    return float(100 * e.sum() / d.sum())
+
+
+def _mean_of_components(e: np.ndarray, d: np.ndarray) -> float:
+    return float(np.nanmean(100 * e.sum(0) / d.sum(0)))
+
+
+_AGGREGATES = {"pooled": _pooled, "mean": _mean_of_components}
+
+
+def _quiet(fn, *args, **kwargs):
+    """Run fn with 0/0 (components whose |DE| sums to 0) giving NaN silently."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return fn(*args, **kwargs)
+
+
 # ---- results ---------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class DLAResult:
+@result
+class DLAResult(Result):
     """Direct logit attribution and exact direct effect per component.
 
     Attributes:
-        dla: [component, prompt] (or [component, prompt, position] when ``pos="all"``).
+        dla: [component, prompt] (or [component, prompt, position] when ``pos="all"``; NaN where
+            ``valid`` is False).
         direct_effect: same shape as ``dla``: logit(r) - logit(r - c), ln_final recomputed.
         logit: [prompt] (or [prompt, position]): the model's target logit (or logit difference).
         labels: one label per component (TransformerLens style, plus ``"bias"``).
-        positions: [prompt] positions used (non-negative), or None when ``pos="all"``.
+        positions: [prompt] positions used, counted within each row's real tokens, or None when ``pos="all"``.
+        valid: [prompt, position] which entries of a ``pos="all"`` result are real tokens with a
+            target (None when every entry is).
         components, layer: the settings used.
         targets: "next-token", "token" or "logit-diff".
         ln_final_mode: "live", "frozen" or "removed" (the model's ln_final when this was run).
+        n_boot, level, seed: bootstrap settings of `nmae` and `nmae_frame`.
+        model_name, model_id: which model produced this (`lnfree._checks.model_label` / ``model_id``).
     """
 
     dla: Float[torch.Tensor, "component prompt *pos"]
@@ -70,60 +101,72 @@ class DLAResult:
     layer: Optional[int]
     targets: str
     ln_final_mode: str
+    valid: Optional[Bool[torch.Tensor, "prompt pos"]] = None
+    n_boot: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    model_name: str = "model"
+    model_id: str = ""
+
+    _headline: ClassVar[tuple[str, ...]] = ("nmae",)
+
+    # -- per-prompt sums ----------------------------------------------------------------------
+    def _sums(self, x: torch.Tensor) -> np.ndarray:
+        """[prompt, component] float64 sums over positions of x [component, prompt, *pos] (padding excluded)."""
+        x = x.detach().double().cpu()
+        if x.ndim == 3:
+            x = (torch.where(self.valid, x, 0.0) if self.valid is not None else x).sum(-1)
+        return np.ascontiguousarray(x.numpy().T)
+
+    def _counts(self) -> np.ndarray:
+        """[prompt] entries per prompt (1, the number of positions, or the number of valid positions)."""
+        n = self.dla.shape[1]
+        if self.dla.ndim == 2:
+            return np.ones(n)
+        if self.valid is None:
+            return np.full(n, float(self.dla.shape[2]))
+        return self.valid.sum(-1).double().numpy()
+
+    def _error_and_effect(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._sums((self.dla - self.direct_effect).abs()), self._sums(self.direct_effect.abs())
+
+    def _means(self, x: torch.Tensor) -> np.ndarray:
+        """[component] mean of x over prompts (and valid positions)."""
+        return self._sums(x).sum(0) / self._counts().sum()
 
     # -- NMAE ---------------------------------------------------------------------------------
-    def _per_prompt(self, x: torch.Tensor) -> np.ndarray:
-        """[prompt, component, positions] float64 array: prompts are the bootstrap unit."""
-        a = x.detach().double().cpu().numpy()
-        a = a if a.ndim == 3 else a[:, :, None]
-        return np.ascontiguousarray(a.transpose(1, 0, 2))
+    def nmae(self, *, aggregate: str = "pooled", n_boot: Optional[int] = None, level: Optional[float] = None,
+             seed: Optional[int] = None) -> Estimate:
+        """NMAE (%) of every component together, with a bootstrap CI over prompts.
 
-    def nmae(
-        self, *, aggregate: str = "pooled", n_boot: int = 1000, level: float = 0.95, seed: int = 0
-    ) -> tuple[Estimate, pd.Series]:
-        """NMAE (%) overall, with a bootstrap CI over prompts, and per component.
-
-        Per component: ``100 * mean|DLA - DE| / mean|DE|`` over prompts (and positions).
-        Overall, ``aggregate="pooled"`` pools every component and prompt into one ratio;
-        ``aggregate="mean"`` averages the per-component values. The CI resamples prompts
-        (paired: errors and effects of the same prompts). Components whose mean |DE| is 0
-        give NaN.
+        ``aggregate="pooled"`` pools every component and prompt into one ratio
+        ``100 * mean|DLA - DE| / mean|DE|``; ``aggregate="mean"`` averages the per-component values
+        (`nmae_by_component`). The CI resamples prompts (paired: errors and effects of the same
+        prompts). Bootstrap settings default to the ones stored on the result.
 
         Example:
-            >>> overall, per_component = res.nmae()          # doctest: +SKIP
-            >>> print(overall)                              # doctest: +SKIP
+            >>> print(res.nmae())                    # doctest: +SKIP
             49.07 [29.92, 66.1]
         """
-        return self._nmae(list(range(len(self.labels))), aggregate, n_boot, level, seed), self._per_component()
+        return self._nmae(list(range(len(self.labels))), aggregate, n_boot, level, seed)
 
-    def _per_component(self) -> pd.Series:
-        err = (self.dla - self.direct_effect).abs().double()
-        de = self.direct_effect.abs().double()
-        dims = tuple(range(1, err.ndim))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            vals = 100 * err.mean(dims).numpy() / de.mean(dims).numpy()
-        return pd.Series(vals, index=list(self.labels), name="nmae")
+    def nmae_by_component(self) -> pd.Series:
+        """NMAE (%) per component, ``100 * mean|DLA - DE| / mean|DE|`` over prompts (and positions);
+        NaN for a component whose |DE| is 0 everywhere. CIs: ``nmae_frame("component")``."""
+        err, de = self._error_and_effect()
+        return pd.Series(_quiet(lambda: 100 * err.sum(0) / de.sum(0)), index=list(self.labels), name="nmae")
 
-    def _nmae(self, rows: list[int], aggregate: str, n_boot: int, level: float, seed: int) -> Estimate:
-        if aggregate not in ("pooled", "mean"):
-            raise ValueError(f"aggregate must be 'pooled' or 'mean', got {aggregate!r}")
-        err = self._per_prompt((self.dla - self.direct_effect).abs())[:, rows]
-        de = self._per_prompt(self.direct_effect.abs())[:, rows]
+    def _nmae(self, rows: list[int], aggregate: str, n_boot, level, seed) -> Estimate:
+        stat = _AGGREGATES[_checks.check_choice(aggregate, tuple(_AGGREGATES), "aggregate")]
+        err, de = self._error_and_effect()
+        return _quiet(bootstrap, err[:, rows], stat, paired=de[:, rows], **self._boot(n_boot, level, seed))
 
-        def pooled(e, d):
-            return 100 * e.mean() / d.mean()
+    def _boot(self, n_boot, level, seed) -> dict:
+        return {"n_boot": self.n_boot if n_boot is None else n_boot, "level": self.level if level is None else level,
+                "seed": self.seed if seed is None else seed}
 
-        def mean_of_components(e, d):
-            return float(np.nanmean(100 * e.mean(axis=(0, 2)) / d.mean(axis=(0, 2))))
-
-        stat = pooled if aggregate == "pooled" else mean_of_components
-        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return bootstrap(err, stat, paired=de, n_boot=n_boot, level=level, seed=seed)
-
-    def nmae_frame(
-        self, by: str = "layer", *, aggregate: str = "pooled", n_boot: int = 1000, level: float = 0.95, seed: int = 0
-    ) -> pd.DataFrame:
+    def nmae_frame(self, by: str = "layer", *, aggregate: str = "pooled", n_boot: Optional[int] = None,
+                   level: Optional[float] = None, seed: Optional[int] = None) -> pd.DataFrame:
         """NMAE (%) with bootstrap CIs per group: ``by="layer"`` (components grouped by layer;
         embed, pos_embed and bias are their own groups), ``"component"``, or ``"overall"``.
 
@@ -131,28 +174,26 @@ class DLAResult:
             >>> res.nmae_frame("layer")     # doctest: +SKIP
               group   nmae    low   high  n
         """
-        groups = self._groups(by)
         rows = []
-        for name, idx in groups.items():
+        for name, idx in self._groups(by).items():
             est = self._nmae(idx, aggregate, n_boot, level, seed)
             rows.append({"group": name, "nmae": est.value, "low": est.low, "high": est.high, "n": est.n})
         return pd.DataFrame(rows)
 
     def _groups(self, by: str) -> dict[str, list[int]]:
+        _checks.check_choice(by, ("layer", "component", "overall"), "by")
         if by == "overall":
             return {"overall": list(range(len(self.labels)))}
         if by == "component":
             return {lab: [i] for i, lab in enumerate(self.labels)}
-        if by == "layer":
-            groups: dict[str, list[int]] = {}
-            for i, lab in enumerate(self.labels):
-                groups.setdefault(_group_of(lab), []).append(i)
-            return groups
-        raise ValueError(f"by must be 'layer', 'component' or 'overall', got {by!r}")
+        groups: dict[str, list[int]] = {}
+        for i, lab in enumerate(self.labels):
+            groups.setdefault(_group_of(lab), []).append(i)
+        return groups
 
     # -- views --------------------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
-        """Long format: one row per component x prompt (x position).
+        """Long format: one row per component x prompt (x position), padded entries left out.
 
         Columns: component, layer (group), prompt, [position], dla, direct_effect, logit.
         """
@@ -169,85 +210,118 @@ class DLAResult:
         frame["dla"] = self.dla.reshape(-1).numpy()
         frame["direct_effect"] = self.direct_effect.reshape(-1).numpy()
         frame["logit"] = self.logit.expand(k, n, *extra).reshape(-1).numpy()
-        return pd.DataFrame(frame)
+        out = pd.DataFrame(frame)
+        if self.valid is not None:
+            out = out[self.valid.expand(k, n, *extra).reshape(-1).numpy()].reset_index(drop=True)
+        return out
 
-    def top(self, k: int = 10, by: str = "direct_effect") -> pd.DataFrame:
+    def top(self, k: int = 10, *, by: str = "direct_effect") -> pd.DataFrame:
         """The k components with the largest mean |``by``| ("direct_effect", "dla" or "error").
 
         Example:
             >>> res.top(5)                  # doctest: +SKIP
         """
-        if by not in ("direct_effect", "dla", "error"):
-            raise ValueError(f"by must be 'direct_effect', 'dla' or 'error', got {by!r}")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int, got {k!r}")
-        dims = tuple(range(1, self.dla.ndim))
+        _checks.check_choice(by, ("direct_effect", "dla", "error"), "by")
+        k = _checks.positive_int(k, "k")
+        error = self.dla - self.direct_effect
         table = pd.DataFrame(
             {
                 "component": list(self.labels),
-                "mean_dla": self.dla.mean(dims).numpy(),
-                "mean_direct_effect": self.direct_effect.mean(dims).numpy(),
-                "mean_abs_error": (self.dla - self.direct_effect).abs().mean(dims).numpy(),
-                "nmae": self._per_component().to_numpy(),
+                "mean_dla": self._means(self.dla),
+                "mean_direct_effect": self._means(self.direct_effect),
+                "mean_abs_error": self._means(error.abs()),
+                "nmae": self.nmae_by_component().to_numpy(),
             }
         )
-        key = {"direct_effect": self.direct_effect, "dla": self.dla, "error": self.dla - self.direct_effect}[by]
-        order = np.argsort(-key.abs().mean(dims).numpy(), kind="stable")[:k]
+        key = {"direct_effect": self.direct_effect, "dla": self.dla, "error": error}[by]
+        order = np.argsort(-self._means(key.abs()), kind="stable")[:k]
         return table.iloc[order].reset_index(drop=True)
 
-    def plot(self, kind: str = "scatter", max_points: int = 20000, title: Optional[str] = None):
+    def plot(self, kind: str = "scatter", *, max_points: int = 20000, title: Optional[str] = None):
         """Plotly figure: ``"scatter"`` of DLA against DE (one point per component x prompt x
         position, coloured by layer, with the y = x line), or ``"bar"`` of mean DLA and mean DE
         per component. Never shown implicitly.
         """
         import plotly.graph_objects as go
 
+        _checks.check_choice(kind, ("scatter", "bar"), "kind")
         if kind == "scatter":
             fig = go.Figure(_scatter_traces(self, max_points))
-            fig.update_layout(xaxis_title="direct effect", yaxis_title="DLA", legend_title="layer")
-        elif kind == "bar":
-            dims = tuple(range(1, self.dla.ndim))
+            fig.update_layout(xaxis_title="direct effect (logit)", yaxis_title="DLA (logit)", legend_title="layer")
+        else:
             fig = go.Figure(
                 [
-                    go.Bar(name="DLA", x=list(self.labels), y=self.dla.mean(dims).numpy()),
-                    go.Bar(name="direct effect", x=list(self.labels), y=self.direct_effect.mean(dims).numpy()),
+                    go.Bar(name="DLA", x=list(self.labels), y=self._means(self.dla)),
+                    go.Bar(name="direct effect", x=list(self.labels), y=self._means(self.direct_effect)),
                 ]
             )
-            fig.update_layout(barmode="group", xaxis_title="component", yaxis_title="mean over prompts")
-        else:
-            raise ValueError(f"kind must be 'scatter' or 'bar', got {kind!r}")
-        overall, _ = self.nmae(n_boot=200)
-        fig.update_layout(title=title or f"DLA vs direct effect ({self.components}), NMAE {overall}%")
+            fig.update_layout(barmode="group", xaxis_title="component", yaxis_title="mean over prompts (logit)")
+        fig.update_layout(title=title or f"{self.model_name}: DLA vs direct effect ({self.components}), "
+                                         f"NMAE {self.nmae(n_boot=200)}%")
         return fig
 
 
-@dataclass(frozen=True, eq=False)
-class DLAComparison:
+@result
+class DLAComparison(Result):
     """`direct_logit_attribution` of two models on the same prompts and targets.
 
     Attributes:
+        names: display names of the two models (from the models, or ``names=``).
         a, b: the two `DLAResult`s.
-        names: display names of the two models.
         table: NMAE (%) with CIs, overall and per layer, for each model (long format).
+        aggregate, n_boot, level, seed: the NMAE settings.
     """
 
+    names: tuple[str, str]
     a: DLAResult
     b: DLAResult
-    names: tuple[str, str]
     table: pd.DataFrame
+    aggregate: str = "pooled"
+    n_boot: int = 1000
+    level: float = 0.95
+    seed: int = 0
+
+    _headline: ClassVar[tuple[str, ...]] = ("overall_difference",)
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, group ("overall" or a layer), nmae, low, high, n."""
         return self.table.copy()
 
+    def difference(self, by: str = "layer") -> pd.DataFrame:
+        """NMAE of a minus NMAE of b per group ("overall" first), with a paired bootstrap CI
+        over prompts (both models saw the same prompts). Columns: group, difference, low, high, n."""
+        rows = []
+        groups = {"overall": list(range(len(self.a.labels)))}
+        if by != "overall":
+            groups.update(self.a._groups(by))
+        for name, idx in groups.items():
+            est = self._difference(idx)
+            rows.append({"group": name, "difference": est.value, "low": est.low, "high": est.high, "n": est.n})
+        return pd.DataFrame(rows)
+
+    def overall_difference(self) -> Estimate:
+        """NMAE (%) of a minus b over every component, paired bootstrap CI over prompts."""
+        return self._difference(list(range(len(self.a.labels))))
+
+    def _difference(self, rows: list[int]) -> Estimate:
+        stat = _AGGREGATES[self.aggregate]
+        k = len(rows)
+        parts = [x[:, rows] for res in (self.a, self.b) for x in res._error_and_effect()]
+
+        def diff(x):
+            ea, da, eb, db = (x[:, i * k:(i + 1) * k] for i in range(4))
+            return stat(ea, da) - stat(eb, db)
+
+        return _quiet(bootstrap, np.concatenate(parts, 1), diff, n_boot=self.n_boot, level=self.level, seed=self.seed)
+
     @property
     def nmae_difference(self) -> pd.Series:
-        """NMAE of model a minus model b, per group (overall first)."""
+        """NMAE of model a minus model b, per group (overall first); CIs: `difference`."""
         wide = self.table.pivot(index="group", columns="model", values="nmae")
         order = list(dict.fromkeys(self.table["group"]))
         return (wide[self.names[0]] - wide[self.names[1]]).reindex(order).rename("nmae_difference")
 
-    def plot(self, max_points: int = 20000):
+    def plot(self, *, max_points: int = 20000):
         """NMAE per layer for both models, then DLA vs DE scatter for each."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -268,43 +342,53 @@ class DLAComparison:
         for col, res in ((2, self.a), (3, self.b)):
             for trace in _scatter_traces(res, max_points, showlegend=False):
                 fig.add_trace(trace, row=1, col=col)
-            fig.update_xaxes(title_text="direct effect", row=1, col=col)
-            fig.update_yaxes(title_text="DLA", row=1, col=col)
+            fig.update_xaxes(title_text="direct effect (logit)", row=1, col=col)
+            fig.update_yaxes(title_text="DLA (logit)", row=1, col=col)
         fig.update_xaxes(title_text="layer", row=1, col=1)
+        fig.update_yaxes(title_text="NMAE (%)", row=1, col=1)
+        fig.update_layout(title=f"DLA vs exact direct effect: {self.names[0]} vs {self.names[1]}")
         return fig
 
 
 # ---- public functions ------------------------------------------------------------------------
 @torch.no_grad()
 def direct_logit_attribution(
-    model: HookedTransformer,
-    tokens: Int[torch.Tensor, "prompt pos"],
-    targets: TargetsArg = None,
+    model,
+    tokens: Union[Int[torch.Tensor, "prompt pos"], _checks.TokenBatch],
     *,
+    targets: TargetsArg = None,
+    attention_mask: Optional[Int[torch.Tensor, "prompt pos"]] = None,
     components: str = "heads",
     layer: Optional[int] = None,
     pos: PosArg = None,
     batch_size: int = 16,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
     progress: bool = False,
 ) -> DLAResult:
     """DLA and exact direct effect of every component on a target logit (or logit difference).
 
     Args:
         model: an `LNFreeTransformer` (a plain HookedTransformer is wrapped, sharing weights).
-        tokens: [prompt, pos] token ids.
+        tokens: [prompt, pos] token ids, or a `TokenBatch` (ids + attention mask).
         targets: a [prompt] tensor (or one int) of target token ids; a pair
             ``(target_ids, other_ids)`` for the logit difference target - other; or None for the
-            next-token labels (``tokens[:, p + 1]`` at position p). With ``pos="all"`` targets may
-            also be [prompt, pos].
+            next-token labels (the next real token after position p). With ``pos="all"`` targets may
+            also be [prompt, pos] (pos counted within each row's real tokens).
+        attention_mask: [prompt, pos], 1 = real token, 0 = padding (left or right). The forward pass
+            uses it; positions count real tokens only; padded entries are NaN and never counted.
         components: "heads" (``L{l}H{h}``), "layers" (``embed``, ``pos_embed``, ``{l}_attn_out``,
             ``{l}_mlp_out`` and ``bias``: everything else, so that DLAs sum to the logit for an
             LN-free model), "neurons" (``L{layer}N{n}``, needs ``layer``) or "all" (embed,
             pos_embed, every head, every MLP output, and ``bias``, which then holds the b_O's).
         layer: the MLP layer for ``components="neurons"``.
-        pos: an int (negative counts from the end), "all", or a [prompt] tensor of positions.
-            Default: -1 when targets are given, "all" (every position with a label) when not.
+        pos: an int (negative counts back from each row's last real token), "all", or a [prompt]
+            tensor of positions. Default: -1 when targets are given, "all" (every position with a
+            label) when not.
         batch_size: prompts per forward pass.
-        progress: show a tqdm bar over batches.
+        n_boot, level, seed: bootstrap settings for the NMAE CIs (stored on the result).
+        progress: show a progress bar over batches.
 
     Example:
         >>> from transformer_lens import HookedTransformerConfig
@@ -315,44 +399,44 @@ def direct_logit_attribution(
         >>> res.dla.shape, res.labels[:2]   # [n_layers * n_heads, n_prompts], pos=-1
         (torch.Size([8, 4]), ('L0H0', 'L0H1'))
         >>> _ = model.estimate_ln_scales(tokens)
-        >>> free = direct_logit_attribution(model.remove_ln(), tokens, tokens[:, 0], components="layers")
-        >>> bool(torch.allclose(free.dla, free.direct_effect)), free.nmae()[0].value < 1e-6  # exact
+        >>> free = direct_logit_attribution(model.remove_ln(), tokens, targets=tokens[:, 0], components="layers")
+        >>> bool(torch.allclose(free.dla, free.direct_effect)), free.nmae().value < 1e-6  # exact
         (True, True)
         >>> bool(torch.allclose(free.dla.sum(0), free.logit, atol=1e-4))  # components sum to the logit
         True
     """
-    model = _as_lnfree(model)
-    tokens = model._check_tokens(tokens)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    model = _check_model(model)
+    tokens, mask = _checks.resolve_batch(model, tokens, attention_mask)
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    n_boot = _checks.positive_int(n_boot, "n_boot")
+    level = _checks.check_level(level)
     layer = _check_components(model, components, layer)
     n_prompts, seq = tokens.shape
+    starts, lengths = _row_spans(mask, n_prompts, seq)
     next_token = targets is None
-    positions, n_pos = _positions(pos, n_prompts, seq, next_token, targets)
-    tgt, other, target_kind = _targets(model, tokens, targets, positions, n_pos)
+    positions, n_pos, valid = _positions(pos, lengths, seq, next_token, mask is not None)
+    tgt, other, target_kind = _targets(model, tokens, targets, positions, n_pos, starts)
+    ent = _Entries(positions, n_pos, valid, starts)
     hooks = _hook_names(model, components, layer)
     ln = _FinalLN(model)
 
-    from tqdm.auto import tqdm
-
     # Results go straight into buffers allocated once: small per-batch tensors kept alive across
     # batches would pin heap memory between the forward passes' temporaries and grow the RSS.
-    per = 1 if n_pos is None else n_pos  # selected tokens per prompt
+    per = 1 if n_pos is None else n_pos  # entries per prompt
     labels = dla = de = logit = None
     scratch: dict[str, torch.Tensor] = {}
-    for start in tqdm(range(0, n_prompts, batch_size), disable=not progress, desc="DLA"):
-        stop = min(start + batch_size, n_prompts)
-        b_idx, p_idx = _selection(start, stop, positions, n_pos, model.cfg.device)
-        sel_t = tgt[start:stop].reshape(-1)
-        sel_o = None if other is None else other[start:stop].reshape(-1)
+    for sl in _checks.batches(n_prompts, batch_size, enabled=progress, desc="DLA"):
+        rows, b_idx, p_idx, cols = ent.batch(sl.start, sl.stop)
+        dev = model.cfg.device
         batch_labels, b_dla, b_de, b_logit = _run_batch(
-            model, ln, tokens[start:stop], b_idx, p_idx, sel_t, sel_o, hooks, components, layer, scratch
+            model, ln, tokens[sl], None if mask is None else mask[sl], b_idx.to(dev), p_idx.to(dev),
+            _pick(tgt, rows, ent), None if other is None else _pick(other, rows, ent), hooks, components, layer, scratch,
         )
         if labels is None:
             labels = batch_labels
-            dla, de = torch.empty(len(labels), n_prompts * per), torch.empty(len(labels), n_prompts * per)
-            logit = torch.empty(n_prompts * per)
-        cols = slice(start * per, stop * per)
+            fill = float("nan") if valid is not None else 0.0
+            dla, de = torch.full((len(labels), n_prompts * per), fill), torch.full((len(labels), n_prompts * per), fill)
+            logit = torch.full((n_prompts * per,), fill)
         dla[:, cols], de[:, cols], logit[cols] = b_dla, b_de, b_logit
         del b_dla, b_de, b_logit
 
@@ -361,68 +445,75 @@ def direct_logit_attribution(
     return DLAResult(
         dla=dla, direct_effect=de, logit=logit, labels=tuple(labels),
         positions=None if positions is None else positions.cpu(), components=components, layer=layer,
-        targets=target_kind, ln_final_mode=ln.mode,
+        targets=target_kind, ln_final_mode=ln.mode, valid=valid, n_boot=n_boot, level=level, seed=seed,
+        model_name=_checks.model_label(model), model_id=_checks.model_id(model),
     )
 
 
 def compare_dla(
-    model_a: HookedTransformer,
-    model_b: HookedTransformer,
-    tokens: Int[torch.Tensor, "prompt pos"],
-    targets: TargetsArg = None,
+    model_a,
+    model_b,
+    tokens: Union[Int[torch.Tensor, "prompt pos"], _checks.TokenBatch],
     *,
-    names: tuple[str, str] = ("LN", "LN-free"),
+    targets: TargetsArg = None,
+    attention_mask: Optional[Int[torch.Tensor, "prompt pos"]] = None,
+    names: Optional[tuple[str, str]] = None,
     aggregate: str = "pooled",
     n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
     **kwargs,
 ) -> DLAComparison:
     """Run `direct_logit_attribution` on two models (e.g. original vs LN-free) and compare NMAE.
 
     The two models must share the vocabulary (d_vocab and, when both have one, the tokenizer).
-    ``kwargs`` go to `direct_logit_attribution` (components, layer, pos, batch_size, progress).
+    Names come from the models (name and norm state, e.g. ``"tiny-ln (LN)"``) unless ``names=``
+    is given. ``kwargs`` go to `direct_logit_attribution` (components, layer, pos, batch_size, progress).
 
     Example:
         >>> from transformer_lens import HookedTransformerConfig
         >>> cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=16,
-        ...                               act_fn="gelu_new", normalization_type="LN")
+        ...                               act_fn="gelu_new", normalization_type="LN", model_name="toy")
         >>> ln_model, tokens = LNFreeTransformer(cfg), torch.randint(0, 50, (8, 16))
         >>> _ = ln_model.estimate_ln_scales(tokens)
-        >>> ln_free = LNFreeTransformer(cfg)
+        >>> ln_free = LNFreeTransformer(cfg.__class__(**cfg.to_dict()))
         >>> _ = ln_free.load_state_dict(ln_model.state_dict())
         >>> ln_free = ln_free.remove_ln(scales={s: ln_model.ln_scale(s) for s in ln_model.ln_sites})
         >>> cmp = compare_dla(ln_model, ln_free, tokens, n_boot=100)     # next-token targets, every position
-        >>> list(cmp.to_frame().query("group == 'overall'").model)
-        ['LN', 'LN-free']
+        >>> cmp.names
+        ('toy (LN)', 'toy (LN-free)')
         >>> fig = cmp.plot()
     """
-    if not (isinstance(names, (tuple, list)) and len(names) == 2 and all(isinstance(n, str) for n in names)):
-        raise ValueError(f"names must be two strings, got {names!r}")
-    if names[0] == names[1]:
-        raise ValueError(f"names must differ, got {names!r}")
-    _check_same_vocab(model_a, model_b)
-    a = direct_logit_attribution(model_a, tokens, targets, **kwargs)
-    b = direct_logit_attribution(model_b, tokens, targets, **kwargs)
+    names = _checks.compare_names(model_a, model_b, names)
+    _checks.check_same_vocab(model_a, model_b, ("model_a", "model_b"))
+    _checks.check_choice(aggregate, tuple(_AGGREGATES), "aggregate")
+    boot = {"n_boot": n_boot, "level": level, "seed": seed}
+    a = direct_logit_attribution(model_a, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
+    b = direct_logit_attribution(model_b, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
     frames = []
     for name, res in zip(names, (a, b)):
         for by in ("overall", "layer"):
-            f = res.nmae_frame(by, aggregate=aggregate, n_boot=n_boot)
-            frames.append(f.assign(model=name))
+            frames.append(res.nmae_frame(by, aggregate=aggregate).assign(model=name))
     table = pd.concat(frames, ignore_index=True)[["model", "group", "nmae", "low", "high", "n"]]
-    return DLAComparison(a=a, b=b, names=tuple(names), table=table)
+    return DLAComparison(names=names, a=a, b=b, table=table, aggregate=aggregate, **boot)
 
 
 # ---- model / LN helpers ----------------------------------------------------------------------
-def _as_lnfree(model) -> LNFreeTransformer:
-    if isinstance(model, LNFreeTransformer):
-        out = model
-    elif isinstance(model, HookedTransformer):
-        out = LNFreeTransformer.from_hooked(model)
-    else:
-        raise TypeError(f"model must be an LNFreeTransformer or HookedTransformer, got {type(model).__name__}")
+def _check_model(model) -> LNFreeTransformer:
+    out = _checks.as_lnfree(model)
     cap = out.cfg.output_logits_soft_cap
     if cap is not None and cap > 0:
         raise ValueError(f"models with output_logits_soft_cap={cap} are not supported: logits are not affine in ln_final's output")
     return out
+
+
+def _centers(model) -> bool:
+    """Whether ln_final subtracts the mean (LayerNorm, LNPre) or not (RMSNorm, RMSPre; also
+    ``final_rms`` models whose blocks use LayerNorm): the module knows, the config may not."""
+    centered = getattr(getattr(model, "ln_final", None), "centered", None)
+    if centered is not None:
+        return bool(centered)
+    return not str(model.cfg.normalization_type or "").startswith("RMS")
 
 
 class _FinalLN:
@@ -434,9 +525,11 @@ class _FinalLN:
         self.model = model
         self.mode = model.ln_mode("ln_final") if used else "removed"
         linear = self.module is not None and self.mode != "removed"
-        self.w = model.ln_final.w if linear and model.ln_final.has_params else None
-        self.b = model.ln_final.b if linear and model.ln_final.has_params else None
+        has_w = linear and getattr(model.ln_final, "has_params", hasattr(model.ln_final, "w"))
+        self.w = model.ln_final.w if has_w else None
+        self.b = getattr(model.ln_final, "b", None) if has_w else None
         self.linear = linear
+        self.centers = _centers(model)
 
     def __call__(self, x: torch.Tensor, want_scale: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """ln_final(x) and, if asked, the scale it used ([..., 1] from hook_scale; None for the identity)."""
@@ -458,7 +551,9 @@ class _FinalLN:
         if not self.linear:
             return u
         a = u * self.w if self.w is not None else u
-        return (a - a.mean(-1, keepdim=True)) / scale
+        if self.centers:  # LayerNorm centres its input; RMSNorm does not
+            a = a - a.mean(-1, keepdim=True)
+        return a / scale
 
     def bias_logit(self, u: torch.Tensor) -> torch.Tensor:
         """ln_final.b . u (0 when ln_final has no bias or is removed: then b lives in b_U)."""
@@ -502,54 +597,69 @@ def _hook_names(model, components: str, layer: Optional[int]) -> list[str]:
     return names
 
 
-def _check_same_vocab(model_a, model_b) -> None:
-    va, vb = model_a.cfg.d_vocab, model_b.cfg.d_vocab
-    if va != vb:
-        raise ValueError(f"the two models must share the vocabulary: d_vocab {va} vs {vb}")
-    ta, tb = getattr(model_a, "tokenizer", None), getattr(model_b, "tokenizer", None)
-    if ta is not None and tb is not None and ta is not tb and ta.get_vocab() != tb.get_vocab():
-        raise ValueError("the two models have different tokenizers (vocabularies differ); DLA needs the same token ids")
-
-
 # ---- argument parsing ------------------------------------------------------------------------
-def _positions(pos: PosArg, n_prompts: int, seq: int, next_token: bool, targets) -> tuple[Optional[torch.Tensor], Optional[int]]:
-    """(per-prompt positions [prompt] or None, number of positions per prompt for "all" or None)."""
+def _row_spans(mask: Optional[torch.Tensor], n_prompts: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index of each row's first real token, number of real tokens) as [prompt] long tensors on the CPU."""
+    if mask is None:
+        return torch.zeros(n_prompts, dtype=torch.long), torch.full((n_prompts,), seq, dtype=torch.long)
+    mask = mask.cpu()
+    return mask.int().argmax(1).long(), mask.sum(1).long()
+
+
+def _positions(pos: PosArg, lengths: torch.Tensor, seq: int, next_token: bool, padded: bool
+               ) -> tuple[Optional[torch.Tensor], Optional[int], Optional[torch.Tensor]]:
+    """(per-prompt positions [prompt] or None, positions per prompt for "all" or None, valid [prompt, pos] or None).
+
+    Positions count each row's real tokens (0 = its first real token).
+    """
     if pos is None:
         pos = "all" if next_token else -1
-    last = seq - 1 if next_token else seq  # positions with a label
+    n_lab = lengths - 1 if next_token else lengths  # positions with a label, per row
     if isinstance(pos, str):
         if pos != "all":
             raise ValueError(f"pos must be an int, 'all' or a [prompt] tensor of positions, got {pos!r}")
-        if last < 1:
-            raise ValueError("next-token targets need sequences of at least 2 tokens (the last position has no label)")
-        return None, last
+        if int(n_lab.min()) < 1:
+            raise ValueError("next-token targets need sequences of at least 2 tokens (the last position has no label)"
+                             + ("; some rows have only one real token" if padded else ""))
+        n_pos = int(n_lab.max())
+        valid = torch.arange(n_pos)[None] < n_lab[:, None]
+        return None, n_pos, None if bool(valid.all()) else valid
     if isinstance(pos, bool):
         raise TypeError("pos must be an int, 'all' or a [prompt] tensor of positions, got a bool")
-    if isinstance(pos, int):
-        pos = torch.full((n_prompts,), pos, dtype=torch.long)
+    n_prompts = lengths.shape[0]
+    if isinstance(pos, (int, np.integer)):
+        pos = torch.full((n_prompts,), int(pos), dtype=torch.long)
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"pos must be an int, 'all' or a [prompt] tensor of positions, got {type(pos).__name__}")
     if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.shape != (n_prompts,):
         raise ValueError(f"a pos tensor must hold one integer position per prompt, shape ({n_prompts},); got {tuple(pos.shape)} {pos.dtype}")
     pos = pos.long().cpu()
-    if pos.min() < -seq or pos.max() >= seq:
-        raise ValueError(f"positions must lie in [-{seq}, {seq}) for sequences of {seq} tokens; got min {int(pos.min())}, max {int(pos.max())}")
-    pos = pos % seq
-    if next_token and pos.max() >= last:
+    bad = (pos < -lengths) | (pos >= lengths)
+    if bool(bad.any()):
+        if not padded:
+            raise ValueError(f"positions must lie in [-{seq}, {seq}) for sequences of {seq} tokens; got min {int(pos.min())}, max {int(pos.max())}")
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"positions must lie in [-n, n) for a row of n real tokens; row {i} has n={int(lengths[i])}, "
+                         f"got position {int(pos[i])} (positions count real tokens only)")
+    pos = torch.where(pos < 0, pos + lengths, pos)
+    if next_token and bool((pos >= n_lab).any()):
+        i = int(torch.nonzero(pos >= n_lab)[0])
         raise ValueError(
-            f"with targets=None (next-token labels) the last position {seq - 1} has no label; got position "
-            f"{int(pos.max())}. Pass targets= or a smaller pos"
+            f"with targets=None (next-token labels) the last {'real ' if padded else ''}position "
+            f"{int(lengths[i]) - 1} has no label; got position {int(pos[i])} (row {i}). Pass targets= or a smaller pos"
         )
-    return pos, None
+    return pos, None, None
 
 
-def _targets(model, tokens, targets, positions, n_pos) -> tuple[torch.Tensor, Optional[torch.Tensor], str]:
+def _targets(model, tokens, targets, positions, n_pos, starts) -> tuple[torch.Tensor, Optional[torch.Tensor], str]:
     """Target (and other) ids as [prompt] or [prompt, n_pos] long tensors, and the target kind."""
-    n_prompts = tokens.shape[0]
+    n_prompts, seq = tokens.shape
     if targets is None:
-        if positions is None:
-            return tokens[:, 1 : n_pos + 1].cpu().long(), None, "next-token"
-        return tokens[torch.arange(n_prompts), positions + 1].cpu().long(), None, "next-token"
+        tokens = tokens.cpu()
+        if positions is None:  # the next real token of every position (clamped where there is none: unused)
+            idx = (starts[:, None] + torch.arange(n_pos)[None] + 1).clamp(max=seq - 1)
+            return tokens.gather(1, idx).long(), None, "next-token"
+        return tokens[torch.arange(n_prompts), starts + positions + 1].long(), None, "next-token"
     if isinstance(targets, (tuple, list)):
         if isinstance(targets, list) and all(isinstance(t, int) for t in targets):
             # [5, 7] could mean per-prompt ids or the pair (5, 7): never guess
@@ -571,8 +681,8 @@ def _targets(model, tokens, targets, positions, n_pos) -> tuple[torch.Tensor, Op
 def _target_ids(model, ids, n_prompts: int, n_pos: Optional[int], name: str) -> torch.Tensor:
     if isinstance(ids, bool):
         raise TypeError(f"{name} must be token ids, got a bool")
-    if isinstance(ids, int):
-        ids = torch.tensor(ids)
+    if isinstance(ids, (int, np.integer)):
+        ids = torch.tensor(int(ids))
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a tensor of token ids (or an int), got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -590,19 +700,37 @@ def _target_ids(model, ids, n_prompts: int, n_pos: Optional[int], name: str) -> 
     return ids
 
 
-def _selection(start: int, stop: int, positions, n_pos, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch index, position index) of every selected token of a batch, prompt-major."""
-    b = stop - start
-    if positions is None:
-        b_idx = torch.arange(b).repeat_interleave(n_pos)
-        p_idx = torch.arange(n_pos).repeat(b)
-    else:
-        b_idx, p_idx = torch.arange(b), positions[start:stop]
-    return b_idx.to(device), p_idx.to(device)
+class _Entries:
+    """Every (prompt, position) entry that is computed, prompt-major: its prompt, its position within
+    the row's real tokens, its absolute index in the padded row and its column in the flat output."""
 
+    def __init__(self, positions, n_pos, valid, starts):
+        n_prompts = starts.shape[0]
+        if positions is None:
+            b = torch.arange(n_prompts).repeat_interleave(n_pos)
+            j = torch.arange(n_pos).repeat(n_prompts)
+            cols = torch.arange(n_prompts * n_pos)
+            if valid is not None:
+                keep = valid.reshape(-1)
+                b, j, cols = b[keep], j[keep], cols[keep]
+        else:
+            b, j, cols = torch.arange(n_prompts), positions, torch.arange(n_prompts)
+        self.b, self.j, self.cols = b, j, cols
+        self.abs = starts[b] + j
+
+    def batch(self, start: int, stop: int):
+        """(entry slice, prompt index within the batch, absolute position, output column) of prompts [start, stop)."""
+        lo, hi = int(torch.searchsorted(self.b, start)), int(torch.searchsorted(self.b, stop))
+        rows = slice(lo, hi)
+        return rows, self.b[rows] - start, self.abs[rows], self.cols[rows]
+
+
+def _pick(ids: torch.Tensor, rows: slice, ent: _Entries) -> torch.Tensor:
+    """The target ids of the entries ``rows``, from [prompt] or [prompt, pos] ids."""
+    return ids[ent.b[rows]] if ids.ndim == 1 else ids[ent.b[rows], ent.j[rows]]
 
 # ---- the computation -------------------------------------------------------------------------
-def _run_batch(model, ln: _FinalLN, tokens, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
+def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
     """One forward pass up to ln_final; DLA, DE and the logit for every component and selected token.
 
     `scratch` (a dict kept across batches) holds the buffers the hooks copy into, so that no new
@@ -619,7 +747,9 @@ def _run_batch(model, ln: _FinalLN, tokens, b_idx, p_idx, tgt, other, hooks, com
         acts[hook.name] = buf[: sel.shape[0]].copy_(sel)
 
     with model.hooks(fwd_hooks=[(name, keep) for name in hooks]):
-        resid = model(tokens.to(model.cfg.device), stop_at_layer=model.cfg.n_layers)
+        tokens = tokens.to(model.cfg.device)
+        kw = {k: v.to(tokens.device) for k, v in _checks.forward_kwargs(model, tokens, mask).items()}
+        resid = model(tokens, stop_at_layer=model.cfg.n_layers, **kw)
     r = resid[b_idx, p_idx].to(_DTYPE)  # [n, d]: the input of ln_final
     dev = r.device
     W_U, b_U = model.W_U, model.b_U

@@ -4,8 +4,11 @@
 >>> ln_free = remove_layernorm(model, "train_tokens.npy", steps=300, out_dir="runs/rm")  # doctest: +SKIP
 
 Modules: `schedule` (when each site is frozen, the paper's presets), `sigma` (EMA of each live
-site's scale), `loss` (CE and the auxiliary residual-norm loss), `data` (token sources, seeded
-order), `trainer` (the loop, checkpoints, rollback, DDP), `cli` (``lnfree remove-ln``).
+site's scale), `loss` (CE, the auxiliary residual-norm loss, the distillation KL), `data` (token
+sources, seeded order), `config` (`RemovalConfig`), `lora` (adapters on a frozen backbone),
+`checkpoint` (reading / rebuilding checkpoints), `trainer` (the loop, rollback, DDP), `cli`
+(``lnfree remove-ln``). Optimiser, checkpoint directories, the run log and the divergence guard
+are shared with the zoo pretraining in `lnfree.training`.
 Names are imported lazily so that the ``lnfree`` command starts fast.
 """
 
@@ -15,13 +18,20 @@ import importlib
 
 _EXPORTS = {
     "remove_layernorm": "trainer",
-    "RemovalConfig": "trainer",
-    "load_checkpoint": "trainer",
-    "read_checkpoint": "trainer",
-    "latest_checkpoint": "trainer",
-    "load_tl_dir": "trainer",
+    "check_arguments": "trainer",
+    "RemovalConfig": "config",
+    "OptimConfig": "trainer",
+    "DivergedError": "trainer",
+    "load_checkpoint": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "latest_checkpoint": "checkpoint",
+    "load_tl_dir": "checkpoint",
     "lr_at": "trainer",
     "SpikeDetector": "trainer",
+    "apply_lora": "lora",
+    "merge_lora": "lora",
+    "distill_kl": "loss",
+    "PAPER_RECIPES": "schedule",
     "Schedule": "schedule",
     "Preset": "schedule",
     "PRESETS": "schedule",

@@ -4,17 +4,16 @@
                      [--vanilla] [--resume] [--batch-size 16] [--micro-batch-size 8] [--seq-len 256]
                      [--eval-data heldout.npy] ...
 
-MODEL is a Hugging Face hub id or local HF directory (via `lnfree.loading.load_model`), a
-TransformerLens weights directory (``model.safetensors`` + ``config.json`` with
-HookedTransformerConfig kwargs, e.g. the zoo's pretraining output or a run's ``final_tl/``), or a
-directory written by this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
+MODEL is anything `lnfree.load` resolves: a zoo name (``tiny-ln``, ``smollm2-135m``), a ``.gguf``
+file, a Hugging Face hub id or local HF directory, a TransformerLens weights directory
+(``model.safetensors`` + ``config.json``, e.g. a run's ``final_tl/``), or a directory written by
+this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
 ``torchrun --nproc_per_node 8 -m lnfree.cli remove-ln ...``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -51,6 +50,16 @@ def register(subparsers) -> None:
                    help="prepend this token to every row cut from a token stream or text (for models "
                         "pretrained with a BOS, e.g. the zoo's: its end-of-text id); default: no BOS, as in the paper")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json file or HF tokenizer dir (for text data)")
+    v = p.add_argument_group("variants (docs/removal.md)")
+    v.add_argument("--lora-rank", type=int, default=None,
+                   help="train rank-R LoRA adapters on the attention and MLP weights of a frozen backbone; "
+                        "merged at the end (default: full fine-tune)")
+    v.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
+    v.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="loss = (1 - W) CE + W KL(original || model) (+ aux); 1 = pure distillation (default 0)")
+    v.add_argument("--distill-temperature", type=float, default=1.0)
+    v.add_argument("--recipe", choices=["paper"], default=None,
+                   help="with --preset: the paper's code's run of that size (docs/removal.md)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -66,60 +75,62 @@ def _load_tokenizer(path: str):
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.exists():
         raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
-    special = {}
     if "<|endoftext|>" in file.read_text(encoding="utf-8"):
-        # GPT-2 style: end-of-text doubles as bos/pad (TransformerLens needs both); encode adds no BOS
-        special = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-                       pad_token="<|endoftext|>", add_bos_token=False)
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent),
-                                   model_max_length=1 << 30, **special)
+        # GPT-2 style (the zoo's): end-of-text doubles as bos/pad (TransformerLens needs both); no BOS from encode
+        from lnfree.zoo.train import load_tokenizer
 
-
-def _find_tokenizer(model_dir: Path):
-    """A tokenizer.json next to a TransformerLens weights dir or up to two levels above (the zoo layout)."""
-    for d in (model_dir, model_dir.parent, model_dir.parent.parent):
-        if (d / "tokenizer.json").exists():
-            return _load_tokenizer(str(d / "tokenizer.json"))
-    return None
-
-
-def _is_tl_dir(path: Path) -> bool:
-    conf_file = path / "config.json"
-    if not (path / "model.safetensors").exists() or not conf_file.exists():
-        return False
-    conf = json.loads(conf_file.read_text())
-    kwargs = conf.get("model", conf)
-    return isinstance(kwargs, dict) and "d_model" in kwargs and "n_layers" in kwargs
+        return load_tokenizer(file)
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)
 
 
 def load_model_arg(spec: str, tokenizer_path=None, device=None):
-    """Resolve MODEL (see the module docstring) to an LNFreeTransformer."""
-    from lnfree.removal.trainer import latest_checkpoint, load_checkpoint, load_tl_dir
+    """Resolve MODEL with `lnfree.load` (zoo names, .gguf, run/checkpoint dirs, TL and HF dirs, hub ids)."""
+    from lnfree.resolve import load
 
-    path = Path(spec)
-    tokenizer = _load_tokenizer(tokenizer_path) if tokenizer_path else None
-    if path.is_dir() and ((path / "state.json").exists() or latest_checkpoint(path) is not None):
-        model, _ = load_checkpoint(path, device)
-    elif path.is_dir() and _is_tl_dir(path):
-        model = load_tl_dir(path, device, tokenizer=tokenizer or _find_tokenizer(path))
-    else:
-        from lnfree.loading import load_model  # HF dirs and hub ids
-
-        model = load_model(spec)
-        from lnfree.model import LNFreeTransformer
-
-        model = LNFreeTransformer.from_hooked(model)
-    if tokenizer is not None:
-        model.set_tokenizer(tokenizer)
+    model = load(spec, device=device)
+    if tokenizer_path:
+        model.set_tokenizer(_load_tokenizer(tokenizer_path))
     return model
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_args(args) -> None:
+    """Validate every numeric flag by its name before anything is loaded."""
+    from lnfree.removal.trainer import check_arguments
+    from lnfree.training.device import resolve_device
+
+    check_arguments(dict(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                         seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
+                         aux_lambda=args.aux_lambda, checkpoint_every=args.checkpoint_every,
+                         max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
+                         lora_alpha=args.lora_alpha, distill=args.distill,
+                         distill_temperature=args.distill_temperature), flag=_flag)
+    for name in ("eval_seqs", "threads"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name == "eval_seqs" else 1):
+            raise ValueError(f"{_flag(name)} must be an integer >= {0 if name == 'eval_seqs' else 1}, got {v}")
+    resolve_device(args.device, argument="--device")
+    if args.resume:
+        out = Path(args.out)
+        from lnfree.training.checkpoints import CheckpointDir
+
+        if not out.is_dir() or CheckpointDir(out).latest() is None:
+            what = "does not exist" if not out.exists() else "holds no removal checkpoint (no checkpoints/latest)"
+            raise ValueError(f"nothing to resume: --out {out} {what}; check the path, or drop --resume to start")
 
 
 def run(args) -> int:
     import torch
 
+    from lnfree.cli import CLIError
     from lnfree.removal.data import load_tokens, split_holdout
     from lnfree.removal.trainer import remove_layernorm
+    from lnfree.training.guards import DivergedError
 
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model_arg(args.model, args.tokenizer, args.device)
@@ -130,13 +141,18 @@ def run(args) -> int:
         seqs = load_tokens(data, seq_len=seq_len, tokenizer=model.tokenizer, bos_token_id=args.bos_id)
         data, eval_data = split_holdout(seqs, args.eval_seqs)
         args.seq_len = seq_len
-    model = remove_layernorm(
-        model, data, schedule=args.preset, steps=args.steps, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
-        warmup=args.warmup, aux_lambda=args.aux_lambda, vanilla=args.vanilla, out_dir=args.out,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, eval_data=eval_data,
-        progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
-        max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id)
+    try:
+        model = remove_layernorm(
+            model, data, schedule=args.preset, steps=args.steps, batch_size=args.batch_size,
+            micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
+            warmup=args.warmup, aux_lambda=args.aux_lambda, vanilla=args.vanilla, out_dir=args.out,
+            checkpoint_every=args.checkpoint_every, resume=args.resume, eval_data=eval_data,
+            progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
+            max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
+            recipe=args.recipe)
+    except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
+        raise CLIError(str(e)) from None
     s = model.removal_summary
     if s.get("ce_before") and s.get("ce_after"):
         b, a = s["ce_before"], s["ce_after"]

@@ -224,6 +224,36 @@ def _hf_documents(name: str, split: str, text_column: str) -> Iterator[str]:
         yield row[text_column]
 
 
+def as_token_source(data, *, argument: str = "data"):
+    """Turn nested lists / tuples of token ids into an int64 array; anything else is returned as is.
+
+    Lists of paths stay lists of paths. A list that is neither raises a TypeError saying what is accepted.
+
+    Example:
+        >>> as_token_source([[1, 2, 3]]).tolist()
+        [[1, 2, 3]]
+    """
+    if not isinstance(data, (list, tuple)) or not data:
+        if isinstance(data, (list, tuple)):
+            raise ValueError(f"{argument} is an empty {type(data).__name__}")
+        return data
+    if all(isinstance(x, (str, os.PathLike)) for x in data):
+        return data
+    accepted = ("a token tensor/array, a (nested) list of token ids, a path or a list of paths, a TokenData, "
+                "or a dataset name")
+    if any(isinstance(x, (str, os.PathLike)) for x in data):
+        raise TypeError(f"{argument} mixes paths and other values; pass {accepted}")
+    try:
+        arr = np.asarray([x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in data])
+    except ValueError:
+        raise ValueError(f"{argument}: the token lists have different lengths; pass rows of equal length "
+                         "(or one flat list: a token stream)") from None
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer) or arr.ndim not in (1, 2):
+        raise TypeError(f"{argument} must be {accepted}; got a {type(data).__name__} giving an array of dtype "
+                        f"{arr.dtype} and shape {arr.shape}")
+    return arr.astype(np.int64)
+
+
 def load_tokens(
     data,
     *,
@@ -249,6 +279,7 @@ def load_tokens(
             return chunk_with_bos(arr, seq_len, bos_token_id)
         return chunk(arr, seq_len)
 
+    data = as_token_source(data)
     if isinstance(data, TokenData):
         return chunk(data.sequences, seq_len)
     if isinstance(data, (torch.Tensor, np.ndarray)):

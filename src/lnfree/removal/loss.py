@@ -21,16 +21,20 @@ from jaxtyping import Float, Int
 
 
 def token_std(
-    resid: Float[torch.Tensor, "batch pos d_model"], eps: float = 1e-5
+    resid: Float[torch.Tensor, "batch pos d_model"], eps: float = 1e-5, *, center: bool = True
 ) -> Float[torch.Tensor, "batch pos"]:
-    """Per-token std of the residual stream, as LayerNorm computes its scale.
+    """Per-token std of the residual stream, as LayerNorm computes its scale (RMS if ``center=False``,
+    as RMSNorm computes it).
 
     Example:
         >>> token_std(torch.tensor([[[1.0, -1.0]]]), eps=0.0)
         tensor([[1.]])
+        >>> token_std(torch.tensor([[[3.0, 3.0]]]), eps=0.0, center=False)
+        tensor([[3.]])
     """
     x = resid if resid.dtype == torch.float64 else resid.float()
-    x = x - x.mean(-1, keepdim=True)
+    if center:
+        x = x - x.mean(-1, keepdim=True)
     return (x.pow(2).mean(-1) + eps).sqrt()
 
 
@@ -51,8 +55,11 @@ def aux_norm_loss(
     *,
     eot_token_id: Optional[int] = None,
     eps: float = 1e-5,
+    center: bool = True,
 ) -> Float[torch.Tensor, ""]:
     """Unweighted auxiliary loss ``mean_{b,s} (sigma_{b,s} - sigma_hat)^2`` (multiply by lambda).
+
+    ``center=False`` measures sigma as the RMS (for RMSNorm models, whose final norm does not centre).
 
     If no token qualifies for sigma_hat (e.g. one-token sequences), sigma_hat is the mean over
     all tokens.
@@ -66,7 +73,7 @@ def aux_norm_loss(
     if resid.ndim != 3 or tokens.shape != resid.shape[:2]:
         raise ValueError(f"resid must be [batch, pos, d_model] and tokens [batch, pos]; got "
                          f"{tuple(resid.shape)} and {tuple(tokens.shape)}")
-    sigma = token_std(resid, eps)
+    sigma = token_std(resid, eps, center=center)
     with torch.no_grad():
         mask = typical_std_mask(tokens, eot_token_id)
         sigma_hat = sigma[mask].mean() if bool(mask.any()) else sigma.mean()
@@ -74,7 +81,48 @@ def aux_norm_loss(
 
 
 def next_token_ce(
-    logits: Float[torch.Tensor, "batch pos d_vocab"], tokens: Int[torch.Tensor, "batch pos"]
+    logits: Float[torch.Tensor, "batch pos d_vocab"],
+    tokens: Int[torch.Tensor, "batch pos"],
+    *,
+    ignore_label: Optional[int] = None,
 ) -> Float[torch.Tensor, ""]:
-    """Mean next-token cross-entropy (nats) over every predicted position, in float32."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+    """Mean next-token cross-entropy (nats) over every predicted position, in float32.
+
+    ``ignore_label`` (e.g. end-of-text, as the paper's collator masks it) drops the positions whose
+    label is that id from the mean.
+
+    Example:
+        >>> logits = torch.zeros(1, 3, 4)
+        >>> round(float(next_token_ce(logits, torch.tensor([[0, 1, 2]]))), 4)   # log 4
+        1.3863
+    """
+    labels = tokens[:, 1:].reshape(-1)
+    if ignore_label is not None:
+        labels = labels.masked_fill(labels == ignore_label, -100)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels, ignore_index=-100)
+
+
+def distill_kl(
+    student_logits: Float[torch.Tensor, "batch pos d_vocab"],
+    teacher_logits: Float[torch.Tensor, "batch pos d_vocab"],
+    *,
+    temperature: float = 1.0,
+) -> Float[torch.Tensor, ""]:
+    """KL(teacher || student) of the next-token distributions, mean over positions, times T^2.
+
+    ``sum_v p_t(v) (log p_t(v) - log p_s(v))`` at every position, in float32; exactly 0 when the
+    logits are equal. The teacher's logits carry no gradient.
+
+    Example:
+        >>> x = torch.randn(2, 3, 5)
+        >>> float(distill_kl(x, x))
+        0.0
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student and teacher logits differ in shape: {tuple(student_logits.shape)} vs "
+                         f"{tuple(teacher_logits.shape)}")
+    t = float(temperature)
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return kl.mean() * (t * t)

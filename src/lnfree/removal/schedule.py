@@ -320,3 +320,25 @@ def get_preset(name: str) -> Preset:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# The paper's code's runs (github submarat/removing-layer-norm, config.py `*_aux` configs + train.py,
+# transformers 4.48), where they depart from lnfree's recipe; docs/removal.md, "The recipe as the paper
+# ran it", explains each key. Used by remove_layernorm(recipe="paper").
+RECIPE_KEYS = ("batch_size", "micro_batch_size", "momentum", "ln1_momentum_power", "share_ln1_sigma",
+               "mask_eot_labels", "no_decay", "weight_decay", "horizon", "warmup_from_zero", "vanilla_aux")
+
+
+def _paper(micro: int, momentum: float, horizon: int) -> dict:
+    # gradient_accumulation_steps = int(512 // micro): 512 / 506 / 504 / 504 sequences per step
+    return {"batch_size": micro * (512 // micro), "micro_batch_size": micro, "momentum": momentum,
+            "ln1_momentum_power": 3, "share_ln1_sigma": True, "mask_eot_labels": True, "no_decay": "bias",
+            "weight_decay": 0.01, "horizon": horizon, "warmup_from_zero": True, "vanilla_aux": True}
+
+
+PAPER_RECIPES: dict[str, dict] = {
+    "gpt2-small": _paper(32, 0.9, 300),
+    "gpt2-medium": _paper(22, 0.9, 500),
+    "gpt2-large": _paper(28, 0.9 ** (28 / 32), 1200),
+    "gpt2-xl": _paper(18, 0.9 ** (18 / 32), 1200),
+}

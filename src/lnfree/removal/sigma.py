@@ -28,12 +28,16 @@ class SigmaEMA:
         2.2
     """
 
-    def __init__(self, sites: Sequence[str], momentum: float = 0.9):
+    def __init__(self, sites: Sequence[str], momentum: float = 0.9,
+                 site_momentum: Optional[Mapping[str, float]] = None):
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
         self.momentum = float(momentum)
+        # per-site overrides (the paper's code updates ln1's EMA three times per forward: momentum ** 3)
+        self.site_momentum = {s: float(m) for s, m in (site_momentum or {}).items()}
         self.values: dict[str, Optional[float]] = {s: None for s in sites}
         self.n_updates: dict[str, int] = {s: 0 for s in sites}
+        self.first: dict[str, float] = {}  # each site's first micro-batch mean: the sane-range reference
 
     @property
     def sites(self) -> list[str]:
@@ -47,7 +51,9 @@ class SigmaEMA:
             if not math.isfinite(mean):
                 raise FloatingPointError(f"non-finite LN input std {mean} at {site}")
             old = self.values[site]
-            self.values[site] = mean if old is None else self.momentum * old + (1 - self.momentum) * mean
+            self.first.setdefault(site, float(mean))
+            m = self.site_momentum.get(site, self.momentum)
+            self.values[site] = mean if old is None else m * old + (1 - m) * mean
             self.n_updates[site] += 1
 
     def value(self, site: str) -> float:
@@ -66,12 +72,15 @@ class SigmaEMA:
             self.n_updates.pop(s, None)
 
     def state_dict(self) -> dict:
-        return {"momentum": self.momentum, "values": dict(self.values), "n_updates": dict(self.n_updates)}
+        return {"momentum": self.momentum, "values": dict(self.values), "n_updates": dict(self.n_updates),
+                "first": dict(self.first), "site_momentum": dict(self.site_momentum)}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.momentum = float(state["momentum"])
         self.values = {s: (None if v is None else float(v)) for s, v in state["values"].items()}
         self.n_updates = {s: int(v) for s, v in state["n_updates"].items()}
+        self.first = {s: float(v) for s, v in state.get("first", {}).items()}
+        self.site_momentum = {s: float(v) for s, v in state.get("site_momentum", {}).items()}
 
 
 def stats_tensor(sums: Mapping[str, tuple[float, int]], sites: Sequence[str]) -> torch.Tensor:

@@ -1,162 +1,60 @@
 """The removal fine-tune: freeze LN sites one by one on a schedule, fine-tune, fold them away.
 
 `remove_layernorm` runs the paper's procedure on any `LNFreeTransformer` (or HookedTransformer
-with LayerNorm). Per optimizer step:
+with LayerNorm). Not to be confused with `LNFreeTransformer.remove_ln()`, which only *folds*
+already-frozen scales into the weights (no training): `remove_layernorm` fine-tunes the model so
+that freezing costs little, and calls `remove_ln()` at the end. Per optimizer step:
 
 1. sites whose removal step has come are frozen at their sigma EMA (`LNFreeTransformer.freeze_ln`);
-2. each micro-batch: forward (optionally under bf16 autocast), next-token CE + lambda * aux loss
-   (`loss.aux_norm_loss` on ``blocks.{L-1}.hook_resid_post``), backward; the per-site input std of
-   live sites is recorded (`recording_ln_std`);
-3. the step's losses and per-micro-batch std statistics are combined across ranks, the step is
-   checked (non-finite loss/gradient, or a loss spike: rolled back), gradients are clipped to
-   1.0 and AdamW steps at the warmup + cosine learning rate; the EMAs absorb the micro-batches;
-4. every ``checkpoint_every`` steps an atomic checkpoint is written.
+2. each micro-batch: forward (optionally under bf16 autocast), the loss (next-token CE, or its mix
+   with the KL to the original model when distilling, + lambda * aux on
+   ``blocks.{L-1}.hook_resid_post``), backward; the per-site input std of live sites is recorded;
+3. the step's numbers are combined across ranks and checked from the first step on
+   (`lnfree.training.guards`): non-finite loss/gradient, a loss above 3x the initial one, a spike,
+   an LN scale leaving its sane range. A bad step is rolled back to the last good checkpoint;
+   otherwise gradients are clipped and AdamW steps at the warmup + cosine LR; the EMAs absorb the
+   micro-batches;
+4. every ``checkpoint_every`` steps the weights are verified (finite, and the next batch's loss
+   within bounds) before they are written and marked good.
 
-At the end every site is folded into the weights (`remove_ln`): the returned model is LN-free.
-``vanilla=True`` is the paper's control: same data, steps and optimiser, LN kept live, no aux loss.
-
-Checkpoints (``out_dir/checkpoints/step_XXXXXX/``): ``model.safetensors`` (weights),
-``state.json`` (step, data position, sigma EMAs, site modes and scales, RNG states, loss history,
-configuration) and ``optimizer.pt`` (AdamW state and LR-scheduler state, plain tensors: readable
-with ``torch.load(weights_only=True)``). A directory is complete before it is renamed into place,
-and ``checkpoints/latest`` (the name of the newest complete one) is replaced atomically.
+Variants: ``lora_rank=r`` trains LoRA adapters on a frozen backbone and merges them at the end;
+``distill=w`` mixes in the KL divergence to the frozen original model. ``vanilla=True`` is the
+paper's control: same data, steps and optimiser, LN kept live, no aux loss (unless ``vanilla_aux``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import copy
 import json
 import math
 import os
-import shutil
-import statistics
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
 from lnfree.model import LNFreeTransformer
-from lnfree.removal.data import TokenData, chunk, load_tokens
-from lnfree.removal.loss import aux_norm_loss, next_token_ce
+from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the historical import path)
+    CHECKPOINT_FORMAT, cfg_from_json, cfg_to_json, latest_checkpoint, load_checkpoint, load_tl_dir, read_checkpoint,
+    restore_sites,
+)
+from lnfree.removal.config import RESUME_FREE_KEYS, RemovalConfig  # noqa: F401
+from lnfree.removal.data import TokenData, as_token_source, load_tokens
+from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce
 from lnfree.removal.schedule import PRESETS, Preset, Schedule, get_preset
 from lnfree.removal.sigma import SigmaEMA, global_micro_batch_means, stats_tensor
+from lnfree.training.checkpoints import CheckpointDir
+from lnfree.training.device import resolve_device
+from lnfree.training.files import atomic_write_text, fix_tree_modes, save_safetensors, state_dict_cpu
+from lnfree.training.guards import DivergedError, DivergenceGuard, SpikeDetector, sigma_problem  # noqa: F401
+from lnfree.training.log import JsonlLog
+from lnfree.training.optim import OptimConfig, lr_at, make_optimizer
 
-CHECKPOINT_FORMAT = "lnfree-removal-checkpoint"
-# settings that may differ when a run is resumed (they do not change the trained weights)
-RESUME_FREE_KEYS = {"checkpoint_every", "keep_checkpoints", "max_rollbacks"}
-
-
-# ---- configuration -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RemovalConfig:
-    """Every setting of a run (JSON-serialisable); stored in each checkpoint."""
-
-    steps: int
-    batch_size: int
-    micro_batch_size: int
-    seq_len: int
-    lr: float
-    min_lr: float
-    warmup: int
-    aux_lambda: float
-    vanilla: bool
-    seed: int
-    bf16: bool
-    schedule: dict
-    eot_token_id: Optional[int] = None
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    betas: tuple = (0.9, 0.999)
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
-    max_rollbacks: int = 3
-    lr_backoff: float = 0.5
-    spike_factor: float = 3.0
-    spike_margin: float = 2.0
-    spike_window: int = 50
-    spike_min_history: int = 10
-
-    def __post_init__(self):
-        ints = {"steps": 1, "batch_size": 1, "micro_batch_size": 1, "seq_len": 2, "warmup": 0,
-                "checkpoint_every": 1, "keep_checkpoints": 1, "max_rollbacks": 0, "seed": 0}
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        for name in ("lr", "min_lr", "aux_lambda", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if self.lr <= 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 < min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
-        if self.warmup >= self.steps:
-            raise ValueError(f"warmup ({self.warmup}) must be shorter than the run (steps={self.steps})")
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
-                             f"({self.micro_batch_size})")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-
-def lr_at(step: int, cfg: RemovalConfig) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay from ``lr`` to ``min_lr`` at the last step.
-
-    Example:
-        >>> cfg = RemovalConfig(steps=100, batch_size=1, micro_batch_size=1, seq_len=8, lr=1.0, min_lr=0.5,
-        ...                     warmup=10, aux_lambda=0.0, vanilla=True, seed=0, bf16=False, schedule={})
-        >>> lr_at(0, cfg), lr_at(10, cfg), round(lr_at(99, cfg), 6)
-        (0.1, 1.0, 0.5)
-    """
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - 1 - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: RemovalConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on biases and LayerNorm weights, as HF Trainer)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8)
-
-
-class SpikeDetector:
-    """Flags a loss above ``factor`` x the running median and above ``median + margin``.
-
-    Example:
-        >>> d = SpikeDetector(min_history=3)
-        >>> for x in (3.0, 3.1, 2.9): d.record(x)
-        >>> d.check(3.2) is None, d.check(12.0) is not None
-        (True, True)
-    """
-
-    def __init__(self, factor: float = 3.0, margin: float = 2.0, window: int = 50, min_history: int = 10):
-        self.factor, self.margin, self.min_history = factor, margin, min_history
-        self.history: deque = deque(maxlen=window)
-
-    def check(self, loss: float) -> Optional[str]:
-        if not math.isfinite(loss):
-            return f"non-finite loss ({loss})"
-        if len(self.history) >= self.min_history:
-            med = statistics.median(self.history)
-            if loss > self.factor * med and loss > med + self.margin:
-                return f"loss spike: {loss:.4g} > {self.factor:g} x running median {med:.4g} (and > median + {self.margin:g})"
-        return None
-
-    def record(self, loss: float) -> None:
-        self.history.append(float(loss))
+_weights = state_dict_cpu
 
 
 # ---- distributed ---------------------------------------------------------------------------
@@ -194,65 +92,6 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, created=True)
 
 
-# ---- model config (de)serialisation --------------------------------------------------------
-def cfg_to_json(cfg: HookedTransformerConfig) -> dict:
-    """The init fields of a HookedTransformerConfig as JSON values (dtype as a string, no device)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if not f.init or f.name in ("device", "n_devices"):
-            continue
-        v = getattr(cfg, f.name)
-        if isinstance(v, torch.dtype):
-            v = str(v).replace("torch.", "")
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[f.name] = v
-    return out
-
-
-def cfg_from_json(d: dict, device: Optional[str] = None) -> HookedTransformerConfig:
-    """Inverse of `cfg_to_json`."""
-    d = dict(d)
-    if isinstance(d.get("dtype"), str):
-        d["dtype"] = getattr(torch, d["dtype"])
-    names = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
-    return HookedTransformerConfig(**{k: v for k, v in d.items() if k in names}, device=device or "cpu")
-
-
-# ---- checkpoint files ----------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # directories on some filesystems; best effort
-        pass
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict as contiguous CPU tensors, cloning only where storages are shared."""
-    seen, out = set(), {}
-    for k, v in model.state_dict().items():
-        t = v.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        out[k] = t.clone() if key in seen else t
-        seen.add(key)
-    return out
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
@@ -266,78 +105,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def latest_checkpoint(out_dir: Union[str, os.PathLike]) -> Optional[Path]:
-    """The newest complete checkpoint directory of a run (None if there is none)."""
-    ckdir = Path(out_dir) / "checkpoints"
-    pointer = ckdir / "latest"
-    if not pointer.exists():
-        return None
-    path = ckdir / pointer.read_text().strip()
-    if not (path / "state.json").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
-
-
-class _Checkpoints:
-    """Last-good-state storage: checkpoint directories under out_dir, or memory when out_dir is None."""
-
-    def __init__(self, out_dir: Optional[Path], keep: int, dist: _Dist):
-        self.dir = None if out_dir is None else out_dir / "checkpoints"
-        self.keep, self.dist = keep, dist
-        self.memory: Optional[dict] = None
-
-    def save(self, weights: dict, optimizer: dict, state: dict) -> Optional[Path]:
-        if self.dir is None:
-            self.memory = {"weights": {k: v.clone() for k, v in weights.items()},
-                           "optimizer": _clone_tree(optimizer), "state": json.loads(json.dumps(state))}
-            return None
-        path = None
-        if self.dist.rank == 0:
-            path = self._write(weights, optimizer, state)
-        self.dist.barrier()  # other ranks may roll back to it
-        return path if path is not None else self.dir / f"step_{state['step']:06d}"
-
-    def _write(self, weights: dict, optimizer: dict, state: dict) -> Path:
-        from safetensors.torch import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"step_{state['step']:06d}"
-        tmp = self.dir / f".{name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for f in tmp.iterdir():
-            _fsync(f)
-        final = self.dir / name
-        current = latest_checkpoint(self.dir.parent)
-        if final.exists():  # left by a run killed before it moved `latest`; never the pointed-to one
-            if current is not None and current.resolve() == final.resolve():
-                raise RuntimeError(f"refusing to overwrite the latest good checkpoint {final}")
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(self.dir)
-        _atomic_write_text(self.dir / "latest", name + "\n")
-        self._prune(name)
-        return final
-
-    def _prune(self, latest: str) -> None:
-        done = sorted(p for p in self.dir.glob("step_*") if p.is_dir())
-        for p in done[: max(0, len(done) - self.keep)]:
-            if p.name != latest:
-                shutil.rmtree(p, ignore_errors=True)
-        for p in self.dir.glob(".step_*.tmp*"):  # debris of killed writers
-            shutil.rmtree(p, ignore_errors=True)
-
-    def load(self, path: Optional[Path] = None) -> Optional[dict]:
-        """{'weights', 'optimizer', 'state'} of `path` or the latest checkpoint (None if none)."""
-        if self.dir is None:
-            return self.memory
-        path = path or latest_checkpoint(self.dir.parent)
-        return None if path is None else read_checkpoint(path)
-
-
 def _clone_tree(x):
     if isinstance(x, torch.Tensor):
         return x.detach().clone()
@@ -348,60 +115,31 @@ def _clone_tree(x):
     return x
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    """{'weights': state dict, 'optimizer': .pt contents, 'state': state.json} of one checkpoint dir."""
-    from safetensors.torch import load_file
+class _Checkpoints:
+    """Last-good-state storage: checkpoint directories under out_dir (rank 0 writes), or memory."""
 
-    path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a removal checkpoint (state.json format {state.get('format')!r})")
-    optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    return {"weights": load_file(str(path / "model.safetensors")), "optimizer": optimizer, "state": state,
-            "path": str(path)}
+    def __init__(self, out_dir: Optional[Path], keep: int, dist: _Dist):
+        self.store = None if out_dir is None else CheckpointDir(out_dir, keep)
+        self.dist = dist
+        self.memory: Optional[dict] = None
 
+    def save(self, weights: dict, optimizer: dict, state: dict) -> Optional[Path]:
+        if self.store is None:
+            self.memory = {"weights": {k: v.clone() for k, v in weights.items()},
+                           "optimizer": _clone_tree(optimizer), "state": _clone_tree(state)}
+            return None
+        path = self.store.dir / f"step_{state['step']:06d}"
+        if self.dist.rank == 0:
+            path = self.store.write(state["step"], weights=weights, state=state, tensors=optimizer)
+            self.store.mark_good(path)  # the weights were verified before this call
+        self.dist.barrier()  # other ranks may roll back to it
+        return path
 
-def load_checkpoint(path: Union[str, os.PathLike], device: Optional[str] = None) -> tuple[LNFreeTransformer, dict]:
-    """Rebuild the model of a checkpoint (a ``step_*`` dir, or a run dir: its latest checkpoint).
-
-    Returns ``(model, state)``: weights loaded, sites in their checkpointed modes and scales.
-
-    Example:
-        >>> model, state = load_checkpoint("runs/removal")     # doctest: +SKIP
-        >>> state["step"], model.ln_modes()["ln_final"]         # doctest: +SKIP
-        (300, 'frozen')
-    """
-    path = Path(path)
-    if not (path / "state.json").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{path} is neither a removal checkpoint nor a run dir with checkpoints/latest")
-        path = found
-    ck = read_checkpoint(path)
-    model = LNFreeTransformer(cfg_from_json(ck["state"]["model_config"], device), tokenizer=_load_tokenizer(path))
-    model.load_state_dict(ck["weights"])
-    _restore_sites(model, ck["state"])
-    return model.eval(), ck["state"]
-
-
-def _load_tokenizer(ckpt_path: Path):
-    tok_dir = ckpt_path.parent.parent / "tokenizer"
-    if not tok_dir.exists():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-def _restore_sites(model: LNFreeTransformer, state: dict) -> None:
-    for site, mode in state["site_modes"].items():
-        current = model.ln_mode(site)
-        if mode == "frozen":
-            model.freeze_ln(site, scales=state["site_scales"][site])
-        elif mode == "live" and current == "frozen":
-            model.unfreeze_ln(site)
-        elif mode != current and "removed" in (mode, current):
-            raise ValueError(f"checkpoint has {site} {mode}, the model has it {current}; removal is permanent")
+    def load(self) -> Optional[dict]:
+        if self.store is None:
+            return self.memory
+        path = self.store.latest()
+        return None if path is None else read_checkpoint(path)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -410,6 +148,7 @@ class StepStats:
     loss: float
     ce: float
     aux: float
+    kl: float
     grad_norm: float
     lr: float
     micro_means: list
@@ -420,31 +159,42 @@ class _Run:
 
     def __init__(self, model: LNFreeTransformer, data: TokenData, cfg: RemovalConfig, schedule: Schedule, *,
                  out_dir: Optional[Path], dist: _Dist, device: torch.device, eval_tokens=None,
-                 progress: bool = True, callback: Optional[Callable[[dict], Any]] = None):
+                 progress: bool = True, callback: Optional[Callable[[dict], Any]] = None,
+                 teacher: Optional[LNFreeTransformer] = None):
+        from lnfree.removal.lora import apply_lora
+
         self.model, self.data, self.cfg, self.schedule = model, data, cfg, schedule
         self.out_dir, self.dist, self.device = out_dir, dist, device
         self.eval_tokens, self.progress, self.callback = eval_tokens, progress, callback
+        self.teacher = teacher
         self.k_local = cfg.batch_size // (cfg.micro_batch_size * dist.world)
         self.sites = [s for s in schedule.sites if s in set(model.ln_sites)]
         live = [s for s in self.sites if model.ln_mode(s) == "live"]
-        self.ema = SigmaEMA([] if cfg.vanilla else live, cfg.momentum)
-        self.spike = SpikeDetector(cfg.spike_factor, cfg.spike_margin, cfg.spike_window, cfg.spike_min_history)
-        self.optimizer = make_optimizer(model, cfg)
+        ln1 = {s: cfg.momentum ** cfg.ln1_momentum_power for s in live if ".ln1." in s} \
+            if cfg.ln1_momentum_power != 1 else None
+        self.ema = SigmaEMA([] if cfg.vanilla else live, cfg.momentum, site_momentum=ln1)
+        self.guard = DivergenceGuard(cfg.diverge_factor, cfg.diverge_margin, cfg.spike_factor, cfg.spike_margin,
+                                     cfg.spike_window, cfg.spike_min_history)
+        if cfg.lora_rank:
+            apply_lora(model, cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
+        self.optimizer = make_optimizer(model, cfg.optim)
         self.ckpts = _Checkpoints(out_dir, cfg.keep_checkpoints, dist)
+        self.log = JsonlLog(out_dir / "log.jsonl" if out_dir is not None and dist.rank == 0 else None)
         self.step = self.position = self.tokens_seen = self.n_rollbacks = 0
         self.lr_scale = 1.0
         self.ce_before = None
         self.wall_prev = 0.0
         self.t0 = time.time()
         self.last_good: Optional[str] = None
+        self.center = model.cfg.normalization_type not in ("RMS", "RMSPre")
         self.ddp = None
         if dist.active:
+            import inspect
+
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [device.index] if device.type == "cuda" else None
             # buffers (sigma, masks) are identical on every rank by construction: no per-forward sync
-            import inspect
-
             no_sync = ({"forward_sync_buffers": False}
                        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                        else {"broadcast_buffers": False})
@@ -456,9 +206,7 @@ class _Run:
     def _emit(self, record: dict) -> None:
         if self.dist.rank != 0:
             return
-        if self.out_dir is not None:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.log.write(record)
         if self.callback is not None:
             self.callback(record)
 
@@ -467,20 +215,41 @@ class _Run:
 
     def state(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "version": 1, "step": self.step, "position": self.position,
+            "format": CHECKPOINT_FORMAT, "version": 2, "step": self.step, "position": self.position,
             "tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "n_rollbacks": self.n_rollbacks,
             "sigma_ema": self.ema.state_dict(), "site_modes": self.model.ln_modes(),
             "site_scales": {s: self.model.ln_scale(s) for s in self.model.ln_sites},
-            "loss_history": list(self.spike.history), "rng": _rng_state(), "config": self.cfg.to_dict(),
-            "model_config": cfg_to_json(self.model.cfg), "data": self.data.fingerprint(),
+            "guard": self.guard.state_dict(), "loss_history": list(self.guard.history), "rng": _rng_state(),
+            "config": self.cfg.to_dict(), "model_config": cfg_to_json(self.model.cfg),
+            "data": self.data.fingerprint(), "teacher": _fingerprint(self.teacher),
             "ce_before": None if self.ce_before is None else self.ce_before.to_dict(),
             "wall_time": self.wall_time(), "world_size": self.dist.world,
         }
 
-    def checkpoint(self) -> None:
+    def verify(self) -> Optional[str]:
+        """Why the current weights must not be kept (None if they may): non-finite parameters, or a loss
+        on the next batch that is non-finite or diverged."""
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:  # never store a broken model as the last good state
-            raise FloatingPointError(f"non-finite parameters {bad[:3]}")
+        bad = torch.tensor(float(bool(bad)))
+        m = self.cfg.micro_batch_size
+        tokens = self.data.batch(self.position + self.dist.rank * self.k_local * m, m).to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            ce = next_token_ce(self.model(tokens, return_type="logits"), tokens, ignore_label=self._ignore())
+        both = self._all_reduce_sum(torch.stack([ce.detach().double().cpu(), bad.double()])) / self.dist.world
+        if float(both[1]) > 0:
+            return "non-finite parameters"
+        ce_value, reason = float(both[0]), None
+        if not math.isfinite(ce_value):
+            return f"non-finite cross-entropy ({ce_value}) of the weights about to be checkpointed"
+        init = self.guard.initial
+        if init is not None and init.get("ce") is not None:
+            reason = self.guard._bound("cross-entropy of the weights about to be checkpointed", ce_value, init["ce"])
+        return reason
+
+    def checkpoint(self) -> None:
+        reason = self.verify()
+        if reason:  # never store a broken model as the last good state
+            raise FloatingPointError(reason)
         optimizer = {"optimizer": self.optimizer.state_dict(),
                      "scheduler": {"step": self.step, "lr_scale": self.lr_scale}}
         path = self.ckpts.save(_weights(self.model), optimizer, self.state())
@@ -491,13 +260,11 @@ class _Run:
         """Load a checkpoint's model, optimizer, EMA and counters (the data cursor too, unless kept)."""
         state = ck["state"]
         self.model.load_state_dict({k: v.to(self.device) for k, v in ck["weights"].items()})
-        _restore_sites(self.model, state)
+        restore_sites(self.model, state)
         # cloned: Optimizer.load_state_dict may alias the given tensors, and the snapshot must stay intact
         self.optimizer.load_state_dict(_clone_tree(ck["optimizer"]["optimizer"]))
         self.ema.load_state_dict(state["sigma_ema"])
-        self.spike.history.clear()
-        for x in state["loss_history"]:
-            self.spike.record(x)
+        self.guard.load_state_dict(state.get("guard", {"history": state.get("loss_history", [])}))
         self.step = state["step"]
         if not keep_position:
             self.position, self.tokens_seen = state["position"], state["tokens_seen"]
@@ -512,14 +279,15 @@ class _Run:
         self.last_good = ck.get("path")
 
     def check_resume(self, state: dict) -> None:
-        old, new = state["config"], self.cfg.to_dict()
-        diff = [k for k in new if k not in RESUME_FREE_KEYS and old.get(k) != new[k]]
+        diff = self.cfg.differences(state["config"])
         if diff:
-            raise ValueError("cannot resume: settings differ from the checkpoint's: "
-                             + ", ".join(f"{k}={old.get(k)!r} (now {new[k]!r})" for k in diff))
+            raise ValueError("cannot resume: settings differ from the checkpoint's: " + ", ".join(diff))
         if state["data"] != self.data.fingerprint():
             raise ValueError(f"cannot resume: the training data differ from the checkpoint's "
                              f"({state['data']} vs {self.data.fingerprint()})")
+        if state.get("teacher") != _fingerprint(self.teacher):
+            raise ValueError("cannot resume: the model passed is not the one the run started from (its weights, "
+                             "the distillation teacher, differ)")
         if state["world_size"] != self.dist.world:
             warnings.warn(f"resuming a {state['world_size']}-process run with {self.dist.world} processes: "
                           "same global batch, but float rounding differs")
@@ -536,8 +304,27 @@ class _Run:
         self.model.freeze_ln(due, scales=scales)
         self.ema.drop(due)
         self._emit({"event": "freeze", "step": self.step, "sigma": scales})
+        self.sync_shared_ln1()
+
+    def sync_shared_ln1(self) -> None:
+        """``share_ln1_sigma``: a frozen ln1 q/k path takes the current EMA of its live v path (the same input):
+        the paper's ln1 keeps one sigma that tracks until its v path is removed."""
+        if not self.cfg.share_ln1_sigma:
+            return
+        tracked = set(self.ema.sites)
+        shared = {}
+        for site in self.sites:
+            if site.endswith(".ln1.qk") and self.model.ln_mode(site) == "frozen":
+                v = site[: -len("qk")] + "v"
+                if v in tracked and self.ema.values.get(v) is not None:
+                    shared[site] = self.ema.value(v)
+        if shared:
+            self.model.freeze_ln(list(shared), scales=shared)
 
     # -- one step ------------------------------------------------------------------------
+    def _ignore(self) -> Optional[int]:
+        return self.cfg.eot_token_id if self.cfg.mask_eot_labels else None
+
     def _micro_batches(self):
         m = self.cfg.micro_batch_size
         first = self.position + self.dist.rank * self.k_local * m
@@ -551,30 +338,34 @@ class _Run:
         cfg, model = self.cfg, self.model
         forward = self.ddp if self.ddp is not None else model
         track = bool(self.ema.sites)
-        use_aux = not cfg.vanilla and cfg.aux_lambda > 0
-        handle = model.hook_dict[self._hook_name].register_forward_hook(self._capture) if use_aux else None
+        handle = model.hook_dict[self._hook_name].register_forward_hook(self._capture) if cfg.use_aux else None
         try:
-            sums, local_stats = self._accumulate(forward, track, use_aux)
+            sums, local_stats = self._accumulate(forward, track)
         finally:
             if handle is not None:
                 handle.remove()
             self._resid = None
         sums = self._all_reduce_sum(sums).cpu() / (self.k_local * self.dist.world)
         micro = global_micro_batch_means(local_stats, self.ema.sites, device=self._comm_device()) if track else []
-        lr = lr_at(self.step, cfg) * self.lr_scale
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-        ce_mean, aux_mean = float(sums[0]), float(sums[1])
-        total = ce_mean + (cfg.aux_lambda * aux_mean if use_aux else 0.0)
-        return StepStats(total, ce_mean, aux_mean, grad_norm, lr, micro)
+        lr = lr_at(self.step, cfg.optim) * self.lr_scale
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        ce, aux, kl = (float(x) for x in sums)
+        return StepStats(self._total(ce, aux, kl), ce, aux, kl, grad_norm, lr, micro)
 
-    def _accumulate(self, forward, track: bool, use_aux: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _total(self, ce, aux, kl):
+        cfg = self.cfg
+        main = (1 - cfg.distill) * ce + cfg.distill * kl if self.teacher is not None else ce
+        return main + (cfg.aux_lambda * aux if cfg.use_aux else 0.0)
+
+    def _accumulate(self, forward, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of this rank's micro-batches (gradients sum to the step's mean loss).
 
-        Returns the summed (CE, aux) [2] and each micro-batch's per-site (std sum, count) [k, sites, 2].
+        Returns the summed (CE, aux, KL) [3] and each micro-batch's per-site (std sum, count) [k, sites, 2].
         """
         cfg, model = self.cfg, self.model
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         local_stats = torch.zeros(self.k_local, len(self.ema.sites), 2, dtype=torch.float64)
+        zero = torch.zeros((), device=self.device)
         for j, tokens in self._micro_batches():
             sync = self.ddp is None or j == self.k_local - 1
             with contextlib.ExitStack() as stack:
@@ -583,13 +374,18 @@ class _Run:
                 rec = stack.enter_context(model.recording_ln_std()) if track else None
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = forward(tokens, return_type="logits")
-                    ce = next_token_ce(logits, tokens)
-                    aux = aux_norm_loss(self._resid, tokens, eot_token_id=cfg.eot_token_id, eps=model.cfg.eps) \
-                        if use_aux else torch.zeros((), device=self.device)
-                    loss = ce + cfg.aux_lambda * aux if use_aux else ce
+                    ce = next_token_ce(logits, tokens, ignore_label=self._ignore())
+                    aux = aux_norm_loss(self._resid, tokens, eot_token_id=cfg.eot_token_id, eps=model.cfg.eps,
+                                        center=self.center) if cfg.use_aux else zero
+                    kl = zero
+                    if self.teacher is not None:
+                        with torch.no_grad():
+                            target = self.teacher(tokens, return_type="logits")
+                        kl = distill_kl(logits, target, temperature=cfg.distill_temperature)
+                    loss = self._total(ce, aux, kl)
                 (loss / self.k_local).backward()
             self._resid = None
-            sums += torch.stack([ce.detach(), aux.detach()]).double()  # stays on device: no sync per micro-batch
+            sums += torch.stack([ce.detach(), aux.detach(), kl.detach()]).double()  # on device: no sync
             if rec is not None:
                 local_stats[j] = stats_tensor(rec.sums, self.ema.sites)
         return sums, local_stats
@@ -604,6 +400,20 @@ class _Run:
         torch.distributed.all_reduce(t)
         return t.cpu()
 
+    def check(self, stats: StepStats) -> Optional[str]:
+        """Why this step must not be applied (None if it may)."""
+        reason = self.guard.check(stats.loss, ce=stats.ce, grad_norm=stats.grad_norm)
+        if reason:
+            return reason
+        first = dict(self.ema.first)
+        for means in stats.micro_means:
+            for site, v in means.items():
+                reason = sigma_problem(site, v, first.get(site), self.cfg.sigma_ratio)
+                if reason:
+                    return reason
+                first.setdefault(site, v)
+        return None
+
     def optimizer_step(self, stats: StepStats) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = stats.lr
@@ -611,7 +421,8 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         for means in stats.micro_means:
             self.ema.update(means)
-        self.spike.record(stats.loss)
+        self.sync_shared_ln1()
+        self.guard.record(stats.loss, ce=stats.ce)
         self.step += 1
         self.position += self.cfg.batch_size
         self.tokens_seen += self.cfg.batch_size * self.cfg.seq_len
@@ -621,15 +432,16 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         failed_step = self.step
         self.n_rollbacks += 1
+        where = self.last_good or "in memory (no out_dir)"
         if self.n_rollbacks > self.cfg.max_rollbacks:
-            raise RuntimeError(
+            raise DivergedError(
                 f"LN removal gave up at step {failed_step}: {reason}. {self.cfg.max_rollbacks} rollbacks did not "
-                f"help (LR scale now {self.lr_scale:g}). Last good checkpoint: {self.last_good or 'in memory'}; "
-                "try a lower lr, a longer schedule, or check the data"
-            )
+                f"help (LR scale now {self.lr_scale:g}). Last good checkpoint: {where}; "
+                "try a lower lr, a longer schedule, or check the data")
         ck = self.ckpts.load()
         if ck is None:
-            raise RuntimeError(f"step {failed_step}: {reason}, and there is no checkpoint to roll back to")
+            raise DivergedError(f"LN removal failed at step {failed_step}: {reason}, and there is no good "
+                                "checkpoint to roll back to")
         position, tokens_seen = self.position + self.cfg.batch_size, self.tokens_seen
         self.restore(ck, keep_position=True)
         self.position, self.tokens_seen = position, tokens_seen
@@ -657,10 +469,7 @@ class _Run:
             while self.step < self.cfg.steps:
                 self.apply_schedule()
                 stats = self.forward_backward()
-                reason = self.spike.check(stats.loss) or (
-                    None if math.isfinite(stats.grad_norm) else f"non-finite gradient norm ({stats.grad_norm})") or (
-                    None if all(math.isfinite(v) for m in stats.micro_means for v in m.values())
-                    else "non-finite LN input std")
+                reason = self.check(stats)
                 if reason:
                     self.rollback(reason)
                     bar.n = self.step
@@ -668,9 +477,12 @@ class _Run:
                     continue
                 stage = self.stage()
                 self.optimizer_step(stats)
-                self._emit({"event": "step", "step": self.step, "loss": stats.loss, "ce": stats.ce,
-                            "aux": stats.aux, "lr": stats.lr, "grad_norm": stats.grad_norm, "stage": stage,
-                            "tokens": self.tokens_seen, "wall_time": round(self.wall_time(), 3)})
+                record = {"event": "step", "step": self.step, "loss": stats.loss, "ce": stats.ce, "aux": stats.aux,
+                          "lr": stats.lr, "grad_norm": stats.grad_norm, "stage": stage, "tokens": self.tokens_seen,
+                          "wall_time": round(self.wall_time(), 3)}
+                if self.teacher is not None:
+                    record["kl"] = stats.kl
+                self._emit(record)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {stats.loss:.3f} aux {stats.aux:.3g} lr {stats.lr:.2e} | {stage}")
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps:
@@ -683,17 +495,60 @@ class _Run:
             self.model.train(was_training)
 
 
+def _fingerprint(model: Optional[torch.nn.Module]) -> Optional[float]:
+    """A cheap digest of a model's weights (detects a different teacher on resume)."""
+    if model is None:
+        return None
+    with torch.no_grad():
+        total = sum(float(p.detach().double().abs().sum()) for p in model.parameters())
+    return round(total, 6)
+
+
+# ---- arguments -----------------------------------------------------------------------------
+# name -> (kind, lower bound, allow None); kinds: int, num (finite), pos (finite > 0), frac ([0, 1]), mom ([0, 1))
+ARGUMENTS = {
+    "steps": ("int", 2, True), "batch_size": ("int", 1, True), "micro_batch_size": ("int", 1, True),
+    "seq_len": ("int", 2, True), "lr": ("pos", 0, True), "min_lr": ("num", 0, True), "warmup": ("int", 0, True),
+    "aux_lambda": ("num", 0, True), "checkpoint_every": ("int", 1, False), "max_rollbacks": ("int", 0, False),
+    "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, False),
+    "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
+    "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True),
+}
+
+
+def check_arguments(values: dict, *, flag: Callable[[str], str] = lambda n: n) -> None:
+    """Validate user-facing settings by their names (`flag` maps a name to how the user spelt it,
+    e.g. ``--steps``); raises ValueError naming the first bad one."""
+    for name, v in values.items():
+        kind, low, none_ok = ARGUMENTS[name]
+        if v is None and none_ok:
+            continue
+        shown = flag(name)
+        if kind == "int":
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise ValueError(f"{shown} must be an integer >= {low}, got {v!r}")
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{shown} must be a finite number, got {v!r}")
+        if kind == "pos" and v <= 0:
+            raise ValueError(f"{shown} must be > 0, got {v!r}")
+        if kind == "num" and v < low:
+            raise ValueError(f"{shown} must be >= {low}, got {v!r}")
+        if kind == "frac" and not 0 <= v <= 1:
+            raise ValueError(f"{shown} must lie in [0, 1], got {v!r}")
+        if kind == "mom" and not 0 <= v < 1:
+            raise ValueError(f"{shown} must lie in [0, 1), got {v!r}")
+
+
 # ---- public entry point --------------------------------------------------------------------
 def _as_ln_free(model) -> LNFreeTransformer:
-    if isinstance(model, LNFreeTransformer):
-        return model
-    if isinstance(model, HookedTransformer):
-        return LNFreeTransformer.from_hooked(model)
-    raise TypeError(f"model must be a HookedTransformer or LNFreeTransformer, got {type(model).__name__}")
+    from lnfree._checks import as_lnfree
+
+    return as_lnfree(model)
 
 
 def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size, seq_len, data):
-    """(Schedule, dict of hyper-parameters) from a preset name, a Schedule, or None (scaled Small)."""
+    """(Schedule, dict of hyper-parameters, preset or None) from a preset name, a Schedule, or None."""
     n_layers = model.cfg.n_layers
     preset: Optional[Preset] = None
     if isinstance(schedule, str):
@@ -719,6 +574,8 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
         raise ValueError(f"the schedule is for {sched.n_layers} layers; the model has {n_layers}")
     base = preset or PRESETS["gpt2-small"]
     if seq_len is None:
+        if isinstance(data, (str, os.PathLike)) and str(data).endswith(".npy") and os.path.isfile(data):
+            data = np.load(data, mmap_mode="r")  # a 2-D .npy keeps its row width, like an array
         if isinstance(data, TokenData):
             width = data.seq_len
         else:
@@ -735,20 +592,22 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
     }
     if seq_len > model.cfg.n_ctx:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
-    return sched, hp
+    return sched, hp, preset
 
 
 def _resolve_device(model, device, dist: _Dist) -> torch.device:
-    if device is None:
+    dev = resolve_device(device)
+    if dev is None:
         if dist.active and torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank)
         return next(model.parameters()).device
-    return torch.device(device)
+    return dev
 
 
 def _eval_tokens(eval_data, model, seq_len: int, tokenizer, eot, bos=None) -> Optional[torch.Tensor]:
     if eval_data is None:
         return None
+    eval_data = as_token_source(eval_data, argument="eval_data")
     if isinstance(eval_data, (str, os.PathLike)) and str(eval_data).endswith(".npy"):
         eval_data = np.load(eval_data, mmap_mode="r")
     if isinstance(eval_data, (np.ndarray, torch.Tensor)) and eval_data.ndim == 2 and eval_data.shape[1] <= model.cfg.n_ctx:
@@ -773,9 +632,13 @@ def remove_layernorm(
     warmup: Optional[int] = None,
     aux_lambda: Optional[float] = None,
     vanilla: bool = False,
+    lora_rank: Optional[int] = None,
+    lora_alpha: Optional[float] = None,
+    distill: float = 0.0,
+    distill_temperature: float = 1.0,
     out_dir: Union[None, str, os.PathLike] = None,
     checkpoint_every: int = 50,
-    resume: bool = False,
+    resume: Union[bool, str] = False,
     eval_data=None,
     progress: bool = True,
     device: Union[None, str, torch.device] = None,
@@ -783,19 +646,25 @@ def remove_layernorm(
     bf16: bool = False,
     eot_token_id: Optional[int] = None,
     bos_token_id: Optional[int] = None,
-    momentum: float = 0.9,
+    momentum: Optional[float] = None,
     max_rollbacks: int = 3,
     keep_checkpoints: int = 2,
+    weight_decay: Optional[float] = None,
+    recipe: Union[None, str, dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
+
+    This trains. `LNFreeTransformer.remove_ln()` is the other, training-free step: it folds frozen
+    scales into the weights; `remove_layernorm` fine-tunes while freezing sites one by one and
+    calls `remove_ln()` at the end.
 
     Args:
         model: HookedTransformer or LNFreeTransformer with LayerNorm. Trained IN PLACE (no copy, so large
             models fit; a HookedTransformer's parameters are shared with the returned model): pass a
             copy to keep the original.
         data: training tokens or text (see `lnfree.removal.data.load_tokens`): a [n, seq] / 1-D token
-            tensor or array, .npy / .txt / .jsonl paths, a directory, or a HF dataset name.
+            tensor, array or nested list of ids, .npy / .txt / .jsonl paths, a directory, or a HF dataset name.
         schedule: None (GPT-2 Small's schedule scaled to the model's depth and `steps`, see
             `Schedule.scaled`), a preset name ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl",
             which also supplies lr, min_lr, warmup, aux_lambda, batch_size and seq_len defaults), or a
@@ -809,21 +678,34 @@ def remove_layernorm(
             Small's 6e-4, 3e-4 and 25/300 of the run, or the preset's).
         aux_lambda: weight of the auxiliary residual-norm loss (default 0.1, or the preset's).
         vanilla: the control run: same data and optimisation, LN kept live, no aux loss, no freezing.
+        lora_rank, lora_alpha: train rank-r LoRA adapters (scale alpha / r, default alpha = r) on the
+            attention and MLP weights of a frozen backbone, merged at the end (`lnfree.removal.lora`).
+        distill: weight w of the KL divergence to the original model's next-token distribution:
+            loss = (1 - w) CE + w KL (+ aux); 0 disables it (no teacher). The teacher is a frozen copy
+            of `model` as passed (one more model in memory, one more forward pass per micro-batch).
+        distill_temperature: softmax temperature T of the KL (scaled by T^2).
         out_dir: where checkpoints, ``log.jsonl``, ``summary.json`` and the final model (``final/``
             via `save_pretrained`, and ``final_tl/`` as TransformerLens weights + config) go.
         checkpoint_every: steps between checkpoints (a checkpoint is also written at step 0 and at the end).
-        resume: continue the run in `out_dir` from its latest checkpoint (starts afresh if none).
+        resume: True: continue the run in `out_dir` from its latest good checkpoint (an error if there
+            is none); "auto": continue if there is one, else start; False: start (refused if `out_dir`
+            holds a run).
         eval_data: held-out tokens (same forms as `data`; 2-D arrays keep their width): CE with a
             bootstrap CI is measured before and after and written to the summary.
         device: where to train (default: the model's device; cuda:LOCAL_RANK under torchrun with GPUs).
-        seed: data order seed.
+        seed: data order seed (and the LoRA initialisation's).
         bf16: autocast forward passes to bfloat16 (weights and optimizer stay float32).
         eot_token_id: end-of-text id excluded from the aux loss's sigma_hat (default: tokenizer's eos).
         bos_token_id: if set, token streams and text are cut into ``[bos] + (seq_len - 1)`` rows (for a
             model pretrained with a BOS at position 0); default: plain chunks, no BOS, as in the paper.
-        momentum: sigma EMA momentum per micro-batch.
-        max_rollbacks: non-finite / spiking steps are rolled back to the last checkpoint with the LR
-            halved; after this many the run stops with an error.
+        momentum: sigma EMA momentum per micro-batch (default 0.9, or the recipe's).
+        max_rollbacks: bad steps (non-finite, diverged, spiking) are rolled back to the last good
+            checkpoint with the LR halved; after this many the run stops with `DivergedError`
+            (a RuntimeError) naming the last good checkpoint.
+        weight_decay: AdamW weight decay on matrices (default 0.01, or the recipe's).
+        recipe: "paper" with a preset: the paper's code's run of that size (see
+            `lnfree.removal.schedule.PAPER_RECIPES` and docs/removal.md); a dict of some of its switches
+            (`RECIPE_KEYS`: one departure at a time); None: lnfree's recipe.
         callback: called (on rank 0) with a dict for every step and event (freeze, checkpoint, rollback).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
@@ -839,9 +721,21 @@ def remove_layernorm(
         >>> ln_free.is_ln_free                                                            # doctest: +SKIP
         True
     """
+    check_arguments(dict(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
+                         lr=lr, min_lr=min_lr, warmup=warmup, aux_lambda=aux_lambda, checkpoint_every=checkpoint_every,
+                         max_rollbacks=max_rollbacks, keep_checkpoints=keep_checkpoints, seed=seed,
+                         lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
+                         distill_temperature=distill_temperature, weight_decay=weight_decay))
+    if momentum is not None:
+        check_arguments({"momentum": momentum})
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     model = _as_ln_free(model)
     if model.is_ln_free:
         raise ValueError("the model has no LayerNorm left (every site removed): nothing to remove")
+    data = as_token_source(data)
+    out = None if out_dir is None else Path(out_dir)
+    found = _check_out_dir(out, resume)
     dist = _init_distributed()
     try:
         dev = _resolve_device(model, device, dist)
@@ -849,18 +743,33 @@ def remove_layernorm(
             model.to(dev, print_details=False)
         tokenizer = model.tokenizer
         eot = eot_token_id if eot_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        sched, hp = _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size,
-                                      seq_len, data)
+        sched, hp, preset = _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size,
+                                              seq_len, data)
+        rec = _recipe(recipe, preset)
+        if batch_size is None and "batch_size" in rec:
+            hp["batch_size"] = rec["batch_size"]
         per_rank = hp["batch_size"] // dist.world
-        mbs = per_rank if micro_batch_size is None else micro_batch_size
+        mbs = (rec.get("micro_batch_size") or per_rank) if micro_batch_size is None else micro_batch_size
+        if rec.get("micro_batch_size") and micro_batch_size is None and hp["batch_size"] % (mbs * dist.world):
+            mbs = per_rank  # the paper's micro-batch does not divide this process count's share: one per rank
         if hp["batch_size"] % (mbs * dist.world):
             raise ValueError(f"batch_size ({hp['batch_size']}) must be a multiple of micro_batch_size ({mbs}) x "
                              f"processes ({dist.world})")
-        cfg = RemovalConfig(steps=sched.steps, batch_size=hp["batch_size"], micro_batch_size=mbs,
-                            seq_len=hp["seq_len"], lr=float(hp["lr"]), min_lr=float(hp["min_lr"]),
-                            warmup=hp["warmup"], aux_lambda=float(hp["aux_lambda"]), vanilla=bool(vanilla),
-                            seed=seed, bf16=bool(bf16), schedule=sched.to_dict(), eot_token_id=eot,
-                            momentum=momentum, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        optim = OptimConfig(steps=sched.steps, lr=float(hp["lr"]), min_lr=float(hp["min_lr"]), warmup=hp["warmup"],
+                            weight_decay=rec.get("weight_decay", 0.01) if weight_decay is None else float(weight_decay),
+                            betas=(0.9, 0.999), grad_clip=1.0, horizon=rec.get("horizon"),
+                            no_decay=rec.get("no_decay", "ndim<2"), warmup_from_zero=rec.get("warmup_from_zero", False))
+        cfg = RemovalConfig(optim=optim, batch_size=hp["batch_size"], micro_batch_size=mbs, seq_len=hp["seq_len"],
+                            aux_lambda=float(hp["aux_lambda"]), vanilla=bool(vanilla), seed=seed, bf16=bool(bf16),
+                            schedule=sched.to_dict(), eot_token_id=eot,
+                            momentum=rec.get("momentum", 0.9) if momentum is None else float(momentum),
+                            lora_rank=lora_rank, lora_alpha=None if lora_alpha is None else float(lora_alpha),
+                            distill=float(distill), distill_temperature=float(distill_temperature),
+                            share_ln1_sigma=rec.get("share_ln1_sigma", False),
+                            ln1_momentum_power=rec.get("ln1_momentum_power", 1),
+                            mask_eot_labels=rec.get("mask_eot_labels", False),
+                            vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
+                            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks)
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
         seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
@@ -872,11 +781,11 @@ def remove_layernorm(
         unscheduled = [s for s in model.ln_sites if model.ln_mode(s) == "live" and s not in sched.sites]
         if unscheduled:
             raise ValueError(f"live sites {unscheduled[:3]} are not in the schedule")
-        out = None if out_dir is None else Path(out_dir)
+        teacher = _teacher(model) if cfg.distill > 0 else None
         run = _Run(model, tdata, cfg, sched, out_dir=out, dist=dist, device=dev,
                    eval_tokens=_eval_tokens(eval_data, model, cfg.seq_len, tokenizer, eot, bos_token_id),
-                   progress=progress, callback=callback)
-        _start(run, out, resume, model)
+                   progress=progress, callback=callback, teacher=teacher)
+        _start(run, out, found, model)
         run.train()
         return _finish(run, out, model)
     finally:
@@ -884,20 +793,63 @@ def remove_layernorm(
             torch.distributed.destroy_process_group()
 
 
-def _start(run: _Run, out: Optional[Path], resume: bool, model: LNFreeTransformer) -> None:
-    from lnfree.evaluation import cross_entropy
+def _recipe(recipe, preset: Optional[Preset]) -> dict:
+    """The settings a recipe fixes: {} for lnfree's; the paper's per preset; or a dict of the switches."""
+    from lnfree.removal.schedule import PAPER_RECIPES, RECIPE_KEYS
 
-    found = None if out is None else latest_checkpoint(out)
-    if found is not None and not resume:
+    if recipe is None:
+        return {}
+    if isinstance(recipe, dict):  # individual departures (e.g. to measure one at a time)
+        bad = sorted(set(recipe) - set(RECIPE_KEYS))
+        if bad:
+            raise ValueError(f"recipe keys {bad} unknown; allowed: {sorted(RECIPE_KEYS)}")
+        return dict(recipe)
+    if recipe != "paper":
+        raise ValueError(f"recipe must be None (lnfree's), 'paper' or a dict of {sorted(RECIPE_KEYS)}, got {recipe!r}")
+    if preset is None:
+        raise ValueError("recipe='paper' needs a preset schedule (schedule='gpt2-small', ...): the paper's runs are "
+                         "per model size")
+    return dict(PAPER_RECIPES[preset.name])
+
+
+def _teacher(model: LNFreeTransformer) -> LNFreeTransformer:
+    """A frozen copy of the model as passed: the distillation target."""
+    teacher = copy.deepcopy(model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval()
+
+
+def _check_out_dir(out: Optional[Path], resume) -> Optional[Path]:
+    """The checkpoint to resume from (None: start), refusing the combinations that would surprise."""
+    if out is None:
+        if resume is True:
+            raise ValueError("resume=True needs out_dir (where the run's checkpoints are)")
+        return None
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file, not a directory")
+    found = CheckpointDir(out).latest() if out.is_dir() else None
+    if found is not None and resume is False:
         raise ValueError(f"{out} already holds a removal run (checkpoint {found.name}); pass resume=True "
                          "(--resume) to continue it, or choose another out_dir")
-    if resume and out is None:
-        raise ValueError("resume=True needs out_dir (where the run's checkpoints are)")
+    if found is None and resume is True:
+        what = "does not exist" if not out.exists() else "holds no removal checkpoint (no checkpoints/latest)"
+        raise ValueError(f"nothing to resume: {out} {what}; check the path, or start a new run without "
+                         "resume (--resume)")
+    return found
+
+
+def _start(run: _Run, out: Optional[Path], found: Optional[Path], model: LNFreeTransformer) -> None:
+    from lnfree.evaluation import cross_entropy
+
     if found is not None:
         ck = read_checkpoint(found)
         run.check_resume(ck["state"])
         run.restore(ck)
-        run._emit({"event": "resume", "step": run.step, "from": str(found)})
+        if run.dist.rank == 0:
+            dropped = run.log.rewind(run.step)
+        run._emit({"event": "resume", "step": run.step, "from": str(found),
+                   "dropped_log_records": dropped if run.dist.rank == 0 else None})
         return
     if out is not None and run.dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -906,13 +858,19 @@ def _start(run: _Run, out: Optional[Path], resume: bool, model: LNFreeTransforme
     if run.eval_tokens is not None and run.dist.rank == 0:
         run.ce_before = cross_entropy(model, run.eval_tokens, batch_size=run.cfg.micro_batch_size,
                                       progress=run.progress).mean
-    run.checkpoint()  # step 0: something to roll back to before the first periodic checkpoint
+    try:
+        run.checkpoint()  # step 0: something to roll back to before the first periodic checkpoint
+    except FloatingPointError as e:
+        raise DivergedError(f"LN removal cannot start: the model as given fails the checks ({e})") from None
 
 
 def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeTransformer:
     from lnfree.evaluation import cross_entropy
+    from lnfree.removal.lora import is_lora, merge_lora
 
     frozen_sigma = {s: model.ln_scale(s) for s in model.ln_sites if model.ln_mode(s) == "frozen"}
+    if is_lora(model):
+        merge_lora(model)
     if not run.cfg.vanilla:
         model.remove_ln()
     model.eval()
@@ -928,10 +886,11 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
         "ce_delta": None if (ce_after is None or run.ce_before is None) else ce_after.value - run.ce_before.value,
         "ln_free": model.is_ln_free, "rollbacks": run.n_rollbacks, "lr_scale": run.lr_scale,
         "sigma": frozen_sigma, "schedule": run.schedule.to_dict(), "config": run.cfg.to_dict(),
+        "variant": ("lora" if run.cfg.lora_rank else "full") + ("+distill" if run.cfg.distill > 0 else ""),
     }
     if out is not None and run.dist.rank == 0:
         summary["final"] = _save_final(model, out)
-        _atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     run.dist.barrier()
     model.removal_summary = summary
     return model
@@ -939,43 +898,18 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
 
 def _save_final(model: LNFreeTransformer, out: Path) -> dict:
     """final_tl/ (TransformerLens weights + config, always) and final/ (HF format via lnfree.loading)."""
-    from safetensors.torch import save_file
-
     saved = {}
     tl = out / "final_tl"
     tl.mkdir(parents=True, exist_ok=True)
-    save_file(_weights(model), str(tl / "model.safetensors"), metadata={"format": "pt"})
-    _atomic_write_text(tl / "config.json", json.dumps({"model": cfg_to_json(model.cfg),
-                                                       "ln_modes": model.ln_modes()}, indent=1))
+    save_safetensors(_weights(model), tl / "model.safetensors")
+    atomic_write_text(tl / "config.json", json.dumps({"model": cfg_to_json(model.cfg),
+                                                      "ln_modes": model.ln_modes()}, indent=1))
     saved["final_tl"] = str(tl)
     try:
         model.save_pretrained(str(out / "final"))
+        fix_tree_modes(out / "final")  # safetensors writes 0600
         saved["final"] = str(out / "final")
-    except Exception as e:  # lnfree.loading may be missing or not support this model: keep final_tl
+    except Exception as e:  # lnfree.loading may not support this model: keep final_tl
         warnings.warn(f"save_pretrained failed ({type(e).__name__}: {e}); the model is in {tl}")
         saved["final_error"] = f"{type(e).__name__}: {e}"
     return saved
-
-
-def load_tl_dir(path: Union[str, os.PathLike], device: Optional[str] = None, tokenizer=None) -> LNFreeTransformer:
-    """Load a TransformerLens weights dir: ``model.safetensors`` + ``config.json`` holding
-    HookedTransformerConfig kwargs (top level or under "model"; the zoo's and ``final_tl/`` format).
-
-    Example:
-        >>> model = load_tl_dir("runs/zoo/pretrain/final")    # doctest: +SKIP
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    conf = json.loads((path / "config.json").read_text())
-    kwargs = conf.get("model", conf)
-    model = LNFreeTransformer(cfg_from_json(kwargs, device), tokenizer=tokenizer)
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if ".ln" not in k and not k.startswith("ln_final")]
-    if missing:
-        raise ValueError(f"{path}/model.safetensors lacks weights {missing[:5]}")
-    modes = set(conf.get("ln_modes", {}).values())
-    if "frozen" in modes or len(modes) > 1:
-        raise ValueError(f"{path} holds a partially removed model ({sorted(modes)}); use load_checkpoint instead")
-    return model.eval()

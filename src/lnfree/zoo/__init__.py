@@ -41,7 +41,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -77,7 +77,7 @@ _LAZY = {
 }
 
 __all__ = ["NAMES", "REAL_MODELS", "HELDOUT_NAMES", "names", "all_names", "load", "heldout", "tokenizer", "info",
-           "data_dir", "real_model_path"] + sorted(_LAZY)
+           "data_dir", "real_model_path", "heldout_text"] + sorted(_LAZY)
 
 
 def __getattr__(name: str):
@@ -215,14 +215,22 @@ def tokenizer(data_dir: PathArg = None):
     return load_tokenizer(_resolve(data_dir) / "tokenizer.json")
 
 
-def heldout(name: str, *, data_dir: PathArg = None) -> torch.Tensor:
-    """Held-out tokens ``LongTensor [n, 256]``: ``"persuasion"`` (in-domain) or ``"cfi"`` (out-of-domain).
+def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: PathArg = None) -> torch.Tensor:
+    """Held-out tokens ``LongTensor [n, seq_len]``: ``"persuasion"`` (in-domain) or ``"cfi"`` (out-of-domain).
 
-    Each row is ``[BOS] + 255`` consecutive tokens of the text; rows follow each other in the text.
+    Without `model`: the family's tokens, ``[100, 256]``; each row is ``[BOS] + 255`` consecutive tokens
+    of the text, rows following each other in the text (`seq_len`: None or the rows' length).
+
+    With `model` (a zoo name such as ``"smollm2-135m"``, a model with a tokenizer, or a tokenizer):
+    the same text re-tokenized with that tokenizer and cut into as many full rows of `seq_len` (None: 256) as it
+    fills, each ``[start] + seq_len - 1`` consecutive tokens, where start is ``<|endoftext|>`` when the
+    vocabulary has it (SmolLM2's document separator, id 0), else the tokenizer's BOS.
 
     Example:
         >>> zoo.heldout("cfi")[:, 0].unique().tolist()     # doctest: +SKIP
         [0]
+        >>> zoo.heldout("persuasion", model="smollm2-135m").shape   # doctest: +SKIP
+        torch.Size([66, 256])
     """
     import numpy as np
 
@@ -230,7 +238,58 @@ def heldout(name: str, *, data_dir: PathArg = None) -> torch.Tensor:
     sets = info(d)["heldout"]
     if not isinstance(name, str) or name not in sets:
         raise ValueError(f"unknown held-out set {name!r}; valid names: {', '.join(sets)}")
-    return torch.from_numpy(np.load(d / sets[name]["file"]).astype(np.int64))
+    tokens = torch.from_numpy(np.load(d / sets[name]["file"]).astype(np.int64))
+    if model is None:
+        if seq_len is not None and seq_len != tokens.shape[1]:
+            raise ValueError(f"seq_len={seq_len!r}: the family's held-out rows have {tokens.shape[1]} tokens; "
+                             "pass model= to re-tokenize the text into other lengths")
+        return tokens
+    seq_len = 256 if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
+    return _retokenized(heldout_text(name, data_dir=d), _tokenizer_of(model), seq_len)
+
+
+def heldout_text(name: str, *, data_dir: PathArg = None) -> str:
+    """The text of a held-out set (decoded from the family's tokens; rows are consecutive).
+
+    Example:
+        >>> zoo.heldout_text("persuasion")[:40]           # doctest: +SKIP
+    """
+    tokens = heldout(name, data_dir=data_dir)
+    return tokenizer(data_dir).decode(tokens[:, 1:].reshape(-1).tolist())
+
+
+def _tokenizer_of(model):
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(model, str):
+        if model not in all_names():
+            raise ValueError(f"model must be a zoo name ({', '.join(all_names())}), a model or a tokenizer; got {model!r}")
+        if model in NAMES:
+            return tokenizer()
+        return load(model, device="cpu").tokenizer
+    if isinstance(model, PreTrainedTokenizerBase):
+        return model
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"model= has no tokenizer attached ({type(model).__name__}); pass a tokenizer")
+    return tok
+
+
+def _retokenized(text: str, tok, seq_len: int) -> torch.Tensor:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    start = tok.convert_tokens_to_ids("<|endoftext|>")
+    if start is None or start == tok.unk_token_id and tok.unk_token != "<|endoftext|>":
+        start = tok.bos_token_id
+    if start is None:
+        raise ValueError("the tokenizer has neither <|endoftext|> nor a BOS token to start rows with")
+    body = seq_len - 1
+    n = len(ids) // body
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one row of seq_len={seq_len}")
+    rows = torch.tensor(ids[: n * body], dtype=torch.long).reshape(n, body)
+    return torch.cat([torch.full((n, 1), int(start), dtype=torch.long), rows], dim=1)
 
 
 def _check_dtype(dtype) -> torch.dtype:
@@ -270,6 +329,9 @@ def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir
 
     from lnfree.model import LNFreeTransformer
 
+    from lnfree._checks import check_device
+
+    check_device(device)
     if isinstance(name, str) and name in REAL_MODELS:
         return _load_real(name, device, _check_dtype(dtype))
     d = _resolve(data_dir)

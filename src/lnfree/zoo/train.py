@@ -1,53 +1,48 @@
-"""Train a small GPT-2-style base model (with LayerNorm) on CPU, from scratch.
+"""Train a small GPT-2-style base model (with LayerNorm) on CPU, from scratch: the zoo's pretraining.
 
-This module is self-contained: it only needs ``torch``, ``numpy``,
-``safetensors``, ``tokenizers``/``transformers`` and ``transformer_lens``.
-
-Pipeline (see ``docs/zoo_training.md``)::
-
-    python -m lnfree.zoo.train tokenizer --text /work/shared/corpus/train/*.txt --out runs/zoo
-    python -m lnfree.zoo.train heldout --tokenizer runs/zoo/tokenizer.json \
-        --text /work/shared/corpus/heldout/*.txt --out runs/zoo
-    python -m lnfree.zoo.train bench --data runs/zoo --steps 8
-    OMP_WAIT_POLICY=PASSIVE python -m lnfree.zoo.train pretrain --data runs/zoo \
-        --out runs/zoo/pretrain --max-minutes 80 --max-steps 5000 --seed 0
+A library (the commands are ``lnfree zoo tokenizer | heldout | bench | pretrain``, in `lnfree.zoo.cli`):
+tokenizer training and loading, tokenizing text, held-out rows, the base model, and `pretrain`, a
+resumable loop. Optimiser, LR schedule, checkpoint directories and the run log are the ones the
+removal fine-tune uses (`lnfree.training`).
 
 Loading the result::
 
-    from lnfree.zoo.train import load_model, load_tokenizer
-    model = load_model("runs/zoo/pretrain")          # latest / final checkpoint
+    from lnfree.zoo.train import load_run, load_tokenizer
+    model = load_run("runs/zoo/pretrain")             # final/ or the latest checkpoint
     tok = load_tokenizer("runs/zoo/tokenizer.json")
 
-Checkpoint layout (``OUT`` = ``--out``)::
+Run directory (``OUT``)::
 
-    OUT/ckpt/step_000100/{model.safetensors,state.pt,config.json}
-    OUT/ckpt/latest.json          -> {"step": 100, "dir": "step_000100"}
+    OUT/checkpoints/step_000100/{model.safetensors,state.json,optimizer.pt,config.json}
+    OUT/checkpoints/latest        name of the newest checkpoint (lnfree.training.checkpoints)
     OUT/final/{model.safetensors,config.json}   (written when training ends)
-    OUT/train_log.jsonl           one JSON record per log line
+    OUT/train_log.jsonl           one JSON record per log line (rewound on resume)
+
+Run directories of earlier versions (``OUT/ckpt/latest.json``, ``state.pt``) are still read.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import json
-import math
 import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from lnfree.training import files as _files
+from lnfree.training import optim as _optim
+from lnfree.training.checkpoints import CheckpointDir
+from lnfree.training.log import JsonlLog
+
 EOT = "<|endoftext|>"
-DEFAULT_HELDOUT = (
-    "/work/shared/corpus/heldout/austen_persuasion.txt",
-    "/work/shared/corpus/heldout/cfi_en.txt",
-)
+CHECKPOINT_FORMAT = "lnfree-zoo-pretrain-checkpoint"
 COMMON_NAMES = (
     "John Mary Elizabeth Anne Emma James Henry William Charles George Thomas "
     "Robert Edward Richard Jane Catherine Sarah Margaret Frank Harriet Robert "
@@ -201,12 +196,10 @@ def heldout_sequences(file: str | os.PathLike, tokenizer, n_seq: int = 100,
     >>> heldout_sequences("persuasion.txt", tok, 100).shape   # doctest: +SKIP
     (100, 256)
     """
+    from lnfree.removal.data import chunk_with_bos
+
     ids = encode_text(Path(file).read_text(encoding="utf-8"), tokenizer)
-    body = seq_len - 1
-    n = min(n_seq, len(ids) // body)
-    rows = ids[: n * body].reshape(n, body)
-    bos = np.full((n, 1), eot_id(tokenizer), dtype=np.uint16)
-    return np.concatenate([bos, rows], axis=1).astype(np.uint16)
+    return chunk_with_bos(ids, seq_len, eot_id(tokenizer))[:n_seq].astype(np.uint16)
 
 
 # ---------------------------------------------------------------------------
@@ -245,9 +238,14 @@ def build_model(model_kwargs: dict, seed: int = 0, tokenizer=None):
 # Training
 # ---------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of a pretraining run (all JSON-serialisable)."""
+    """Hyper-parameters of a pretraining run (all JSON-serialisable; frozen: use dataclasses.replace).
+
+    The optimiser settings are validated on construction into ``optim`` (an
+    `lnfree.training.OptimConfig`, the one the removal fine-tune embeds too); the flat fields stay
+    the names stored in run directories' config.json.
+    """
 
     batch_size: int = 16
     seq_len: int = 256
@@ -270,10 +268,24 @@ class TrainConfig:
     time_schedule: bool = False  # cosine progress = max(step fraction, wall-time fraction)
     bf16_autocast: bool = False  # CPU mixed precision (fp32 master weights); ~2x faster with AMX
     model: dict = field(default_factory=base_model_kwargs)
+    optim: _optim.OptimConfig = field(init=False, compare=False)
+
+    def __post_init__(self):
+        # the cosine ends at max_steps (not max_steps - 1): the zoo's schedule since its first run
+        object.__setattr__(self, "optim", _optim.OptimConfig(
+            steps=self.max_steps, lr=self.lr, min_lr=self.min_lr, warmup=self.warmup_steps,
+            weight_decay=self.weight_decay, betas=tuple(self.betas), grad_clip=self.grad_clip,
+            horizon=self.max_steps))
+        for name in ("batch_size", "seq_len", "ckpt_every", "log_every", "keep_ckpts", "threads"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seq_len" else 1):
+                raise ValueError(f"{name} must be an int >= {2 if name == 'seq_len' else 1}, got {v!r}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be None or > 0, got {self.max_minutes!r}")
 
 
 def lr_at(step: int, tc: TrainConfig, time_frac: float = 0.0) -> float:
-    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps``.
+    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps`` (`lnfree.training.lr_at`).
 
     ``time_frac`` (elapsed / wall-clock budget, used when ``tc.time_schedule``) can
     only move the cosine *forward*, so the schedule completes by the deadline even
@@ -283,11 +295,7 @@ def lr_at(step: int, tc: TrainConfig, time_frac: float = 0.0) -> float:
     >>> lr_at(0, tc) < lr_at(9, tc) == tc.lr, abs(lr_at(100, tc) - tc.min_lr) < 1e-12
     (True, True)
     """
-    if step < tc.warmup_steps:
-        return tc.lr * (step + 1) / tc.warmup_steps
-    frac = min(1.0, max(time_frac,
-                        (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps)))
-    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * frac))
+    return _optim.lr_at(step, tc.optim, time_frac)
 
 
 class ThreadTuner:
@@ -333,12 +341,8 @@ class ThreadTuner:
 
 
 def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (ndim >= 2) only, not on biases / LayerNorm."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), eps=1e-8)
+    """AdamW; weight decay on matrices (ndim >= 2) only, not on biases / LayerNorm (`lnfree.training`)."""
+    return _optim.make_optimizer(model, tc.optim)
 
 
 def sample_batch(tokens: np.ndarray, tc: TrainConfig, gen: torch.Generator,
@@ -370,68 +374,57 @@ def evaluate(model, seqs: np.ndarray | torch.Tensor, batch_size: int = 16) -> fl
 
 # --- checkpoints -----------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _save_weights(model, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp))
-    os.replace(tmp, path)
+def _config_json(tc: TrainConfig, **extra) -> dict:
+    train = {k: v for k, v in asdict(tc).items() if k not in ("model", "optim")}
+    return {"train": train, "model": tc.model, **extra}
 
 
 def save_checkpoint(out: Path, model, opt, gen: torch.Generator, tc: TrainConfig,
                     step: int, extra: dict | None = None) -> Path:
-    """Atomically write ``out/ckpt/step_XXXXXX`` then point ``latest.json`` at it."""
-    ck = out / "ckpt"
-    ck.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
-    tmp = ck / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_weights(model, tmp / "model.safetensors")
-    state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "torch_rng": torch.get_rng_state(),
-        "data_rng": gen.get_state(),
-        "elapsed_s": float((extra or {}).get("elapsed_total_s", 0.0)),
-        "extra_json": json.dumps(extra or {}),
-    }
-    torch.save(state, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps({"train": asdict(tc), "model": tc.model}, indent=1))
-    final = ck / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_write_text(ck / "latest.json", json.dumps({"step": step, "dir": name}))
-    old = sorted(p for p in ck.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for p in old[:-tc.keep_ckpts]:
-        if p.name != name:
-            shutil.rmtree(p, ignore_errors=True)
-    return final
+    """Write ``out/checkpoints/step_XXXXXX`` (atomically) and mark it as the latest."""
+    ck = CheckpointDir(out, keep=tc.keep_ckpts)
+    state = {"format": CHECKPOINT_FORMAT, "step": step,
+             "elapsed_s": float((extra or {}).get("elapsed_total_s", 0.0)), "extra": extra or {}}
+    tensors = {"optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(), "data_rng": gen.get_state()}
+    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    path = ck.write(step, weights=weights, state=state, tensors=tensors,
+                    json_files={"config.json": _config_json(tc)})
+    ck.mark_good(path)
+    return path
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """Directory of the latest complete checkpoint under ``out/ckpt`` (or None)."""
-    f = Path(out) / "ckpt" / "latest.json"
-    if not f.exists():
-        return None
-    return Path(out) / "ckpt" / json.loads(f.read_text())["dir"]
+    """The latest complete checkpoint of a run dir (None if none); reads older ``ckpt/latest.json`` dirs too."""
+    found = CheckpointDir(out).latest()
+    legacy = Path(out) / "ckpt" / "latest.json"
+    if found is None and legacy.exists():
+        return Path(out) / "ckpt" / json.loads(legacy.read_text())["dir"]
+    return found
 
 
-def load_model(path: str | os.PathLike, tokenizer=None):
-    """Load a trained zoo model as a ``HookedTransformer``.
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """{'weights', 'optimizer', 'torch_rng', 'data_rng', 'step', 'elapsed_s'} of a checkpoint (either layout)."""
+    from safetensors.torch import load_file
 
-    ``path``: a run dir (uses ``final/`` if present, else the latest checkpoint) or a
-    dir holding ``model.safetensors`` + ``config.json``.
+    p = Path(path)
+    weights = load_file(str(p / "model.safetensors"))
+    if (p / "state.pt").exists():  # the layout before lnfree.training
+        st = torch.load(p / "state.pt", weights_only=True)
+        return {"weights": weights, "optimizer": st["optimizer"], "torch_rng": st["torch_rng"],
+                "data_rng": st["data_rng"], "step": int(st["step"]), "elapsed_s": float(st.get("elapsed_s", 0.0))}
+    ck = CheckpointDir.read(p)
+    t, state = ck["tensors"], ck["state"]
+    return {"weights": weights, "optimizer": t["optimizer"], "torch_rng": t["torch_rng"], "data_rng": t["data_rng"],
+            "step": int(state["step"]), "elapsed_s": float(state.get("elapsed_s", 0.0))}
 
-    >>> model = load_model("runs/zoo/pretrain", load_tokenizer("runs/zoo/tokenizer.json"))  # doctest: +SKIP
+
+def load_run(path: str | os.PathLike, tokenizer=None):
+    """Load a pretrained zoo model (a `pretrain` run dir or one of its checkpoints) as a ``HookedTransformer``.
+
+    ``path``: a run dir (uses ``final/`` if present, else the latest checkpoint) or a dir holding
+    ``model.safetensors`` + ``config.json``. (Not `lnfree.load_model`, which reads Hugging Face models.)
+
+    >>> model = load_run("runs/zoo/pretrain", load_tokenizer("runs/zoo/tokenizer.json"))  # doctest: +SKIP
     """
     from safetensors.torch import load_file
 
@@ -447,15 +440,17 @@ def load_model(path: str | os.PathLike, tokenizer=None):
     return model
 
 
+def load_model(path: str | os.PathLike, tokenizer=None):
+    """Deprecated alias of `load_run` (the name collided with `lnfree.load_model`)."""
+    warnings.warn("lnfree.zoo.train.load_model is deprecated: use load_run (lnfree.load_model loads HF models)",
+                  DeprecationWarning, stacklevel=2)
+    return load_run(path, tokenizer)
+
+
 # --- loop ------------------------------------------------------------------
 
 def _log(out: Path | None, rec: dict) -> None:
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "train_log.jsonl", "a") as f:
-            f.write(line + "\n")
+    JsonlLog(None if out is None else out / "train_log.jsonl", echo=True).write(rec)
 
 
 def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
@@ -479,16 +474,14 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
     gen = torch.Generator().manual_seed(tc.seed + 1)
     step, prior = 0, 0.0
     if resume and out is not None and (ck := latest_checkpoint(out)) is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(ck / "model.safetensors")), strict=False)
-        st = torch.load(ck / "state.pt", weights_only=True)
+        st = read_checkpoint(ck)
+        model.load_state_dict(st["weights"], strict=False)
         opt.load_state_dict(st["optimizer"])
         torch.set_rng_state(st["torch_rng"])
         gen.set_state(st["data_rng"])
-        step = int(st["step"])
-        prior = float(st.get("elapsed_s", 0.0))
-        _log(out, {"event": "resume", "step": step, "ckpt": str(ck)})
+        step, prior = st["step"], st["elapsed_s"]
+        dropped = JsonlLog(out / "train_log.jsonl").rewind(step)  # the log reads as one run
+        _log(out, {"event": "resume", "step": step, "ckpt": str(ck), "dropped_log_records": dropped})
     eval_sets = eval_sets or {}
     t0 = time.time()
     budget = 60 * tc.max_minutes if tc.max_minutes else None  # total, across resumes
@@ -549,141 +542,15 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
         res[f"eval_{name}"] = round(evaluate(model, seqs[: tc.eval_seqs]), 4)
     _log(out, res)
     if out is not None:
-        save_checkpoint(out, model, opt, gen, tc, step, extra=res)
+        last = latest_checkpoint(out)
+        if last is None or last.name != f"step_{step:06d}":  # (a periodic one may hold this very step)
+            save_checkpoint(out, model, opt, gen, tc, step, extra=res)
         fin = out / "final.tmp"
         shutil.rmtree(fin, ignore_errors=True)
         fin.mkdir()
-        _save_weights(model, fin / "model.safetensors")
-        (fin / "config.json").write_text(json.dumps({"train": asdict(tc), "model": tc.model,
-                                                     "result": res}, indent=1))
+        _files.save_safetensors({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+                                fin / "model.safetensors")
+        (fin / "config.json").write_text(json.dumps(_config_json(tc, result=res), indent=1))
         shutil.rmtree(out / "final", ignore_errors=True)
         os.replace(fin, out / "final")
     return model, history
-
-
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
-
-def _load_eval_sets(data: Path, tokenizer, files: Sequence[str], n: int) -> dict:
-    """Held-out sets: ``data/heldout_<stem>.npy`` if present, else tokenize the text."""
-    sets = {}
-    for f in files:
-        stem = Path(f).stem
-        npy = data / f"heldout_{stem}.npy"
-        if npy.exists():
-            sets[stem] = np.load(npy)[:n]
-        elif Path(f).exists():
-            sets[stem] = heldout_sequences(f, tokenizer, n)
-    return sets
-
-
-def _cmd_tokenizer(a) -> None:
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    path = train_tokenizer(a.text, a.vocab_size, out / "tokenizer.json")
-    tok = load_tokenizer(path)
-    names = single_token_names(tok)
-    print(json.dumps({"tokenizer": path, "vocab": len(tok), "eot_id": eot_id(tok),
-                      "single_token_names": len(names), "of": len(set(COMMON_NAMES)),
-                      "names": names, "seconds": round(time.time() - t0, 1)}))
-    if not a.no_tokenize:
-        ids = tokenize_files(a.text, tok)
-        np.save(out / "train_tokens.npy", ids)
-        print(json.dumps({"train_tokens": len(ids), "bytes": sum(os.path.getsize(f) for f in a.text),
-                          "seconds": round(time.time() - t0, 1)}))
-
-
-def _cmd_heldout(a) -> None:
-    tok = load_tokenizer(a.tokenizer)
-    for f in a.text:
-        arr = heldout_sequences(f, tok, a.n_seq, a.seq_len)
-        p = Path(a.out) / f"heldout_{Path(f).stem}.npy"
-        np.save(p, arr)
-        print(json.dumps({"file": str(p), "shape": list(arr.shape)}))
-
-
-def _train_config(a, d_vocab: int) -> TrainConfig:
-    tc = TrainConfig(seed=a.seed, max_steps=a.max_steps, max_minutes=a.max_minutes,
-                     batch_size=a.batch_size, warmup_steps=a.warmup,
-                     bf16_autocast=(a.precision == "bf16"), threads=a.threads,
-                     adaptive_threads=a.threads > 1 and not a.fixed_threads,
-                     time_schedule=not a.step_schedule,
-                     model=base_model_kwargs(d_vocab))
-    return tc
-
-
-def _cmd_pretrain(a) -> None:
-    data = Path(a.data)
-    tok = load_tokenizer(data / "tokenizer.json")
-    tokens = np.load(data / "train_tokens.npy", mmap_mode="r")
-    tc = _train_config(a, len(tok))
-    evals = _load_eval_sets(data, tok, a.eval_text, tc.eval_seqs)
-    _log(Path(a.out) if a.out else None, {"event": "start", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                          "train_tokens": int(len(tokens)), "config": asdict(tc)})
-    pretrain(np.asarray(tokens), tc, a.out, resume=a.resume, eval_sets=evals, bos=eot_id(tok))
-
-
-def _cmd_bench(a) -> None:
-    data = Path(a.data)
-    tok = load_tokenizer(data / "tokenizer.json")
-    tokens = np.load(data / "train_tokens.npy")
-    a.max_minutes, a.warmup = None, 200
-    tc = _train_config(a, len(tok))
-    tc.max_steps = a.steps
-    t0 = time.time()
-    _, hist = pretrain(tokens, tc, None, bos=eot_id(tok), progress=False)
-    dt = time.time() - t0
-    print(json.dumps({"steps": a.steps, "seconds": round(dt, 1),
-                      "tok_per_s": round(a.steps * tc.batch_size * tc.seq_len / dt, 1),
-                      "losses": [round(x, 3) for x in hist]}))
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI: ``tokenizer``, ``heldout``, ``bench``, ``pretrain`` sub-commands."""
-    p = argparse.ArgumentParser(prog="python -m lnfree.zoo.train", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("tokenizer", help="train BPE tokenizer (+ tokenize the training text)")
-    s.add_argument("--text", nargs="+", required=True)
-    s.add_argument("--out", required=True)
-    s.add_argument("--vocab-size", type=int, default=4096)
-    s.add_argument("--no-tokenize", action="store_true", help="skip writing train_tokens.npy")
-    s.set_defaults(func=_cmd_tokenizer)
-    s = sub.add_parser("heldout", help="write heldout_<stem>.npy [n_seq, seq_len] token arrays")
-    s.add_argument("--tokenizer", required=True)
-    s.add_argument("--text", nargs="+", default=list(DEFAULT_HELDOUT))
-    s.add_argument("--out", required=True)
-    s.add_argument("--n-seq", type=int, default=100)
-    s.add_argument("--seq-len", type=int, default=256)
-    s.set_defaults(func=_cmd_heldout)
-    for name in ("pretrain", "bench"):
-        s = sub.add_parser(name, help="pretrain the base model" if name == "pretrain" else "measure tokens/s")
-        s.add_argument("--data", required=True, help="dir with tokenizer.json and train_tokens.npy")
-        s.add_argument("--seed", type=int, default=0)
-        s.add_argument("--batch-size", type=int, default=16)
-        s.add_argument("--max-steps", type=int, default=2000)
-        s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                       help="bf16 = autocast mixed precision on CPU (weights stay fp32)")
-        s.add_argument("--threads", type=int, default=2)
-        s.add_argument("--fixed-threads", action="store_true",
-                       help="do not probe 1 thread vs --threads (default: adaptive)")
-        s.add_argument("--step-schedule", action="store_true",
-                       help="cosine over max_steps only (default: also advanced by wall-time "
-                            "fraction of --max-minutes so it completes in the budget)")
-        if name == "pretrain":
-            s.add_argument("--out", required=True)
-            s.add_argument("--max-minutes", type=float, default=None)
-            s.add_argument("--warmup", type=int, default=200)
-            s.add_argument("--resume", action="store_true")
-            s.add_argument("--eval-text", nargs="*", default=list(DEFAULT_HELDOUT))
-            s.set_defaults(func=_cmd_pretrain)
-        else:
-            s.add_argument("--steps", type=int, default=8)
-            s.set_defaults(func=_cmd_bench)
-    a = p.parse_args(argv)
-    a.func(a)
-
-
-if __name__ == "__main__":
-    main()

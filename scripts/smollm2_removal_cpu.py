@@ -1,0 +1,95 @@
+"""A few removal steps on SmolLM2-135M on CPU with each variant (full, LoRA, distillation).
+
+Each variant runs in its own process (so peak resident memory is that variant's), on the shared corpus's
+training text (no BOS, documents joined by end-of-text, as in the paper), and records step times, peak
+memory, the loss curve and held-out CE before/after in one JSON file.
+
+    python scripts/smollm2_removal_cpu.py --out docs/smollm2_cpu_runs.json [--steps 4] [--seq-len 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
+VARIANTS = {"full": {}, "lora": {"lora_rank": 16, "lr": 1e-3}, "distill": {"distill": 1.0}}
+
+
+def one(variant: str, steps: int, batch: int, micro: int, seq_len: int, eval_rows: int) -> dict:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("THREADS", "1")))
+    from lnfree import zoo
+    from lnfree.removal import Schedule, load_tokens, remove_layernorm
+
+    t0 = time.time()
+    model = zoo.load("smollm2-135m", device="cpu")
+    load_s = time.time() - t0
+    files = sorted(glob.glob(f"{CORPUS}/train/*.txt"))
+    need = steps * batch * seq_len
+    seqs = load_tokens(files, seq_len=seq_len, tokenizer=model.tokenizer, max_tokens=int(need * 1.2) + seq_len)
+    held = load_tokens([f"{CORPUS}/heldout/austen_persuasion.txt"], seq_len=seq_len, tokenizer=model.tokenizer,
+                       max_tokens=eval_rows * seq_len + seq_len)[:eval_rows]
+    rss_before = int(open("/proc/self/statm").read().split()[1]) * 4096
+    events = []
+    kw = dict(VARIANTS[variant])
+    t1 = time.time()
+    out = remove_layernorm(model, seqs, schedule=Schedule.scaled(model.cfg.n_layers, steps), batch_size=batch,
+                           micro_batch_size=micro, seq_len=seq_len, eval_data=np.asarray(held), progress=False,
+                           callback=events.append, **kw)
+    steps_ev = [e for e in events if e["event"] == "step"]
+    walls = [e["wall_time"] for e in steps_ev]
+    s = out.removal_summary
+    return {"variant": variant, "settings": {"steps": steps, "batch_size": batch, "micro_batch_size": micro,
+                                             "seq_len": seq_len, **kw, "threads": torch.get_num_threads()},
+            "load_s": round(load_s, 1), "run_s": round(time.time() - t1, 1),
+            "step_s": [round(b - a, 2) for a, b in zip([0.0] + walls[:-1], walls)],
+            "loss": [round(e["loss"], 4) for e in steps_ev], "ce": [round(e["ce"], 4) for e in steps_ev],
+            "kl": [round(e.get("kl", 0.0), 4) for e in steps_ev], "aux": [round(e["aux"], 4) for e in steps_ev],
+            "stage": [e["stage"] for e in steps_ev],
+            "ce_before": s["ce_before"], "ce_after": s["ce_after"], "ln_free": s["ln_free"],
+            "rollbacks": s["rollbacks"], "rss_after_load_mb": round(rss_before / 1e6, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3, 1),
+            "finite_logits": bool(torch.isfinite(out(torch.as_tensor(np.asarray(held[:1]).astype("int64")))).all())}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-rows", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(one(a.child, a.steps, a.batch_size, a.micro_batch_size, a.seq_len, a.eval_rows)))
+        return
+    results = {"machine": f"{os.cpu_count()} CPU cores (shared with other jobs), load average "
+                          f"{open('/proc/loadavg').read().split()[0]} at start", "runs": []}
+    for v in a.variants:
+        cmd = [sys.executable, __file__, "--out", a.out, "--child", v, "--steps", str(a.steps), "--batch-size",
+               str(a.batch_size), "--micro-batch-size", str(a.micro_batch_size), "--seq-len", str(a.seq_len),
+               "--eval-rows", str(a.eval_rows)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            results["runs"].append({"variant": v, "error": r.stderr[-2000:]})
+        else:
+            results["runs"].append(json.loads(r.stdout.strip().splitlines()[-1]))
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(json.dumps(results["runs"][-1])[:400], flush=True)
+
+
+if __name__ == "__main__":
+    main()
