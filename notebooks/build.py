@@ -86,7 +86,8 @@ def outputs() -> dict[Path, str]:
     """Every generated file and its content."""
     files = {}
     index = ["# Tutorials", "",
-             "Each tutorial runs offline on the embedded models (`lnfree.zoo`) in well under a minute on a laptop. "
+             "Each tutorial runs offline, on the embedded models (`lnfree.zoo`) or on SmolLM2-135M from its pip package, "
+             "in about a minute or less on a laptop. "
              "They are generated from `notebooks/src/*.py`; the notebooks are in `notebooks/`.", ""]
     for src in sorted(SRC.glob("*.py")):
         cells = parse(src.read_text(encoding="utf-8"))

@@ -530,7 +530,7 @@ def patching_metric_returns_mean(c):
     activation_patching(c.model, c.tokens, c.tokens.flip(0), lambda logits: _metric(logits).mean())
 
 
-@case(ValueError, r"method must be one of \('atp', 'atp\*'\), got 'exact'")
+@case(ValueError, r"method must be one of 'atp', 'atp\+qk', 'atp\+graddrop', 'atp\*'; got 'exact'")
 def attribution_patching_unknown_method(c):
     from lnfree import attribution_patching
 
@@ -545,14 +545,14 @@ def patching_error_of_two_attribution_results(c):
     patching_error(atp, atp)
 
 
-@case(ValueError, "different vocabularies: d_vocab 61 vs 70")
+@case(ValueError, r"different vocabularies \(d_vocab 61 vs 70\)")
 def compare_patching_different_vocab(c):
     from lnfree import compare_patching
 
     compare_patching(c.model, make_model(d_vocab=70), c.tokens, c.tokens.flip(0), _metric)
 
 
-@case(ValueError, "n_prompts must be a positive integer, got 0")
+@case(ValueError, "n_prompts must be a positive int, got 0")
 def ioi_zero_prompts(c):
     from lnfree import tasks
     from lnfree.tokenizer import gpt2_tokenizer
@@ -567,6 +567,39 @@ def ioi_metric_on_wrong_batch(c):
 
     batch = tasks.ioi(gpt2_tokenizer(), 4)
     tasks.logit_diff(torch.zeros(3, batch.clean.shape[1], 50257), batch)
+
+
+@case(ValueError, r"ioi: the model has no tokenizer attached")
+def ioi_model_without_tokenizer(c):
+    from lnfree import tasks
+
+    tasks.ioi(c.model, 4)
+
+
+@case(ValueError, r"ioi got None for the tokenizer: the model has no tokenizer attached")
+def ioi_none_tokenizer(c):
+    from lnfree import tasks
+
+    tasks.ioi(c.model.tokenizer, 4)
+
+
+@case(ValueError, r"atp and act come from different models")
+def patching_error_across_models(c):
+    from lnfree import activation_patching, attribution_patching, patching_error
+
+    pair = (c.tokens[:2], c.tokens[2:4])
+    act = activation_patching(c.model, *pair, _metric, site="resid_pre")
+    patching_error(attribution_patching(c.ln_free_model, *pair, _metric, site="resid_pre"), act)
+
+
+@case(ValueError, r"clean and corrupt are padded differently")
+def patching_pairs_padded_differently(c):
+    from lnfree import activation_patching
+
+    mask = torch.ones(2, 12, dtype=torch.long)
+    other = mask.clone()
+    other[0, -3:] = 0
+    activation_patching(c.model, c.tokens[:2], c.tokens[2:4], _metric, attention_mask=(mask, other))
 
 
 @case(ValueError, r"sequences of 1 tokens leave no prediction to score")

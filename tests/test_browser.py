@@ -8,13 +8,13 @@ present). Without chromium this test FAILS, loudly, unless LNFREE_ALLOW_NO_BROWS
 import os
 import re
 
+import _browser as browser
 import numpy as np
 import pytest
 import torch
 from conftest import make_model
 from test_report import SMALL, fake_ioi
 
-from lnfree.report import browser
 from lnfree.report.figures import COLORS
 from lnfree.report.pipeline import run_report, write_report
 
@@ -26,7 +26,8 @@ def _chromium() -> str:
     if found:
         return found
     reason = ("chromium is not installed, so the HTML report cannot be checked in a real browser: install it "
-              "(Debian/Ubuntu: apt-get install -y chromium) or set LNFREE_ALLOW_NO_BROWSER=1 to skip this test")
+              "(`make test` does when you are root; else: sudo apt-get install -y chromium) "
+              "or set LNFREE_ALLOW_NO_BROWSER=1 to skip this test")
     if os.environ.get("LNFREE_ALLOW_NO_BROWSER") == "1":
         pytest.skip(reason)
     pytest.fail(reason, pytrace=False)

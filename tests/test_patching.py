@@ -7,6 +7,8 @@ from transformer_lens import patching as tlp
 
 from conftest import make_model
 from lnfree.analysis.patching import (
+    PatchingComparison,
+    PatchingError,
     PatchingResult,
     activation_patching,
     attribution_patching,
@@ -57,6 +59,9 @@ def test_activation_patching_matches_transformer_lens(model, pair, site, by_pos,
     assert res.values.shape == ref.shape
     assert torch.allclose(res.values, ref.cpu(), atol=1e-5, rtol=0)
     assert torch.allclose(res.scores, ref.cpu() - res.metric_corrupt, atol=1e-5, rtol=0)
+    # per prompt: the scores are their mean, and one prompt alone gives its own row
+    assert res.per_prompt.shape == (3,) + tuple(ref.shape)
+    assert torch.allclose(res.per_prompt.mean(0), res.scores, atol=1e-6)
 
 
 def test_noise_direction_and_resid_post_match_transformer_lens(model, pair):
@@ -143,12 +148,18 @@ def test_qk_fix_exact_when_only_the_softmax_is_nonlinear(tokens, site, by_pos):
         model.blocks[0].attn.W_Q.mul_(3.0)  # make the softmax matter
     clean, corrupt = tokens[:3, :8], tokens[3:, :8]
     act = activation_patching(model, clean, corrupt, metric, site=site, by_pos=by_pos)
-    fix = attribution_patching(model, clean, corrupt, metric, site=site, by_pos=by_pos, method="atp*",
-                               grad_drop=False)
+    fix = attribution_patching(model, clean, corrupt, metric, site=site, by_pos=by_pos, method="atp+qk")
+    flags = attribution_patching(model, clean, corrupt, metric, site=site, by_pos=by_pos, method="atp*",
+                                 grad_drop=False)
     atp = attribution_patching(model, clean, corrupt, metric, site=site, by_pos=by_pos)
-    assert fix.qk_fix and fix.signed
+    assert fix.qk_fix and fix.signed and fix.method == "atp+qk" and flags.method == "atp+qk"
     assert torch.allclose(fix.scores, act.scores, atol=1e-4)
+    assert torch.allclose(fix.per_prompt, act.per_prompt, atol=1e-4)  # exact per prompt, not only on average
+    assert torch.equal(fix.scores, flags.scores)
     assert (atp.scores - act.scores).abs().max() > 1e-2
+    # exact estimates rank perfectly: the true top-5 of every prompt are the first 5 verified
+    err = patching_error(fix, act, k=5, n_boot=50)
+    assert err.recall.value == 1.0 and err.cost.value == min(5, act.scores.numel())
 
 
 @pytest.mark.parametrize("site", ["q", "k"])
@@ -162,7 +173,7 @@ def test_qk_fix_beats_atp_under_saturated_attention(pair, site):
     assert cache["blocks.1.attn.hook_pattern"][:, :, 2:].max(-1).values.mean() > 0.7  # saturated (0.36 unscaled)
     act = activation_patching(model, clean, corrupt, metric, site=site)
     atp = attribution_patching(model, clean, corrupt, metric, site=site)
-    fix = attribution_patching(model, clean, corrupt, metric, site=site, method="atp*", grad_drop=False)
+    fix = attribution_patching(model, clean, corrupt, metric, site=site, method="atp+qk")
     e_atp, e_fix = patching_error(atp, act, n_boot=50), patching_error(fix, act, n_boot=50)
     assert e_fix.total < 0.5 * e_atp.total
     assert e_fix.pearson.value > e_atp.pearson.value
@@ -202,6 +213,9 @@ def test_grad_drop_matches_independent_computation(pair):
     got = attribution_patching(model, clean, corrupt, metric, site="z", method="atp*")
     assert got.grad_drop and not got.signed and not got.qk_fix  # no QK fix on z
     assert torch.allclose(got.scores, expected, atol=1e-5)
+    assert torch.allclose(got.per_prompt, terms / (L - 1), atol=1e-5)
+    gd = attribution_patching(model, clean, corrupt, metric, site="z", method="atp+graddrop")
+    assert gd.method == "atp+graddrop" and torch.equal(gd.scores, got.scores)
     # the plain AtP baseline agrees with the same independent gradient
     plain = attribution_patching(model, clean, corrupt, metric, site="z")
     assert torch.allclose(plain.scores, _per_prompt_atp_z(model, clean, corrupt).mean(0), atol=1e-5)
@@ -216,6 +230,8 @@ def _avg_rank(x):
     return ((ends - counts + 1 + ends) / 2)[inv]
 
 
+
+# ---- the result contract (issue 12) ----------------------------------------------------------
 def test_result_objects(model, pair):
     clean, corrupt = pair
     act = activation_patching(model, clean, corrupt, metric, site="z", by_pos=True)
@@ -224,15 +240,53 @@ def test_result_objects(model, pair):
     assert len(act.labels) == act.scores.numel() and act.labels[0] == "L0H0@0" and act.labels[9] == "L0H1@1"
     df = act.to_frame()
     assert len(df) == 64 and df.loc[9, "score"] == pytest.approx(float(act.scores[0, 1, 1]))
-    assert {"layer", "head", "pos", "label", "score", "value"} <= set(df.columns)
+    assert {"layer", "head", "pos", "label", "score", "value", "token"} <= set(df.columns)
+    long = act.to_frame(per_prompt=True)
+    assert len(long) == 3 * 64 and long.loc[64 + 9, "score"] == pytest.approx(float(act.per_prompt[1, 0, 1, 1]))
     top = act.top(3)
-    assert top["score"].abs().iloc[0] == pytest.approx(float(act.scores.abs().max()))
+    assert len(top) == 3 and top["score"].abs().iloc[0] == pytest.approx(float(act.scores.abs().max()))
     resid = activation_patching(model, clean, corrupt, metric, site="attn_out", by_pos=False)
     assert resid.dims == ("layer",) and resid.labels == ("0_attn_out", "1_attn_out")
     for r in (act, atp, resid):
-        assert r.plot().data  # a plotly figure with a trace
+        fig = r.plot()
+        assert fig.data and fig.layout.title.text and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    # provenance, short repr, HTML repr, identity equality
+    from lnfree._checks import model_id, model_label
 
-    err = patching_error(atp, act, n_boot=200)
+    assert act.model_name == model_label(model) and act.model_id == model_id(model)
+    text = repr(act)
+    assert "\n" not in text and len(text) <= 240 and "effect=" in text and "site='z'" in text
+    assert "<table" in act._repr_html_() and "effect" in act._repr_html_()
+    assert act == act and act != atp and len({act, atp}) == 2
+    assert act.effect.n == 3 and float(act.effect) == pytest.approx(act.metric_clean - act.metric_corrupt, abs=1e-6)
+    # no tokenizer: positions are labelled by index
+    assert act.pos_labels == tuple(str(p) for p in range(8))
+    assert act.n_boot == 1000 and act.seed == 0
+
+
+def test_heatmap_positions_are_labelled_by_tokens():
+    from test_tasks import hf_word_level
+
+    from lnfree.tasks import ioi, make_metric
+
+    model = make_model()
+    model.tokenizer = hf_word_level()
+    batch = ioi(model, 3, seed=0)
+    m = make_metric(batch, "logit_diff")
+    res = activation_patching(model, batch.clean, batch.corrupt, m, site="resid_pre")
+    io, s = batch.io_names[0], batch.s_names[0]
+    # BABA: position 3 holds B (S) in the clean prompt and A (IO) in the corrupted one
+    assert res.pos_labels[0] == "0: '<s>'" and res.pos_labels[2] == "2: ','"
+    assert res.pos_labels[3] == f"3: '{s}'/'{io}'"
+    assert list(res.plot().data[0].x) == list(res.pos_labels)
+    assert batch.model_name == res.model_name and batch.model_id == res.model_id
+
+
+def test_patching_error_values_and_ranking(model, pair):
+    clean, corrupt = pair
+    act = activation_patching(model, clean, corrupt, metric, site="z", by_pos=True)
+    atp = attribution_patching(model, clean, corrupt, metric, site="z", by_pos=True)
+    err = patching_error(atp, act, n_boot=200, k=4)
     diff = (atp.scores - act.scores).abs()
     assert torch.allclose(err.per_layer, diff.sum((1, 2)))
     assert err.total == pytest.approx(float(diff.sum()), rel=1e-5)
@@ -241,29 +295,159 @@ def test_result_objects(model, pair):
     assert err.pearson.low <= err.pearson.value <= err.pearson.high
     rho = np.corrcoef(_avg_rank(atp.scores), _avg_rank(act.scores))[0, 1]
     assert err.spearman.value == pytest.approx(rho, abs=1e-6)
-    assert len(err.to_frame()) == 2 and err.plot().data
+    # ranking, brute force per prompt: verify in order of |AtP|, find the true top-4 by |act|
+    recalls, costs = [], []
+    for b in range(3):
+        est, truth = atp.per_prompt[b].abs().flatten().tolist(), act.per_prompt[b].abs().flatten().tolist()
+        order = sorted(range(len(est)), key=lambda i: -est[i])
+        top = set(sorted(range(len(truth)), key=lambda i: -truth[i])[:4])
+        recalls.append(len(top & set(order[:4])) / 4)
+        costs.append(max(order.index(i) for i in top) + 1)
+    assert err.recall.value == pytest.approx(np.mean(recalls)) and err.cost.value == pytest.approx(np.mean(costs))
+    assert float(err.recall_at(10)) >= float(err.recall) and err.cost_curve[-1] == 1.0
+    assert err.cost_curve.shape == (64,) and (np.diff(err.cost_curve.numpy()) >= 0).all()
+    assert len(err.to_frame()) == 64 and len(err.per_layer_frame()) == 2 and len(err.cost_frame()) == 64
+    assert err.top(3)["abs_error"].iloc[0] == pytest.approx(float(diff.max()))
+    fig = err.plot()
+    assert len(fig.data) >= 4 and all(fig.layout[a].title.text for a in ("xaxis", "xaxis2", "xaxis3", "yaxis"))
+    assert "\n" not in repr(err) and len(repr(err)) <= 240 and "recall=" in repr(err)
+    assert "PatchingError" in err._repr_html_()
+
+
+def test_atp_star_judged_on_magnitudes(model, pair):
+    """GradDrop scores are magnitudes: compared with per-prompt |activation patching|."""
+    clean, corrupt = pair
+    act = activation_patching(model, clean, corrupt, metric, site="z")
+    star = attribution_patching(model, clean, corrupt, metric, site="z", method="atp*")
+    err = patching_error(star, act, n_boot=50)
+    assert err.vs_magnitude
+    assert torch.allclose(err.truth, act.per_prompt.abs().mean(0)) and torch.allclose(err.estimate, star.scores)
+    plain = attribution_patching(model, clean, corrupt, metric, site="z")
+    mag = patching_error(plain, act, magnitude=True, n_boot=50)
+    assert torch.allclose(mag.estimate, plain.per_prompt.abs().mean(0))
+    with pytest.raises(ValueError, match="magnitude=True"):
+        patching_error(star, act, magnitude=False)
+
+
+def test_patching_error_refuses_mixed_results(model, pair):
+    """Issue 13: an AtP of model A against activation patching of model B is refused, and so are
+    different sites, prompts or metrics."""
+    clean, corrupt = pair
+    other = make_model(seed=3)
+    act = activation_patching(model, clean, corrupt, metric, site="z")
+    atp = attribution_patching(model, clean, corrupt, metric, site="z")
+    with pytest.raises(ValueError, match="different models"):
+        patching_error(attribution_patching(other, clean, corrupt, metric, site="z"), act)
     with pytest.raises(ValueError, match="site"):
         patching_error(attribution_patching(model, clean, corrupt, metric, site="v"), act)
+    with pytest.raises(ValueError, match="different prompts"):
+        patching_error(attribution_patching(model, clean.flip(0), corrupt.flip(0), lambda lg: metric(lg), site="z"),
+                       act)
+    with pytest.raises(ValueError, match="different metrics"):
+        patching_error(attribution_patching(model, clean, corrupt, lambda lg: 2 * metric(lg), site="z"), act)
     with pytest.raises(ValueError, match="activation_patching"):
         patching_error(atp, atp)
+    assert isinstance(patching_error(atp, act, n_boot=20), PatchingError)
 
 
+# ---- padding (issue 13) ----------------------------------------------------------------------------
+def _padded(rows, side, P):
+    tokens = torch.zeros(len(rows), P, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(P - len(r), P)
+        tokens[i, sl], mask[i, sl] = torch.tensor(r), 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("site,method", [("resid_pre", "atp"), ("z", "atp*"), ("k", "atp+qk"), ("q", "atp+qk")])
+def test_padded_batch_equals_each_row_alone(side, site, method):
+    from lnfree._checks import TokenBatch
+    from lnfree.tasks import logit_diff_metric
+
+    model = make_model(n_layers=3)
+    g = torch.Generator().manual_seed(5)
+    lengths = [9, 6, 7]
+    cl = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
+    co = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
+    ans, wrong = torch.tensor([3, 17, 40]), torch.tensor([9, 2, 55])
+    clean, mask = _padded(cl, side, 9)
+    corrupt, _ = _padded(co, side, 9)
+    m = logit_diff_metric(ans, wrong, attention_mask=mask)
+    act = activation_patching(model, TokenBatch(clean, mask), TokenBatch(corrupt, mask), m, site=site, batch_size=7)
+    atp = attribution_patching(model, clean, corrupt, m, site=site, method=method, attention_mask=mask)
+    assert act.padded and atp.padded
+    for b, n in enumerate(lengths):
+        pos = torch.arange(n) if side == "right" else torch.arange(9 - n, 9)
+        one = logit_diff_metric(ans[b : b + 1], wrong[b : b + 1])
+        a1 = activation_patching(model, torch.tensor([cl[b]]), torch.tensor([co[b]]), one, site=site)
+        t1 = attribution_patching(model, torch.tensor([cl[b]]), torch.tensor([co[b]]), one, site=site, method=method)
+        assert torch.allclose(act.per_prompt[b][..., pos], a1.per_prompt[0], atol=1e-5)
+        assert torch.allclose(atp.per_prompt[b][..., pos], t1.per_prompt[0], atol=1e-5)
+        pad = torch.ones(9, dtype=torch.bool)
+        pad[pos] = False
+        assert torch.isnan(act.per_prompt[b][..., pad]).all() and torch.isnan(atp.per_prompt[b][..., pad]).all()
+        assert act.clean_metric[b] == pytest.approx(float(a1.clean_metric[0]), abs=1e-5)
+    # means over prompts skip padded entries; every position is real in the longest row
+    assert not torch.isnan(act.scores).any()
+    assert torch.allclose(act.scores, torch.nanmean(act.per_prompt, 0), atol=1e-6)
+    err = patching_error(atp, act, magnitude=True, n_boot=20)  # NaNs are left out of every statistic
+    assert np.isfinite(err.total) and np.isfinite(err.pearson.value) and np.isfinite(err.recall.value)
+
+
+def test_padding_all_positions_and_refusals(model):
+    from lnfree.tasks import logit_diff_metric
+
+    rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    clean, mask = _padded(rows, "right", 5)
+    corrupt, _ = _padded([[1, 2, 3, 4, 9], [13, 14, 15]], "right", 5)
+    m = logit_diff_metric(torch.tensor([3, 4]), torch.tensor([9, 2]), attention_mask=mask)
+    act = activation_patching(model, clean, corrupt, m, site="resid_pre", by_pos=False, attention_mask=mask)
+    one = activation_patching(model, torch.tensor([rows[1]]), torch.tensor([[13, 14, 15]]),
+                              logit_diff_metric(torch.tensor([4]), torch.tensor([2])), site="resid_pre", by_pos=False)
+    assert torch.allclose(act.per_prompt[1], one.per_prompt[0], atol=1e-5)
+    # clean and corrupt padded differently: no position-to-position patch exists
+    other = mask.clone()
+    other[1, 3] = 1
+    for fn in (activation_patching, attribution_patching):
+        with pytest.raises(ValueError, match="padded differently"):
+            fn(model, clean, corrupt, m, attention_mask=(mask, other))
+    with pytest.raises(ValueError, match="contiguous"):
+        activation_patching(model, clean, corrupt, m, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 0, 0]]))
+
+
+# ---- comparison --------------------------------------------------------------------------------
 def test_compare_patching(model, ln_free_model, pair):
     clean, corrupt = pair
     cmp = compare_patching(model, ln_free_model, clean, corrupt, metric, site="z", by_pos=False, n_boot=100)
-    a, b = cmp.errors
+    assert isinstance(cmp, PatchingComparison)
+    a, b = cmp.a, cmp.b
+    assert cmp.errors == (a, b)
     assert torch.allclose(cmp.improvement, a.per_layer - b.per_layer)
     imp = (a.per_layer - b.per_layer).double().numpy()
     assert cmp.improvement_mean == pytest.approx(imp.mean()) and cmp.improvement_sd == pytest.approx(imp.std(ddof=1))
+    assert float(cmp.improvement_ci) == pytest.approx(imp.mean())
+    # names come from the models' norm state, not the argument order
+    assert cmp.names == ("custom (LN)", "custom (LN-free)")
+    flipped = compare_patching(ln_free_model, model, clean, corrupt, metric, site="z", by_pos=False, n_boot=20)
+    assert flipped.names == ("custom (LN-free)", "custom (LN)")
+    named = compare_patching(model, ln_free_model, clean, corrupt, metric, names=("x", "y"), by_pos=False, n_boot=20)
+    assert named.names == ("x", "y")
     # each side is the same as calling the functions directly
     act_b = activation_patching(ln_free_model, clean, corrupt, metric, site="z", by_pos=False)
-    assert torch.allclose(cmp.act[1].scores, act_b.scores)
-    assert cmp.table().shape == (2, 4) and len(cmp.to_frame()) == 4 and cmp.plot().data
-    assert set(cmp.summary()) >= {"improvement_mean", "improvement_sd", "pearson LN", "pearson LN-free"}
+    assert torch.allclose(cmp.act[1].scores, act_b.scores) and cmp.b.model_id == act_b.model_id
+    assert cmp.difference().shape == (2, 4) and len(cmp.to_frame()) == 4
+    fig = cmp.plot()
+    assert fig.data and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    assert set(cmp.summary()) >= {"improvement_mean", "improvement_sd", "pearson custom (LN)"}
+    assert "models=" in repr(cmp) and len(repr(cmp)) <= 240
     with pytest.raises(ValueError, match="d_vocab"):
         compare_patching(model, make_model(d_vocab=70), clean, corrupt, metric)
     with pytest.raises(ValueError, match="layers"):
         compare_patching(model, make_model(n_layers=3), clean, corrupt, metric)
+    with pytest.raises(ValueError, match="names"):
+        compare_patching(model, ln_free_model, clean, corrupt, metric, names=("x", "x"))
 
 
 def test_bad_input(model, pair):
@@ -279,18 +463,22 @@ def test_bad_input(model, pair):
             fn(model, clean, corrupt, metric, site="mlp_post")
         with pytest.raises(ValueError, match="direction"):
             fn(model, clean, corrupt, metric, direction="sideways")
-        with pytest.raises(ValueError, match="clean token ids"):
+        with pytest.raises(ValueError, match="clean: token ids"):
             fn(model, clean + 100, corrupt, metric)
-        with pytest.raises(TypeError, match="corrupt must be a torch.Tensor"):
-            fn(model, clean, corrupt.tolist(), metric)
+        with pytest.raises(TypeError, match="corrupt must be"):
+            fn(model, clean, "corrupt", metric)
         with pytest.raises(TypeError, match="by_pos"):
             fn(model, clean, corrupt, metric, by_pos="yes")
+        with pytest.raises(ValueError, match="n_boot"):
+            fn(model, clean, corrupt, metric, n_boot=0)
+        with pytest.raises(TypeError, match="model must be"):
+            fn("gpt2", clean, corrupt, metric)
     with pytest.raises(ValueError, match="batch_size"):
         activation_patching(model, clean, corrupt, metric, batch_size=0)
     with pytest.raises(ValueError, match="method"):
         attribution_patching(model, clean, corrupt, metric, method="eap")
-    with pytest.raises(ValueError, match="method='atp\\*'"):
-        attribution_patching(model, clean, corrupt, metric, qk_fix=True)
+    with pytest.raises(TypeError, match="qk_fix"):
+        attribution_patching(model, clean, corrupt, metric, qk_fix="yes")
     with pytest.raises(ValueError, match="ln"):
         attribution_patching(model, clean, corrupt, metric, ln="removed")
     with pytest.raises(ValueError, match="differentiabl"):
@@ -299,8 +487,17 @@ def test_bad_input(model, pair):
         attribution_patching(make_model(n_layers=1), clean, corrupt, metric, method="atp*")
     with pytest.raises(ValueError, match="attention-only"):
         activation_patching(make_model(attn_only=True), clean, corrupt, metric, site="mlp_out")
+    # a single prompt as 1-D tokens, and token lists
     assert isinstance(activation_patching(model, clean[0], corrupt[0], lambda lg: metric(lg)[:1], site="attn_out"),
-                      PatchingResult)  # a single prompt as 1-D tokens
+                      PatchingResult)
+    lists = activation_patching(model, clean.tolist(), corrupt.tolist(), metric, site="attn_out")
+    assert torch.allclose(lists.scores, activation_patching(model, clean, corrupt, metric, site="attn_out").scores)
+    act = activation_patching(model, clean, corrupt, metric, site="z")
+    atp = attribution_patching(model, clean, corrupt, metric, site="z")
+    with pytest.raises(ValueError, match="k must be"):
+        patching_error(atp, act, k=0)
+    with pytest.raises(ValueError, match="k must be"):
+        act.top(0)
 
 
 def test_ioi_end_to_end(model):
@@ -313,6 +510,26 @@ def test_ioi_end_to_end(model):
     m = make_metric(batch, "normalized_logit_diff", model)
     act = activation_patching(model, batch.clean, batch.corrupt, m, site="resid_pre", by_pos=False)
     assert act.metric_clean == pytest.approx(1.0, abs=1e-5) and act.metric_corrupt == pytest.approx(0.0, abs=1e-5)
-    assert act.values[0] == pytest.approx(1.0, abs=1e-5)
+    assert act.values[0] == pytest.approx(1.0, abs=1e-5) and act.metric == "normalized_logit_diff"
     atp = attribution_patching(model, batch.clean, batch.corrupt, m, site="z", by_pos=True, method="atp*")
     assert atp.scores.shape == (2, 4, batch.n_pos) and (atp.scores >= 0).all()
+
+
+def test_layers_subset_and_model_id_cache(model, pair):
+    clean, corrupt = pair
+    full = activation_patching(model, clean, corrupt, metric, site="z")
+    part = activation_patching(model, clean, corrupt, metric, site="z", layers=[1])
+    assert part.layers == (1,) and torch.isnan(part.scores[0]).all()
+    assert torch.allclose(part.scores[1], full.scores[1], atol=1e-6)
+    err = patching_error(attribution_patching(model, clean, corrupt, metric, site="z"), part, n_boot=20)
+    assert torch.isnan(err.per_layer[0]) and not torch.isnan(err.per_layer[1])
+    with pytest.raises(ValueError, match="layers"):
+        activation_patching(model, clean, corrupt, metric, layers=[2])
+    # the fingerprint follows in-place edits of the weights it reads
+    from lnfree._checks import model_id
+
+    before = full.model_id
+    with torch.no_grad():
+        model.W_E[0, 0] += 1.0
+    after = activation_patching(model, clean, corrupt, metric, site="attn_out").model_id
+    assert after != before and after == model_id(model)

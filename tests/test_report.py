@@ -139,7 +139,7 @@ def test_report_dla_exact_only_without_ln(tiny_report):
     n = rd.numbers["dla"]
     assert n["free"]["nmae"]["value"] < 1e-4 and n["free"]["max_abs_error"] < 1e-4
     assert n["ln"]["nmae"]["value"] > 1.0  # live LN: DLA is only a linearisation
-    direct = direct_logit_attribution(models["ln"], data["a"][:6, :12], components="heads").nmae(n_boot=100)[0]
+    direct = direct_logit_attribution(models["ln"], data["a"][:6, :12], components="heads").nmae(n_boot=100)
     assert n["ln"]["nmae"]["value"] == pytest.approx(direct.value)
     assert n["ln"]["nmae"]["low"] == pytest.approx(direct.low)
     assert [r["group"] for r in n["ln"]["per_layer"]] == ["0", "1"]
@@ -167,7 +167,7 @@ def test_report_entropy_neurons_have_no_ln_pathway_without_ln(tiny_report):
     assert n["neurons_from"] == "ln" and len(n["neurons"]) == 3
     a = n["free"]["ablation"]
     assert a["entropy_change_total"]["value"] == pytest.approx(a["entropy_change_direct"]["value"])
-    assert rd.results["confidence"]["free"]["ablation"].neurons == tuple(n["neurons"])
+    assert rd.results["confidence"]["free"]["ablation"].references() == n["neurons"]  # labels "L1N114": layer kept
 
 
 def test_write_report_self_contained_html_and_json(tiny_report, tmp_path):
@@ -230,12 +230,8 @@ def test_different_tokenizers_are_refused():
     from lnfree.report.pipeline import check_same_vocabulary
     from lnfree.tokenizer import gpt2_tokenizer
 
-    class Tok:
-        def get_vocab(self):
-            return {"a": 0}
-
     a, b = make_model(), make_model(seed=1)
-    a.tokenizer, b.tokenizer = Tok(), gpt2_tokenizer()
+    a.tokenizer, b.tokenizer = zoo.tokenizer(), gpt2_tokenizer()  # same d_vocab (61), different encodings
     with pytest.raises(ValueError, match="different tokenizers"):
         check_same_vocabulary({"a": a, "b": b})
 
@@ -305,9 +301,9 @@ def test_demo_command_end_to_end(tiny_zoo, tmp_path, monkeypatch, capsys):
     assert r["dla"]["tiny-lnfree"]["nmae"]["value"] == pytest.approx(0.0, abs=1e-4)
     toks = zoo.heldout("persuasion")[: QUICK.dla_seqs, : QUICK.dla_len]
     assert r["dla"]["tiny-ln"]["nmae"]["value"] == pytest.approx(
-        direct_logit_attribution(ln, toks).nmae(n_boot=QUICK.n_boot)[0].value, rel=1e-5)
+        direct_logit_attribution(ln, toks).nmae(n_boot=QUICK.n_boot).value, rel=1e-5)
     g = zoo.heldout("persuasion")[: QUICK.geom_seqs, : QUICK.geom_len]
-    assert r["sink_rate"]["tiny-lnfree"]["rate"] == attention_sink_rate(free, g, threshold=0.3).rate
+    assert r["sink_rate"]["tiny-lnfree"]["rate"] == attention_sink_rate(free, g, threshold=0.3).rate.value
     assert r["sink_rate"]["tiny-ln"]["rate"] == pytest.approx(brute_sink_rate(ln, g)[0])
     assert r["atp"]["n_prompts"] == QUICK.ioi_prompts and len(r["atp"]["tiny-ln"]["per_layer_error"]) == 2
     page = (tmp_path / "report.html").read_text()
@@ -395,5 +391,67 @@ def test_demo_on_the_packaged_zoo(tmp_path):
     assert r["dla"]["tiny-lnfree"]["nmae"]["value"] == pytest.approx(0.0, abs=1e-3)
     assert r["dla"]["tiny-ln"]["nmae"]["value"] > 1.0
     g = zoo.heldout("persuasion")[: QUICK.geom_seqs, : QUICK.geom_len]
-    assert r["sink_rate"]["tiny-ln"]["rate"] == attention_sink_rate(ln, g).rate
+    assert r["sink_rate"]["tiny-ln"]["rate"] == attention_sink_rate(ln, g).rate.value
     assert data["notes"] == {}
+
+
+# ---- figures ---------------------------------------------------------------------------------
+def _axes(fig) -> dict:
+    layout = fig.to_plotly_json()["layout"]
+    return {k: v for k, v in layout.items() if k.startswith(("xaxis", "yaxis"))}
+
+
+def test_every_report_figure_titles_every_axis(tiny_report):
+    from lnfree.report.stages import STAGES
+
+    rd = tiny_report[0]
+    n_figures = 0
+    for name in rd.stages:
+        for fig in STAGES[name].figures(rd):
+            n_figures += 1
+            axes = _axes(fig)
+            assert {"xaxis", "yaxis"} <= set(axes), (name, sorted(axes))
+            untitled = [k for k, ax in axes.items() if not (ax.get("title") or {}).get("text")]
+            assert not untitled, f"{name}: axes without a title: {untitled}"
+            assert fig.layout.title.text
+    assert n_figures == 8
+
+
+def test_ce_figure_axis_is_tight_around_the_cis(tiny_report):
+    """The CE panel does not start at 0 (a 0.04-nat gap would be invisible) and holds every CI."""
+    from lnfree.report.figures import ce_figures
+
+    rd = tiny_report[0]
+    (fig,) = ce_figures(rd)
+    ests = [rd.numbers["ce"][d][m]["ce"] for d in rd.datasets for m in rd.models]
+    lo, hi = fig.layout.yaxis.range
+    assert lo > 0 and lo < min(e["low"] for e in ests) and hi > max(e["high"] for e in ests)
+    assert hi - lo < 2 * (max(e["high"] for e in ests) - min(e["low"] for e in ests)) + 0.01
+    gaps = [t for t in fig.data if t.xaxis == "x2"]  # the paired-gap panel: every non-baseline model
+    assert sorted(t.name for t in gaps) == sorted(m for m in rd.models if m != rd.baseline)
+    assert all(isinstance(t, type(fig.data[0])) and t.mode == "markers" for t in fig.data)  # no bars from 0
+
+
+def test_sink_heatmap_has_integer_layer_and_head_ticks(tiny_report):
+    from lnfree.report.figures import sink_figures
+
+    (fig,) = sink_figures(tiny_report[0])
+    for k, ax in _axes(fig).items():
+        assert ax.get("dtick") == 1 and ax.get("tick0") == 0, k
+
+
+def test_report_package_imports_as_a_user_expects(tiny_report, tmp_path):
+    import lnfree
+    from lnfree import report
+    from lnfree.report import STAGES, ReportData, build_report, run_report  # noqa: F401
+
+    assert lnfree.report is report and set(report.__all__) >= {"build_report", "run_report", "write_report"}
+    assert list(STAGES) == ["ce", "dla", "atp", "confidence", "first_token_norm", "sink_rate"]
+    _, models, data, ioi = tiny_report
+    rd = report.build_report({"ln": models["ln"], "free": models["free"]}, data, tmp_path, stages=["sink_rate"],
+                             sizes=SMALL, progress=False)
+    assert isinstance(rd, ReportData) and (tmp_path / "report.html").is_file()
+    assert json.loads((tmp_path / "report.json").read_text())["results"]["sink_rate"]["free"]["rate"] == \
+        rd.numbers["sink_rate"]["free"]["rate"]
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        report.nope  # noqa: B018

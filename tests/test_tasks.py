@@ -135,3 +135,55 @@ def test_normalized_logit_diff_is_0_at_corrupt_and_1_at_clean():
         make_metric(batch, "accuracy")
     with pytest.raises(TypeError, match="IOIBatch"):
         make_metric(batch.clean)
+
+
+def test_ioi_from_a_model_and_without_tokenizer():
+    model = make_model()
+    with pytest.raises(ValueError, match="no tokenizer attached"):
+        ioi(model, 4)
+    with pytest.raises(ValueError, match="no tokenizer attached"):
+        ioi(model.tokenizer, 4)  # ioi(None): what a user gets from a model without a tokenizer
+    model.tokenizer = hf_word_level()
+    batch = ioi(model, 5, seed=1)
+    assert torch.equal(batch.clean, ioi(hf_word_level(), 5, seed=1).clean)
+    from lnfree._checks import model_id, model_label
+
+    assert batch.model_name == model_label(model) and batch.model_id == model_id(model)
+    # the result contract: short repr, HTML repr, identity equality, labels per prompt, a titled plot
+    assert batch.labels[0] == f"0: {batch.io_names[0]} vs {batch.s_names[0]}" and len(batch.labels) == 5
+    assert "\n" not in repr(batch) and len(repr(batch)) <= 240 and "n_prompts=5" in repr(batch)
+    assert "<table" in batch._repr_html_() and batch == batch and hash(batch) != hash(ioi(model, 5, seed=1))
+    fig = batch.plot(model)
+    assert len(fig.data) == 2 and fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    clean_ld, corrupt_ld = batch.logit_diffs(model)
+    with torch.no_grad():
+        assert torch.allclose(clean_ld, logit_diff(model(batch.clean), batch), atol=1e-6)
+    assert list(batch.to_frame()["label"]) == list(batch.labels)
+
+
+def test_metrics_read_the_last_real_token():
+    from lnfree._checks import TokenBatch
+    from lnfree.tasks import logit_diff_metric
+
+    batch = ioi(word_level(), 3, seed=2)
+    logits = torch.randn(3, batch.n_pos + 2, 40)
+    mask = torch.ones(3, batch.n_pos + 2, dtype=torch.long)
+    mask[0, -2:] = 0  # row 0 right-padded by 2: its answer is read at position n_pos - 1
+    mask[1, :2] = 0  # row 1 left-padded: its last real token is the last position
+    mask[2, -1] = 0
+    from dataclasses import replace
+
+    padded = replace(batch, attention_mask=mask)
+    last = torch.tensor([batch.n_pos - 1, batch.n_pos + 1, batch.n_pos])
+    final = logits[torch.arange(3), last]
+    i = torch.arange(3)
+    assert torch.allclose(logit_diff(logits, padded), final[i, batch.answer] - final[i, batch.wrong])
+    m = logit_diff_metric(batch.answer, batch.wrong, attention_mask=mask)
+    assert torch.allclose(m(logits), final[i, batch.answer] - final[i, batch.wrong])
+    assert torch.allclose(logit_diff_metric(batch.answer, batch.wrong)(logits),
+                          logits[i, -1, batch.answer] - logits[i, -1, batch.wrong])
+    with pytest.raises(ValueError, match="attention mask"):
+        logit_diff(logits[:, :-1], padded)
+    with pytest.raises(ValueError, match="one id per prompt"):
+        logit_diff_metric(batch.answer, batch.wrong[:2])
+    assert isinstance(TokenBatch(batch.clean, mask[:, : batch.n_pos]), tuple)

@@ -34,10 +34,16 @@ _EXPORTS = {
     "gpt2_tokenizer": "lnfree.tokenizer",
     "direct_logit_attribution": "lnfree.analysis.dla",
     "compare_dla": "lnfree.analysis.dla",
+    "DLAResult": "lnfree.analysis.dla",
+    "DLAComparison": "lnfree.analysis.dla",
     "activation_patching": "lnfree.analysis.patching",
     "attribution_patching": "lnfree.analysis.patching",
     "patching_error": "lnfree.analysis.patching",
     "compare_patching": "lnfree.analysis.patching",
+    "PatchingResult": "lnfree.analysis.patching",
+    "PatchingError": "lnfree.analysis.patching",
+    "PatchingComparison": "lnfree.analysis.patching",
+    "IOIBatch": "lnfree.tasks",
     "find_entropy_neurons": "lnfree.analysis.confidence",
     "ablate_neurons": "lnfree.analysis.confidence",
     "calibration": "lnfree.analysis.calibration",
@@ -49,6 +55,12 @@ _EXPORTS = {
     "ConfidenceComparison": "lnfree.analysis.confidence",
     "first_token_norm": "lnfree.analysis.geometry",
     "attention_sink_rate": "lnfree.analysis.geometry",
+    "ResidNorms": "lnfree.analysis.geometry",
+    "SinkRate": "lnfree.analysis.geometry",
+    "confidence_analysis": "lnfree.analysis.confidence",
+    "compare_cross_entropy": "lnfree.evaluation",
+    "CEResult": "lnfree.evaluation",
+    "CEComparison": "lnfree.evaluation",
     "remove_layernorm": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
     "compare_cross_entropy": "lnfree.evaluation",
@@ -59,7 +71,7 @@ _EXPORTS = {
     "ResidNorms": "lnfree.analysis.geometry",
     "SinkRate": "lnfree.analysis.geometry",
 }
-_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation"}
+_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "report", "paper"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -23,6 +23,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from jaxtyping import Float, Int
 
+from lnfree._results import Result, result
+
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
 TEMPLATE = "Then, {B} and {A} went to the {PLACE}. {B} gave a {OBJECT} to"
@@ -113,9 +115,9 @@ def single_token_words(tokenizer, words: Sequence[str]) -> list[str]:
 
 
 # ---- the batch -----------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class IOIBatch:
-    """Clean and corrupted IOI prompts of one fixed length.
+@result
+class IOIBatch(Result):
+    """Clean and corrupted IOI prompts of one fixed length (the task object).
 
     Attributes:
         clean, corrupt: Int[batch, pos] token ids (BOS first if the tokenizer has one).
@@ -123,6 +125,11 @@ class IOIBatch:
         wrong: Int[batch] the S name's token.
         prompts, corrupt_prompts: the texts (without BOS).
         io_names, s_names, places, objects: what was sampled for each prompt.
+        labels: one per prompt, ``"0: Mary vs John"`` (IO vs S).
+        attention_mask: Int[batch, pos] when the rows are padded (1 = real token), else None;
+            the metrics read each row's last real token.
+        model_name, model_id: the model whose tokenizer wrote the prompts ("" / None when a bare
+            tokenizer was given).
     """
 
     clean: Int[torch.Tensor, "batch pos"]
@@ -137,6 +144,24 @@ class IOIBatch:
     objects: tuple[str, ...]
     template: str = TEMPLATE
     seed: int = 0
+    n_prompts: int = 0
+    labels: tuple[str, ...] = ()
+    attention_mask: Optional[Int[torch.Tensor, "batch pos"]] = None
+    model_name: str = ""
+    model_id: Optional[str] = None
+
+    def __post_init__(self):
+        # derived fields, filled in when the batch is built by hand (e.g. tests' fake batches)
+        n = int(self.clean.shape[0])
+        object.__setattr__(self, "n_prompts", n)
+        if not self.labels:
+            object.__setattr__(self, "labels", tuple(f"{i}: {a} vs {b}" for i, (a, b) in
+                                                     enumerate(zip(self.io_names, self.s_names))))
+
+    def settings(self) -> dict[str, str]:
+        """What the short repr shows: the size and the sampling seed (the names are in to_frame())."""
+        return {"n_prompts": str(self.n_prompts), "n_pos": str(self.n_pos), "seed": str(self.seed),
+                "padded": str(self.attention_mask is not None)}
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -149,42 +174,84 @@ class IOIBatch:
         """A copy with the token tensors on `device`."""
         from dataclasses import replace
 
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return replace(self, clean=self.clean.to(device), corrupt=self.corrupt.to(device),
-                       answer=self.answer.to(device), wrong=self.wrong.to(device))
+                       answer=self.answer.to(device), wrong=self.wrong.to(device), attention_mask=mask)
 
     def to_frame(self):
         """One row per prompt: texts, names, answer/wrong token ids."""
         import pandas as pd
 
         return pd.DataFrame({
-            "prompt": self.prompts, "corrupt_prompt": self.corrupt_prompts, "io": self.io_names,
-            "s": self.s_names, "place": self.places, "object": self.objects,
+            "label": self.labels, "prompt": self.prompts, "corrupt_prompt": self.corrupt_prompts,
+            "io": self.io_names, "s": self.s_names, "place": self.places, "object": self.objects,
             "answer_id": self.answer.tolist(), "wrong_id": self.wrong.tolist(),
         })
+
+    def logit_diffs(self, model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-prompt logit difference logit(IO) - logit(S) of `model` on the clean and corrupted prompts."""
+        from lnfree._checks import forward_kwargs
+
+        device = next(model.parameters()).device
+        b = self.to(device)
+        with torch.no_grad():
+            kw = forward_kwargs(model, b.clean, b.attention_mask)
+            return logit_diff(model(b.clean, **kw), b).cpu(), logit_diff(model(b.corrupt, **kw), b).cpu()
+
+    def plot(self, model, title: Optional[str] = None):
+        """Per-prompt logit difference of `model` on the clean and corrupted prompts (bars)."""
+        import plotly.graph_objects as go
+
+        from lnfree._checks import model_label
+
+        clean, corrupt = self.logit_diffs(model)
+        fig = go.Figure([go.Bar(x=list(self.labels), y=clean.numpy(), name="clean"),
+                         go.Bar(x=list(self.labels), y=corrupt.numpy(), name="corrupt")])
+        fig.update_layout(barmode="group", xaxis_title="prompt (IO vs S)", yaxis_title="logit(IO) - logit(S)",
+                          title=title or f"IOI logit difference, {model_label(model)}")
+        return fig
 
     def metric(self, kind: str = "logit_diff", model=None) -> "IOIMetric":
         """Shorthand for `make_metric(self, kind, model)`."""
         return make_metric(self, kind, model)
 
 
-def ioi(tokenizer, n_prompts: int, seed: int = 0, prepend_bos: Optional[bool] = None) -> IOIBatch:
+def _tokenizer_of(model_or_tokenizer):
+    """(tokenizer, model or None): a model brings its tokenizer; None is refused with the reason."""
+    if model_or_tokenizer is None:
+        raise ValueError("ioi got None for the tokenizer: the model has no tokenizer attached (model.tokenizer is "
+                         "None). Pass a tokenizer (e.g. lnfree.gpt2_tokenizer()) or set model.tokenizer first")
+    if hasattr(model_or_tokenizer, "cfg") and hasattr(model_or_tokenizer, "W_E"):  # a HookedTransformer
+        tok = getattr(model_or_tokenizer, "tokenizer", None)
+        if tok is None:
+            raise ValueError("ioi: the model has no tokenizer attached (model.tokenizer is None); pass a tokenizer "
+                             "or set model.tokenizer first")
+        return tok, model_or_tokenizer
+    return model_or_tokenizer, None
+
+
+def ioi(model_or_tokenizer, n_prompts: int, *, seed: int = 0, prepend_bos: Optional[bool] = None) -> IOIBatch:
     """Sample `n_prompts` BABA IOI prompts and their IO/S-swapped corruptions.
 
-    Names, places and objects are restricted to single tokens (with a leading space) of
-    `tokenizer`, so every prompt has the same length. BOS is prepended when the tokenizer has
-    one (TransformerLens's default); `prepend_bos` overrides that.
+    `model_or_tokenizer`: a model (its tokenizer is used, and its name recorded) or a tokenizer.
+    Names, places and objects are restricted to single tokens (with a leading space), so every
+    prompt has the same length. BOS is prepended when the model prepends one by default
+    (``cfg.default_prepend_bos``) or, for a bare tokenizer, when it has one; `prepend_bos`
+    overrides that.
 
     Example:
-        >>> from lnfree.tokenizer import gpt2_tokenizer  # doctest: +SKIP
-        >>> batch = ioi(gpt2_tokenizer(), 8, seed=0)      # doctest: +SKIP
-        >>> batch.clean.shape == batch.corrupt.shape      # doctest: +SKIP
+        >>> from lnfree.tokenizer import gpt2_tokenizer
+        >>> batch = ioi(gpt2_tokenizer(), 8, seed=0)
+        >>> batch.clean.shape == batch.corrupt.shape
         True
     """
-    if isinstance(n_prompts, bool) or not isinstance(n_prompts, int) or n_prompts < 1:
-        raise ValueError(f"n_prompts must be a positive integer, got {n_prompts!r}")
+    from lnfree._checks import model_id, model_label, positive_int
+
+    tokenizer, model = _tokenizer_of(model_or_tokenizer)
+    n_prompts = positive_int(n_prompts, "n_prompts")
     encode, decode, bos = _tokenizer_adapter(tokenizer)
     if prepend_bos is None:
-        prepend_bos = bos is not None
+        prepend_bos = bos is not None and (model is None or bool(getattr(model.cfg, "default_prepend_bos", True)))
     if prepend_bos and bos is None:
         raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
 
@@ -231,19 +298,30 @@ def ioi(tokenizer, n_prompts: int, seed: int = 0, prepend_bos: Optional[bool] = 
         prompts=tuple(r[4] for r in rows), corrupt_prompts=tuple(r[5] for r in rows),
         io_names=tuple(r[0] for r in rows), s_names=tuple(r[1] for r in rows),
         places=tuple(r[2] for r in rows), objects=tuple(r[3] for r in rows), seed=seed,
+        model_name=model_label(model) if model is not None else "",
+        model_id=model_id(model) if model is not None else None,
     )
 
 
 # ---- metrics -------------------------------------------------------------------------------
-def _final_logits(logits: torch.Tensor, batch: IOIBatch) -> torch.Tensor:
+def _final_logits(logits: torch.Tensor, n: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Logits at each row's last real token [batch, vocab]."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 3:
         raise ValueError(
             f"logits must be a tensor [batch, pos, vocab], got "
             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}"
         )
-    if logits.shape[0] != len(batch):
-        raise ValueError(f"logits have batch size {logits.shape[0]} but the IOI batch has {len(batch)} prompts")
-    return logits[:, -1, :]
+    if logits.shape[0] != n:
+        raise ValueError(f"logits have batch size {logits.shape[0]} but the IOI batch has {n} prompts")
+    if mask is None:
+        return logits[:, -1, :]
+    if tuple(mask.shape) != tuple(logits.shape[:2]):
+        raise ValueError(f"logits [batch, pos] {tuple(logits.shape[:2])} do not match the attention mask "
+                         f"{tuple(mask.shape)}")
+    from lnfree._checks import last_positions
+
+    last = last_positions(mask.bool().to(logits.device), logits.shape[1])
+    return logits[torch.arange(n, device=logits.device), last]
 
 
 def _gather(final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -251,24 +329,24 @@ def _gather(final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def logit_diff(logits: Float[torch.Tensor, "batch pos vocab"], batch: IOIBatch) -> Float[torch.Tensor, "batch"]:
-    """logit(IO) - logit(S) at the last position, per prompt.
+    """logit(IO) - logit(S) at each prompt's last (real) position, per prompt.
 
     Example:
         >>> logit_diff(model(batch.clean), batch).shape  # doctest: +SKIP
         torch.Size([8])
     """
-    final = _final_logits(logits, batch)
+    final = _final_logits(logits, len(batch), batch.attention_mask)
     return _gather(final, batch.answer) - _gather(final, batch.wrong)
 
 
 def answer_prob(logits: Float[torch.Tensor, "batch pos vocab"], batch: IOIBatch) -> Float[torch.Tensor, "batch"]:
-    """Probability of the IO token at the last position, per prompt."""
-    return _gather(_final_logits(logits, batch).float().softmax(-1), batch.answer)
+    """Probability of the IO token at the last (real) position, per prompt."""
+    return _gather(_final_logits(logits, len(batch), batch.attention_mask).float().softmax(-1), batch.answer)
 
 
 def answer_loss(logits: Float[torch.Tensor, "batch pos vocab"], batch: IOIBatch) -> Float[torch.Tensor, "batch"]:
-    """Cross-entropy -log p(IO) at the last position, per prompt."""
-    return -_gather(_final_logits(logits, batch).float().log_softmax(-1), batch.answer)
+    """Cross-entropy -log p(IO) at the last (real) position, per prompt."""
+    return -_gather(_final_logits(logits, len(batch), batch.attention_mask).float().log_softmax(-1), batch.answer)
 
 
 def normalized_logit_diff(
@@ -316,18 +394,59 @@ def make_metric(batch: IOIBatch, kind: str = "logit_diff", model=None) -> IOIMet
         >>> float(metric(model(batch.clean)).mean())                     # doctest: +SKIP
         1.0
     """
+    from lnfree._checks import check_choice
+
     if not isinstance(batch, IOIBatch):
         raise TypeError(f"batch must be an IOIBatch (from lnfree.tasks.ioi), got {type(batch).__name__}")
-    if kind not in METRIC_KINDS:
-        raise ValueError(f"kind must be one of {METRIC_KINDS}, got {kind!r}")
+    check_choice(kind, METRIC_KINDS, "kind")
     if kind != "normalized_logit_diff":
         return IOIMetric(batch, kind)
     if model is None:
         raise ValueError("kind='normalized_logit_diff' needs model= to compute the clean and corrupted baselines")
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        clean_ld = float(logit_diff(model(batch.clean.to(device)), batch).mean())
-        corrupt_ld = float(logit_diff(model(batch.corrupt.to(device)), batch).mean())
+    clean, corrupt = batch.logit_diffs(model)
+    clean_ld, corrupt_ld = float(clean.mean()), float(corrupt.mean())
     if abs(clean_ld - corrupt_ld) < 1e-8:
         raise ValueError(f"the model's clean and corrupted logit differences are equal ({clean_ld}); cannot normalise")
     return IOIMetric(batch, kind, clean_ld, corrupt_ld)
+
+
+@dataclass(frozen=True, eq=False)
+class LogitDiff:
+    """logit(answer) - logit(wrong) at each row's last real token: a metric for any prompt pairs."""
+
+    answer: torch.Tensor
+    wrong: torch.Tensor
+    attention_mask: Optional[torch.Tensor] = None
+    kind: str = "logit_diff"
+
+    def __call__(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch"]:
+        final = _final_logits(logits, len(self.answer), self.attention_mask)
+        return _gather(final, self.answer) - _gather(final, self.wrong)
+
+    def __repr__(self) -> str:
+        return f"LogitDiff(n_prompts={len(self.answer)}, padded={self.attention_mask is not None})"
+
+
+def logit_diff_metric(answer, wrong, *, attention_mask=None) -> LogitDiff:
+    """A per-prompt metric logit(answer) - logit(wrong) read at each row's last real token.
+
+    `answer`, `wrong`: Int[batch] token ids; `attention_mask` ([batch, pos], 1 = real) when the
+    prompts are padded (a `TokenBatch`'s mask).
+
+    Example:
+        >>> import torch
+        >>> m = logit_diff_metric(torch.tensor([1]), torch.tensor([2]), attention_mask=torch.tensor([[1, 1, 0]]))
+        >>> logits = torch.zeros(1, 3, 4); logits[0, 1, 1] = 3.0
+        >>> m(logits).tolist()
+        [3.0]
+    """
+    answer, wrong = torch.as_tensor(answer).long().flatten(), torch.as_tensor(wrong).long().flatten()
+    if answer.shape != wrong.shape:
+        raise ValueError(f"answer and wrong must have one id per prompt each, got shapes {tuple(answer.shape)} and "
+                         f"{tuple(wrong.shape)}")
+    if attention_mask is not None:
+        attention_mask = torch.as_tensor(attention_mask)
+        if attention_mask.ndim != 2 or attention_mask.shape[0] != len(answer):
+            raise ValueError(f"attention_mask must be [batch, pos] with batch = {len(answer)}, got "
+                             f"{tuple(attention_mask.shape)}")
+    return LogitDiff(answer, wrong, attention_mask)

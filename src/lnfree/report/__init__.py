@@ -1,0 +1,46 @@
+"""The LN vs LN-free report: every analysis on a set of models, as one self-contained HTML page + JSON.
+
+    >>> from lnfree import report, zoo
+    >>> models = {n: zoo.load(n) for n in ("tiny-ln", "tiny-lnfree")}                    # doctest: +SKIP
+    >>> rd = report.build_report(models, {"persuasion": zoo.heldout("persuasion")},
+    ...                          "out/mine", quick=True)                                 # doctest: +SKIP
+    >>> rd.summary()                                                                    # doctest: +SKIP
+
+Modules: `pipeline` (run_report, write_report, build_report, Sizes, ReportData), `stages` (the stage
+registry: one `Stage` per section), `figures` (one figure function per stage), `html` (the page),
+`cli` (``lnfree demo``, ``compare``, ``reproduce``). Names are imported lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "run_report": "lnfree.report.pipeline",
+    "write_report": "lnfree.report.pipeline",
+    "build_report": "lnfree.report.pipeline",
+    "build_html": "lnfree.report.pipeline",
+    "format_summary": "lnfree.report.pipeline",
+    "ReportData": "lnfree.report.pipeline",
+    "Sizes": "lnfree.report.pipeline",
+    "FULL": "lnfree.report.pipeline",
+    "QUICK": "lnfree.report.pipeline",
+    "STAGES": "lnfree.report.stages",
+    "Stage": "lnfree.report.stages",
+    "Report": "lnfree.report.html",
+}
+_SUBMODULES = {"pipeline", "stages", "figures", "html", "cli"}
+
+__all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f"lnfree.report.{name}")
+    raise AttributeError(f"module 'lnfree.report' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

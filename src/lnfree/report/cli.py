@@ -94,32 +94,25 @@ def _cli_error():
 
 
 def load_any(spec: str, device=None):
-    """A zoo name, a local checkpoint directory (HF, released LN-free, TransformerLens, a removal run),
-    or a hub id -> LNFreeTransformer. Failures raise CLIError with one line saying what was tried.
+    """A model argument of ``compare`` / ``reproduce`` / ``demo`` -> LNFreeTransformer, through the one
+    resolver `lnfree.load` (zoo names, .gguf files, removal runs, TransformerLens and HF directories,
+    hub ids). Failures become one-line CLIErrors naming the argument and what is accepted.
 
     Example:
         >>> model = load_any("tiny-lnfree")        # doctest: +SKIP
     """
-    from lnfree import zoo
+    from lnfree.loading import CheckpointError, HubUnreachableError
+    from lnfree.resolve import kinds_text, load
 
     CLIError = _cli_error()
     if not isinstance(spec, str) or not spec:
         raise CLIError(f"a model must be a zoo name, a directory or a hub id, got {spec!r}")
-    if spec in zoo.NAMES:
-        return zoo.load(spec, device=device)  # FileNotFoundError (data missing) says how to fix it
-    path = Path(os.path.expanduser(spec))
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"model {spec!r} is a file; pass the checkpoint directory that holds it, a zoo name "
-                       f"({', '.join(zoo.NAMES)}) or a hub id")
-    from lnfree.loading import CheckpointError, HubUnreachableError
-    from lnfree.removal.cli import load_model_arg
-
     try:
-        return load_model_arg(spec, device=device)
-    except (CheckpointError, HubUnreachableError) as e:
-        where = "a local directory that cannot be loaded" if path.is_dir() else "not a local directory"
-        raise CLIError(f"cannot load model {spec!r} (not a zoo name: {', '.join(zoo.NAMES)}; {where}): "
-                       f"{_one_line(e)}") from None
+        return load(spec, device=device)
+    except (CheckpointError, HubUnreachableError, ValueError, TypeError) as e:
+        text = _one_line(e)
+        accepted = "" if "accepted:" in text else f"; accepted: {kinds_text()}"
+        raise CLIError(f"cannot load model {spec!r}: {text}{accepted}") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -269,7 +262,7 @@ def run_demo(args) -> int:
 
     t0 = _setup(args)
     order = ("tiny-ln", "tiny-lnfree", "tiny-vanilla")
-    models = {name: zoo.load(name, device=args.device) for name in order}
+    models = {name: load_any(name, device=args.device) for name in order}
     data = {name: zoo.heldout(name) for name in zoo.info()["heldout"]}
     rd = run_report(models, data, baseline="tiny-ln", quick=args.quick, progress=not args.no_progress,
                     title="lnfree demo: tiny-ln vs tiny-lnfree (tiny-vanilla: the fine-tuned LN control)")
@@ -305,28 +298,7 @@ def _resolve_data(specs, model, seq_len, names, default_specs=()) -> dict:
 
 
 def run_reproduce(args) -> int:
-    from lnfree.report.pipeline import run_report
+    """The paper's numbers, computed as its code does: see `lnfree.paper.reproduce`."""
+    from lnfree.paper.reproduce import run_reproduce as run
 
-    t0 = _setup(args)
-    fig = FIGURES[args.figure]
-    specs = list(args.models or PAPER_MODELS)
-    if len(specs) < 2:
-        raise _cli_error()(f"--models needs at least two models (the first is the baseline), got {specs}")
-    names = _names(specs)
-    models = {}
-    for name, spec in zip(names, specs):
-        models[name] = load_any(spec, device=args.device)
-    _check_same_tokenizer(models)
-    stage = fig["stage"]
-    if stage == "atp":
-        data = {}
-        if args.data:
-            print("note: the atp figure uses IOI prompts; --data is not used", file=sys.stderr)
-    else:
-        default = fig["data"] if args.models is None else ()
-        data = _resolve_data(args.data, models[names[0]], args.seq_len, names, default)
-    rd = run_report(models, data, baseline=names[0], quick=args.quick, progress=not args.no_progress,
-                    stages=[stage], title=f"lnfree reproduce {args.figure}: {fig['what']}")
-    if stage not in rd.numbers:
-        raise _cli_error()(rd.notes.get(stage, f"the {args.figure} figure could not be computed"))
-    return _finish(rd, Path(args.out or f"out/reproduce/{args.figure}"), args.figure, t0)
+    return run(args, load=load_any, names=_names, load_data=load_data, zoo_data=_zoo_data_for)

@@ -1,7 +1,7 @@
-"""Open a report in a real headless browser (Debian's chromium): rendered DOM and a screenshot.
+"""Test tooling, not part of the package: open a report in a real headless browser (Debian's chromium).
 
-Used by tests/test_browser.py (the report's figures really render, offline) and by
-``scripts/screenshot_report.py`` (the README's screenshot).
+Gives the rendered DOM and a screenshot. Used by tests/test_browser.py (the report's figures really
+render, offline) and by ``scripts/screenshot_report.py`` (the README's screenshot).
 
 Example:
     >>> dom, png = render("out/demo/report.html", "shot.png")   # doctest: +SKIP
