@@ -311,7 +311,7 @@ def compare_dla_different_vocab(c):
     compare_dla(c.model, make_model(d_vocab=70), c.tokens)
 
 
-@case(ValueError, "model_a and model_b must share a vocabulary: d_vocab 61 vs 70")
+@case(ValueError, r"model_a and model_b have different vocabularies \(d_vocab 61 vs 70\)")
 def compare_confidence_different_vocab(c):
     from lnfree import compare_confidence
 
@@ -329,7 +329,30 @@ def entropy_neurons_layer_out_of_range(c):
 def ablate_neuron_index_out_of_range(c):
     from lnfree import ablate_neurons
 
-    ablate_neurons(c.model, c.tokens, [128])
+    ablate_neurons(c.model, c.tokens, [128], layer=-1)
+
+
+@case(ValueError, r"neurons \[3, 4\] are bare indices, which do not say their layer; pass labels like 'L1N3'")
+def ablate_bare_neuron_indices_without_layer(c):
+    from lnfree import ablate_neurons
+
+    ablate_neurons(c.model, c.tokens, [3, 4])
+
+
+@case(ValueError, r"neurons are in layer 0, but layer=1 was given")
+def ablate_neurons_of_another_layer(c):
+    from lnfree import ablate_neurons, find_entropy_neurons
+
+    ablate_neurons(c.model, c.tokens, find_entropy_neurons(c.model, layer=0), layer=1)
+
+
+@case(ValueError, r"blocks.1.mlp.W_out contains 1 non-finite values")
+def entropy_neurons_nan_weight(c):
+    from lnfree import find_entropy_neurons
+
+    with torch.no_grad():
+        c.model.blocks[1].mlp.W_out[5, 0] = float("nan")
+    find_entropy_neurons(c.model)
 
 
 @case(ValueError, "n_bins must be a positive int, got 0")

@@ -14,18 +14,21 @@ from lnfree import zoo
 ln_model, ln_free = zoo.load("tiny-ln", device="cpu"), zoo.load("tiny-lnfree", device="cpu")
 tokens = zoo.heldout("persuasion")[:16, :64]
 
-neurons = lnfree.find_entropy_neurons(ln_model, top=3)  # last layer by default
-neurons.to_frame().head(5)
+neurons = lnfree.find_entropy_neurons(ln_model, n_top=3)  # last layer by default
+neurons.top(5)
 
 # %% [markdown]
 # `score` = ||w_out|| / LogitVar (LogitVar: the variance over the vocabulary of the cosine between w_out
 # and each unembedding column); `rho` = the share of w_out in the unembedding's bottom singular directions.
+# Neurons are named with their layer (`L3N17`): `neurons.neurons(3)` gives the labels of the best three,
+# `neurons.pairs(3)` the (layer, neuron) pairs; `ablate_neurons` accepts either, so nothing lands in the
+# wrong layer.
 #
 # Mean-ablate the top three together. The **total** effect is the ordinary forward pass; the **direct**
 # effect holds the final LN scale at its clean value. Their gap is what flows through LayerNorm.
 
 # %%
-abl = lnfree.ablate_neurons(ln_model, tokens, neurons.top(), cumulative=True)
+abl = lnfree.ablate_neurons(ln_model, tokens, neurons.neurons(), cumulative=True)
 last = len(abl.sets) - 1
 print(abl.labels[last])
 print("entropy change, total  (%):", abl.relative_change(last, "entropy", "total"))
@@ -42,7 +45,7 @@ print("fraction through the final LN:", abl.ln_mediated_fraction(last, "entropy"
 # without a final LN, total and direct effects are identical.
 
 # %%
-abl_free = lnfree.ablate_neurons(ln_free, tokens, neurons.top(), cumulative=True)
+abl_free = lnfree.ablate_neurons(ln_free, tokens, neurons.neurons(), cumulative=True)
 print("LN-free entropy change, total (%):", abl_free.relative_change(last, "entropy", "total"))
 print("LN-free total == direct:", bool((abl_free.entropy_total == abl_free.entropy_direct).all()))
 
@@ -57,9 +60,9 @@ for name, m in (("tiny-ln", ln_model), ("tiny-lnfree", ln_free)):
     print(f"{name:12s} mean entropy {cal.mean_entropy} nats, ECE {cal.ece}")
 
 # %% [markdown]
-# `compare_confidence` bundles all of it for two models (`.to_frame()`, `.differences()`, `.plot()`):
+# `compare_confidence` bundles all of it for two models (`.a`, `.b`, `.to_frame()`, `.difference()` with
+# paired CIs, `.plot()`):
 
 # %%
-cmp = lnfree.compare_confidence(ln_model, ln_free, tokens, names=("tiny-ln", "tiny-lnfree"),
-                                neurons=neurons.top())
-cmp.differences()
+cmp = lnfree.compare_confidence(ln_model, ln_free, tokens, neurons=neurons)  # names from the models
+cmp.difference()
