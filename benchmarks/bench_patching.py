@@ -15,7 +15,7 @@ Sweep: every attention head output (site "z") at every position of a GPT-2-small
    rotary): AtP vs batched activation patching of resid_pre at every layer x position on IOI
    prompts (4 pairs of 15 tokens): target >= 50x faster. Both scale with the model the same way,
    activation patching also with the number of positions, so the ratio grows with prompt length;
-   an info row repeats it at 30 positions (two IOI prompts joined).
+   an info row repeats it at 30 positions (one pair of two IOI prompts joined).
 
 Times are CPU seconds of this process (one torch thread by default), so other jobs sharing the
 machine do not distort the ratios. --quick runs a tiny model (4 layers x 4 heads, d_model 64)
@@ -99,13 +99,12 @@ def _run_smollm2(quick: bool) -> list[dict]:
         model(batch.clean[:1])  # warm-up
     rows = [_smollm2_sweep(model, batch.clean, batch.corrupt, make_metric(batch, "logit_diff"),
                            "IOI", None if quick else 50.0)]
-    if not quick:  # longer prompts: two IOI prompts joined, the answer read at the end
-        two = ioi(model, 8, seed=1)
-        clean = torch.cat([two.clean[:4], two.clean[4:]], 1)[:, :32]
-        corrupt = torch.cat([two.clean[:4], two.corrupt[4:]], 1)[:, :32]
-        metric = logit_diff_metric(two.answer[4:], two.wrong[4:])
-        if clean.shape[1] == 2 * two.n_pos:
-            rows.append(_smollm2_sweep(model, clean, corrupt, metric, f"{clean.shape[1]} positions", None))
+    if not quick:  # longer prompts: two IOI prompts joined (1 pair, 30 positions), the answer read at the end
+        two = ioi(model, 2, seed=1)
+        clean = torch.cat([two.clean[:1], two.clean[1:]], 1)
+        corrupt = torch.cat([two.clean[:1], two.corrupt[1:]], 1)
+        metric = logit_diff_metric(two.answer[1:], two.wrong[1:])
+        rows.append(_smollm2_sweep(model, clean, corrupt, metric, f"{clean.shape[1]} positions", None))
     if quick:
         rows[0]["benchmark"] += " [quick]"
     return rows

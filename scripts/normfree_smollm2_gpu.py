@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--aux-lambda", type=float, default=0.01, help="0.01: SmolLM2's aux loss is ~10x its CE at the "
+                   "paper's Small value 0.1 (docs/normfree_smollm2.md, CPU runs)")
     p.add_argument("--eval-rows", type=int, default=32)
     p.add_argument("--no-vanilla", action="store_true", help="skip the vanilla control")
     p.add_argument("--keep-weights", action="store_true")
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
         run_dir = out / name
         t1 = time.time()
         try:
-            kw = dict(lr=a.lr, **variant) if not vanilla else dict(lr=a.lr)
+            kw = {"lr": a.lr, "aux_lambda": a.aux_lambda, **variant} if not vanilla else {"lr": a.lr}
             model = remove_layernorm(copy.deepcopy(original), rows, schedule=sched, batch_size=a.batch_size,
                                      micro_batch_size=a.micro_batch_size, seq_len=a.seq_len, vanilla=vanilla,
                                      bf16=device == "cuda", out_dir=run_dir, resume="auto", progress=False,

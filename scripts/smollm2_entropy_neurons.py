@@ -7,6 +7,11 @@ tokenizer, no BOS as the model's config says), cut into rows of --seq-len tokens
 
 Prints one row per candidate (score, rho, ||w_out||, relative entropy change total / direct with CIs,
 LN-mediated fraction with CI, per-token median |dH|), then calibration, and writes every number as JSON.
+
+Read the ablations with care: "direct" freezes only the final RMSNorm scale, so for layers before the last
+it still includes every later layer's response; and a neuron with massive activations (SmolLM2's L28N678
+fires at ~2350 on the first token, ~9 elsewhere) is changed everywhere by mean ablation, so its large
+effect says nothing about entropy regulation. 16 x 64 tokens take ~40 min on 2 busy CPU cores.
 """
 
 from __future__ import annotations

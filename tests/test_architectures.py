@@ -450,3 +450,18 @@ def test_every_mode_matches_transformers(arch, tokens):
     assert rel_err(frozen, hf_frozen) < 1e-4
     model.remove_ln()
     assert rel_err(model(tokens), hf_frozen) < 1e-4
+
+
+def test_overflow_without_the_per_token_scale_warns(tokens):
+    """Frozen scales far below the real ones blow the residual stream up (gated MLPs square it):
+    the non-finite logits come with a warning saying why, in eval mode; live models never warn."""
+    import warnings
+
+    model = LNFreeTransformer.from_hooked(make_hooked("llama-like")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(tokens)
+        with model.ln_frozen(scales=1.0):
+            assert torch.isfinite(model(tokens)).all()  # finite: no warning (it would raise here)
+    with model.ln_frozen(scales=1e-30), pytest.warns(RuntimeWarning, match="non-finite outputs .* overflowed"):
+        assert not torch.isfinite(model(tokens)).all()

@@ -101,3 +101,16 @@ def test_check_device_without_cuda():
 
 def test_public_exports():
     assert lnfree.Result is Result and lnfree.TokenBatch is _checks.TokenBatch
+
+
+def test_rms_models_are_labelled_norm_free_after_removal():
+    from transformer_lens import HookedTransformerConfig
+
+    from lnfree.model import LNFreeTransformer
+
+    m = LNFreeTransformer(HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=61,
+                                                  n_ctx=8, act_fn="silu", normalization_type="RMS"))
+    assert _checks.ln_state_label(m) == "RMSNorm"
+    m.estimate_ln_scales(torch.randint(0, 61, (2, 8)))
+    m.remove_ln()
+    assert _checks.ln_state_label(m) == "norm-free"

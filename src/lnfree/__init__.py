@@ -71,7 +71,7 @@ _EXPORTS = {
     "ResidNorms": "lnfree.analysis.geometry",
     "SinkRate": "lnfree.analysis.geometry",
 }
-_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "report"}
+_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "report", "paper"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -252,7 +252,13 @@ def ln_state_label(model) -> str:
 
 
 def _is_rms(model) -> bool:
-    return str(getattr(model.cfg, "original_normalization_type", None) or model.cfg.normalization_type or "").startswith("RMS")
+    # The norm kind survives removal on the site modules (cfg.normalization_type becomes None).
+    from lnfree.layernorm import RemovableLayerNorm
+
+    kinds = {m.kind for m in model.modules() if isinstance(m, RemovableLayerNorm)}
+    if kinds:
+        return all(k.startswith("RMS") for k in kinds)
+    return str(model.cfg.normalization_type or "").startswith("RMS")
 
 
 def model_label(model) -> str:

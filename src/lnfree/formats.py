@@ -182,7 +182,8 @@ def _write_cache(folder: Path, config: dict, facts: dict, sd: dict, tok) -> None
         os.replace(tmp, folder)  # atomic; another process may have won the race, which is fine
         tmp = None
     except OSError as e:
-        warnings.warn(f"could not cache the converted GGUF in {folder.parent}: {e}", stacklevel=4)
+        if not (folder / "lnfree_gguf.json").is_file():  # else another process cached it first: fine
+            warnings.warn(f"could not cache the converted GGUF in {folder.parent}: {e}", stacklevel=4)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

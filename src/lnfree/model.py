@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from typing import Iterator, Mapping, Optional, Sequence, Union
 
 import torch
@@ -86,6 +87,18 @@ class LNFreeBlock(TransformerBlock):
         mlp_in = resid_mid if not cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
         mlp_out = self.apply_mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+
+def _warn_if_not_finite(out) -> None:
+    first = out[0] if isinstance(out, tuple) else out
+    if isinstance(first, torch.Tensor) and first.is_floating_point() and not bool(torch.isfinite(first).all()):
+        warnings.warn(
+            "non-finite outputs from a model with frozen or removed norm sites: without the per-token "
+            "scale the residual stream overflowed. Freeze fewer sites, fine-tune while freezing "
+            "(lnfree.removal.remove_layernorm), or use a wider dtype.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 # TransformerLens module class -> RemovableLayerNorm kind.
@@ -176,16 +189,23 @@ class LNFreeTransformer(HookedTransformer):
     def forward(self, *args, **kwargs):
         """HookedTransformer.forward, refusing float16 once LN no longer bounds the residual stream.
 
-        Token ids are range-checked: the embedding would silently wrap a negative id around.
+        Token ids are range-checked: the embedding would silently wrap a negative id around. In eval
+        mode with frozen or removed sites, non-finite outputs raise a RuntimeWarning: without the
+        per-token scale the residual stream can overflow (e.g. gated-MLP models such as SmolLM2 with
+        every site frozen and no fine-tuning: activations square at every layer).
         """
         self._check_forward_ids(args[0] if args else kwargs.get("input"), kwargs)
-        if self.W_E.dtype == torch.float16 and self._has_fixed_scale():
+        fixed = self._has_fixed_scale()
+        if self.W_E.dtype == torch.float16 and fixed:
             raise ValueError(
                 "float16 is unsafe for a model with frozen or removed LN sites: without LN the residual "
                 "stream reaches norms in the thousands and overflows float16 (max 65504). Use "
                 "model.to(torch.float32) or model.to(torch.bfloat16)."
             )
-        return super().forward(*args, **kwargs)
+        out = super().forward(*args, **kwargs)
+        if fixed and not self.training:  # training loops keep their own checks (and no extra host sync)
+            _warn_if_not_finite(out)
+        return out
 
     def _check_forward_ids(self, input, kwargs) -> None:
         if kwargs.get("start_at_layer") is not None or not isinstance(input, torch.Tensor):

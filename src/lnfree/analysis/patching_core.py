@@ -161,10 +161,10 @@ def site_enabled(model, site: str):
 def resolve_pair(model, clean, corrupt, attention_mask=None):
     """(clean, corrupt, mask or None) on the model's device; one mask shared by both prompts.
 
-    ``attention_mask`` is one mask for both, or a pair (clean_mask, corrupt_mask); clean and
+    ``attention_mask`` is one mask for both, or a tuple (clean_mask, corrupt_mask); clean and
     corrupt may also be `TokenBatch`es. The two masks must be equal.
     """
-    if isinstance(attention_mask, (tuple, list)) and len(attention_mask) == 2:
+    if isinstance(attention_mask, tuple) and len(attention_mask) == 2:  # (clean_mask, corrupt_mask)
         m_clean, m_corrupt = attention_mask
     else:
         m_clean = m_corrupt = attention_mask

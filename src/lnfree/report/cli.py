@@ -298,28 +298,7 @@ def _resolve_data(specs, model, seq_len, names, default_specs=()) -> dict:
 
 
 def run_reproduce(args) -> int:
-    from lnfree.report.pipeline import run_report
+    """The paper's numbers, computed as its code does: see `lnfree.paper.reproduce`."""
+    from lnfree.paper.reproduce import run_reproduce as run
 
-    t0 = _setup(args)
-    fig = FIGURES[args.figure]
-    specs = list(args.models or PAPER_MODELS)
-    if len(specs) < 2:
-        raise _cli_error()(f"--models needs at least two models (the first is the baseline), got {specs}")
-    names = _names(specs)
-    models = {}
-    for name, spec in zip(names, specs):
-        models[name] = load_any(spec, device=args.device)
-    _check_same_tokenizer(models)
-    stage = fig["stage"]
-    if stage == "atp":
-        data = {}
-        if args.data:
-            print("note: the atp figure uses IOI prompts; --data is not used", file=sys.stderr)
-    else:
-        default = fig["data"] if args.models is None else ()
-        data = _resolve_data(args.data, models[names[0]], args.seq_len, names, default)
-    rd = run_report(models, data, baseline=names[0], quick=args.quick, progress=not args.no_progress,
-                    stages=[stage], title=f"lnfree reproduce {args.figure}: {fig['what']}")
-    if stage not in rd.numbers:
-        raise _cli_error()(rd.notes.get(stage, f"the {args.figure} figure could not be computed"))
-    return _finish(rd, Path(args.out or f"out/reproduce/{args.figure}"), args.figure, t0)
+    return run(args, load=load_any, names=_names, load_data=load_data, zoo_data=_zoo_data_for)
