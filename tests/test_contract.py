@@ -114,3 +114,11 @@ def test_rms_models_are_labelled_norm_free_after_removal():
     m.estimate_ln_scales(torch.randint(0, 61, (2, 8)))
     m.remove_ln()
     assert _checks.ln_state_label(m) == "norm-free"
+
+
+def test_zoo_models_are_labelled_by_name_and_state_in_either_order():
+    ln, free = lnfree.zoo.load("tiny-ln"), lnfree.zoo.load("tiny-lnfree")
+    toks = lnfree.zoo.heldout("persuasion")[:2, :16]
+    cmp = lnfree.compare_dla(free, ln, toks)
+    assert cmp.names == ("tiny-lnfree (LN-free)", "tiny-ln (LN)")
+    assert cmp.a.model_name == "tiny-lnfree (LN-free)"

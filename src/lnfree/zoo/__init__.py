@@ -347,6 +347,7 @@ def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir
     state = load_bytes(raw)
     model = LNFreeTransformer(_model_config(manifest, device, dtype), tokenizer=tokenizer(d))
     _load_weights(model, state, entry["ln_state"], where=str(d / entry["file"]))
+    model.cfg.model_name = name  # results are labelled from it ("tiny-ln (LN)")
     model.zoo_name = name
     model.zoo_info = entry
     return model.eval()
