@@ -15,6 +15,9 @@ import warnings
 # TransformerLens 3.9 deprecates HookedTransformer in favour of 4.x's TransformerBridge; this
 # package is built on HookedTransformer on purpose (see README), so the warning is noise here.
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
+# TransformerLens and transformers import tqdm.auto, which in Jupyter without ipywidgets warns "IProgress not
+# found" and then falls back to the plain text bar, which works; lnfree's own bars pick that bar directly.
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 __version__ = "0.1.0"
 
