@@ -122,3 +122,13 @@ def test_zoo_models_are_labelled_by_name_and_state_in_either_order():
     cmp = lnfree.compare_dla(free, ln, toks)
     assert cmp.names == ("tiny-lnfree (LN-free)", "tiny-ln (LN)")
     assert cmp.a.model_name == "tiny-lnfree (LN-free)"
+
+
+def test_freeze_ln_accepts_zero_dim_tensor_scales():
+    m = make_model()
+    m.freeze_ln(scales=torch.tensor(1.5))
+    assert m.ln_scale("ln_final") == 1.5
+    m.freeze_ln(scales={s: np.float32(2.0) for s in m.ln_sites})
+    assert m.ln_scale("blocks.0.ln2") == 2.0
+    with pytest.raises(TypeError, match="scales must be"):
+        m.freeze_ln(scales=torch.ones(3))

@@ -160,6 +160,15 @@ def _check_supported(cfg) -> None:
         raise ValueError(f"LNFreeTransformer does not support models with {'; '.join(bad)}: {'; '.join(why)}")
 
 
+def _as_number(x):
+    """A 0-d tensor or numpy scalar is a number (``scales=torch.tensor(1.5)``); anything else unchanged."""
+    if isinstance(x, torch.Tensor) and x.ndim == 0 and not x.dtype.is_complex and x.dtype != torch.bool:
+        return float(x)
+    if hasattr(x, "item") and getattr(x, "shape", None) == () and not isinstance(x, (bool, torch.Tensor)):
+        return float(x.item())
+    return x
+
+
 class LNFreeTransformer(HookedTransformer):
     """HookedTransformer with removable LayerNorm / RMSNorm sites.
 
@@ -502,6 +511,9 @@ class LNFreeTransformer(HookedTransformer):
         return tokens
 
     def _resolve_scales(self, sites: list[str], scales: ScalesArg) -> dict[str, float]:
+        scales = _as_number(scales)
+        if isinstance(scales, Mapping):
+            scales = {k: _as_number(v) for k, v in scales.items()}
         if scales is None:
             out = {s: self.ln_scale(s) for s in sites}
             missing = [s for s, v in out.items() if v is None]
