@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _ddp import run_two_ranks
 from conftest import make_model
 from lnfree.removal import (
     PRESETS, Schedule, SigmaEMA, SpikeDetector, TokenData, aux_norm_loss, latest_checkpoint, load_checkpoint,
@@ -396,39 +397,11 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert [e["step"] for e in log if e["event"] == "step"] == list(range(1, 13))
 
 
-def _ddp_rank(rank, port, out_dir, data, kw):
-    """One torchrun-style process: the env variables torchrun sets, then the same call as a single process."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        m = remove_layernorm(make_model(), data, out_dir=out_dir, **kw)
-        torch.save(m.state_dict(), out_dir / f"rank{rank}.pt")
-        os._exit(0)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-
-
 def test_ddp_two_processes_match_one(tmp_path, tokens):
-    import socket
-
     data = _data().numpy()
     kw = dict(RUN, batch_size=8, micro_batch_size=2)  # 2 processes x 2 micro-batches x 2 = 1 x 4 x 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, out, data, kw)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
-    r0 = torch.load(out / "rank0.pt", weights_only=True)
-    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(out, data, kw)
     single = remove_layernorm(make_model(), data, **kw)
     ref = single.state_dict()
     for k in ref:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
 
+from _ddp import run_two_ranks
 from conftest import make_model
 from lnfree.model import LNFreeTransformer
 from lnfree.removal import Schedule, apply_lora, distill_kl, latest_checkpoint, load_checkpoint, merge_lora, remove_layernorm
@@ -261,38 +262,11 @@ def test_lora_distill_bf16_runs():
     assert out.is_ln_free and all(bool(torch.isfinite(p).all()) for p in out.parameters())
 
 
-def _ddp_rank(rank, port, out_dir, data, kw):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    try:
-        m = remove_layernorm(make_model(), data, out_dir=out_dir, **kw)
-        torch.save(m.state_dict(), out_dir / f"rank{rank}.pt")
-        os._exit(0)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        os._exit(1)
-
-
 def test_lora_distill_ddp_two_processes_match_one(tmp_path):
-    import socket
-
     data = _data().numpy()
     kw = dict(RUN, batch_size=8, micro_batch_size=2, **VARIANT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "ddp"
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, out, data, kw)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
-    r0 = torch.load(out / "rank0.pt", weights_only=True)
-    r1 = torch.load(out / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_ranks(out, data, kw)
     single = remove_layernorm(make_model(), data, **kw).state_dict()
     for k in single:
         assert torch.equal(r0[k], r1[k]), k
