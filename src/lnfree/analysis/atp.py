@@ -39,6 +39,7 @@ from lnfree.analysis.patching_core import (
     check_direction,
     eval_metric,
     hook_name,
+    tl_weight_layout,
     make_result,
     make_spec,
     resolve_pair,
@@ -154,7 +155,7 @@ def attribution_patching(
     base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     site_names = [hook_name(site, l) for l in range(L)]
 
-    with site_enabled(model, site):
+    with site_enabled(model, site), tl_weight_layout(model):
         src, m_src = _source_run(model, source, mask, B, metric, site_names, use_qk, L)
         total, m_base, base_acts, state = _gradient_run(model, base, mask, B, metric, site_names, use_qk, ln,
                                                         grad_drop, L)
