@@ -39,14 +39,8 @@ def test_percent_format_parser():
     assert "```python\nx = 1\n```" in md and "# Title" in md
 
 
-# 06_smollm2 runs ~5 min on 2 cores (30-layer model, patching every head) and its kernel died once under
-# nbclient in the full suite; it is built and kept in sync above, and runs as a script
-# (`python notebooks/src/06_smollm2.py`, checked by hand), but is not executed here until it is made smaller.
-EXECUTED = [p for p in NOTEBOOKS if p.stem != "06_smollm2"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
     import nbclient
     import nbformat
