@@ -227,8 +227,9 @@ def render(n: dict, command: str) -> str:
     add("Text: the zoo's two held-out books re-tokenized with SmolLM2's tokenizer "
         f"(`lnfree.zoo.heldout(name, model=model, seq_len={n['sizes']['seq_len']})`; persuasion is in the tiny "
         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs "
-        f"({n['sizes']['n_boot']} resamples over sequences or prompts). All the numbers are in "
-        "[real_model.json](real_model.json).\n")
+        f"({n['sizes']['n_boot']} resamples over sequences or prompts). The sizes are small, to fit about half an "
+        "hour of one CPU core: each section states its rows x tokens or prompts, and the CIs show what that "
+        "buys (`--full` runs larger sizes). All the numbers are in [real_model.json](real_model.json).\n")
     if missing:
         add(f"**Partial run: {', '.join(missing)} not computed yet** (rerun the command with --resume to add "
             "them).\n")
@@ -420,11 +421,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run already wrote")
     p.add_argument("--render-partial", action="store_true", help="write the page from an interrupted run's numbers")
+    p.add_argument("--render", action="store_true", help="rewrite the page from the last run's JSON (no computing)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     partial = args.out.with_suffix(".partial.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        numbers = json.loads(args.out.with_suffix(".json").read_text())
+        command = "PYTHONPATH=src python scripts/real_model_report.py" + _flag(numbers["sizes"])
+        args.out.write_text(render(numbers, command), encoding="utf-8")
+        print(f"wrote {args.out} from {args.out.with_suffix('.json')}")
+        return 0
     if args.render_partial:
         numbers = json.loads(partial.read_text())
         numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
