@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from lnfree._checks import as_lnfree, batches, forward_kwargs, positive_int
+from lnfree._checks import batches, forward_kwargs, positive_int
 from lnfree.analysis.patching_core import (
     Metric,
     PatchingResult,
@@ -110,6 +110,8 @@ def activation_patching(
         >>> res.scores.shape  # [layer, pos]                                      # doctest: +SKIP
         torch.Size([4, 8])
     """
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
     model = as_lnfree(model)
     clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
     check_direction(direction)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from jaxtyping import Int
 
-from lnfree._checks import as_lnfree, check_choice, forward_kwargs, progress as progress_bar
+from lnfree._checks import check_choice, forward_kwargs, progress as progress_bar
 from lnfree.analysis.patching_core import (
     BLOCK_INTERNAL,
     Metric,
@@ -137,6 +137,8 @@ def attribution_patching(
         >>> act = activation_patching(model, batch.clean, batch.corrupt, metric, site="z")  # doctest: +SKIP
         >>> patching_error(atp, act).per_layer                                              # doctest: +SKIP
     """
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
     model = as_lnfree(model)
     clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
     check_direction(direction)
