@@ -35,9 +35,30 @@ def _resolve(name: str, modules) -> str | None:
     return name or None
 
 
+def _lazy_tables(modules) -> dict[str, dict[str, str]]:
+    """package -> {name: module} from its ``__init__``'s lazy export table (``_EXPORTS`` / ``_LAZY``)."""
+    out = {}
+    for mod, path in modules.items():
+        if path.name != "__init__.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict)
+                    and any(isinstance(t, ast.Name) and t.id in ("_EXPORTS", "_LAZY") for t in node.targets)):
+                for k, v in zip(node.value.keys, node.value.values):
+                    if isinstance(k, ast.Constant) and isinstance(v, ast.Constant):
+                        target = v.value if v.value in modules else f"{mod}.{v.value}"
+                        out.setdefault(mod, {})[k.value] = target
+    return out
+
+
 def import_graph(src: Path = SRC, top: str = "lnfree") -> dict[str, set[str]]:
-    """module -> the lnfree modules it imports (``from lnfree import zoo`` counts as lnfree.zoo)."""
+    """module -> the lnfree modules it imports (``from lnfree import zoo`` counts as lnfree.zoo).
+
+    A name taken from a package's lazy export table (``from lnfree.removal import remove_layernorm``)
+    counts as an import of the module that defines it, so the lazy routing cannot hide a cycle.
+    """
     modules = _modules(src, top)
+    lazy = _lazy_tables(modules)
     graph = {m: set() for m in modules}
     for mod, path in modules.items():
         package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
@@ -50,6 +71,7 @@ def import_graph(src: Path = SRC, top: str = "lnfree") -> dict[str, set[str]]:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
+                targets += [lazy[base][a.name] for a in node.names if a.name in lazy.get(base, {})]
             else:
                 continue
             for t in targets:
@@ -96,17 +118,19 @@ def test_cycle_finder_finds_a_known_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_graph_sees_deferred_and_relative_imports(tmp_path):
+def test_graph_sees_deferred_relative_and_lazily_routed_imports(tmp_path):
     pkg = tmp_path / "pkg"
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("def f():\n    from pkg.sub import b  # deferred\n")
-    (pkg / "sub" / "__init__.py").write_text("")
     (pkg / "sub" / "b.py").write_text("from .. import a\nfrom .c import x\n")
-    (pkg / "sub" / "c.py").write_text("x = 1\n")
+    (pkg / "d.py").write_text("from pkg.sub import lazy_name\n")  # routed by sub's _EXPORTS to pkg.sub.c
+    (pkg / "sub" / "__init__.py").write_text('_EXPORTS = {"lazy_name": "c"}\n')
+    (pkg / "sub" / "c.py").write_text("def f():\n    import pkg.d\n")
     g = import_graph(tmp_path, "pkg")
     assert g["pkg.a"] == {"pkg.sub", "pkg.sub.b"} and g["pkg.sub.b"] == {"pkg.a", "pkg.sub.c"}
-    assert cycles(g) == [["pkg.a", "pkg.sub.b"]]
+    assert g["pkg.d"] == {"pkg.sub", "pkg.sub.c"}
+    assert sorted(cycles(g)) == [["pkg.a", "pkg.sub.b"], ["pkg.d", "pkg.sub.c"]]
     real = import_graph()
     assert "lnfree.report.stages" in real["lnfree.report.pipeline"]
     assert "lnfree.layernorm" in real["lnfree._checks"]  # a deferred import inside _is_rms()

@@ -165,7 +165,7 @@ def _find_tokenizer(folder: Path):
     """The tokenizer saved with a run: ``tokenizer/`` (HF) or ``tokenizer.json``, here or up to two levels up."""
     for d in (folder, folder.parent, folder.parent.parent):
         if (d / "tokenizer" / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
-            from lnfree.tokenizer import load_saved_tokenizer
+            from lnfree.formats import load_saved_tokenizer
 
             return load_saved_tokenizer(str(d / "tokenizer" if (d / "tokenizer").is_dir() else d / "tokenizer.json"))
     return None

@@ -245,29 +245,3 @@ def gpt2_tokenizer(add_bos_token: bool = False):
     saved = _saved_tokenizer_dir()
     return _build(add_bos_token, str(saved) if saved is not None else "gpt2")
 
-
-def load_saved_tokenizer(path: str | os.PathLike, *, name: str = "tokenizer"):
-    """A tokenizer saved with a model: an HF tokenizer directory, or a ``tokenizer.json`` (file or its folder).
-
-    A ``tokenizer.json`` with GPT-2's ``<|endoftext|>`` (the zoo's) gets it as bos/eos/pad (TransformerLens
-    needs both) and no automatic BOS, like GPT-2 (`lnfree.zoo.train.load_tokenizer`). ``name`` is what
-    errors call the argument.
-
-    Example:
-        >>> tok = load_saved_tokenizer("runs/zoo/tokenizer.json")   # doctest: +SKIP
-    """
-    p = Path(path)
-    if p.is_dir() and (p / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(p))
-    from transformers import PreTrainedTokenizerFast
-
-    file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.exists():
-        raise FileNotFoundError(f"{name} {path}: no tokenizer.json there")
-    if "<|endoftext|>" in file.read_text(encoding="utf-8"):
-        from lnfree.zoo.train import load_tokenizer
-
-        return load_tokenizer(file)
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)

@@ -65,7 +65,7 @@ def register(subparsers) -> None:
 
 
 def _load_tokenizer(path: str):
-    from lnfree.tokenizer import load_saved_tokenizer
+    from lnfree.formats import load_saved_tokenizer
 
     return load_saved_tokenizer(path, name="--tokenizer")
 
