@@ -244,4 +244,3 @@ def gpt2_tokenizer(add_bos_token: bool = False):
     """
     saved = _saved_tokenizer_dir()
     return _build(add_bos_token, str(saved) if saved is not None else "gpt2")
-
