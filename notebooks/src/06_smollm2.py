@@ -16,7 +16,7 @@ import torch
 import lnfree
 from lnfree import zoo
 
-torch.set_num_threads(1)  # predictable on a shared CPU (oversubscribed threads wait on each other); raise it on your own machine
+torch.set_num_threads(1)  # predictable on a shared CPU (oversubscribed threads wait on each other)
 model = lnfree.load("smollm2-135m", device="cpu")   # an LNFreeTransformer, every RMSNorm site live
 print(model.cfg.n_layers, "layers,", model.cfg.n_heads, "heads,", model.cfg.n_key_value_heads, "KV heads;",
       model.cfg.normalization_type, "norms")
