@@ -168,7 +168,6 @@ _QKV = (0, 2, 1)  # [head, d_model, d_head] -> [head, d_head, d_model]
 _PERMS = {"GatedMLP": {"W_gate": _T, "W_in": _T, "W_out": _T}, "Unembed": {"W_U": _T}}
 _ATTN_QKV = {"W_Q": _QKV, "W_K": _QKV, "W_V": _QKV, "_W_K": _QKV, "_W_V": _QKV}
 _ATTN_O = {"W_O": (2, 0, 1)}  # [head, d_head, d_model] -> [d_model, head, d_head]
-_LAYOUTS: dict[int, tuple] = {}  # id(parameter) -> (its storage/version key, the copy); dropped with it
 
 
 def _layout_perms(module, cfg) -> dict:
@@ -180,16 +179,9 @@ def _layout_perms(module, cfg) -> dict:
 
 
 def _permuted_layout(p: torch.Tensor, perm: tuple) -> torch.Tensor:
-    """p's values stored so that ``p.permute(perm)`` is contiguous; cached while p is unchanged."""
-    key = (p.data_ptr(), p._version, tuple(p.shape), p.dtype, p.device, perm)
-    hit = _LAYOUTS.get(id(p))
-    if hit is None:
-        weakref.finalize(p, _LAYOUTS.pop, id(p), None)
-    if hit is None or hit[0] != key:
-        inverse = tuple(int(i) for i in np.argsort(perm))
-        hit = (key, p.detach().permute(perm).contiguous().permute(inverse))
-        _LAYOUTS[id(p)] = hit
-    return hit[1]
+    """p's values stored so that ``p.permute(perm)`` is contiguous (same shape and values as p)."""
+    inverse = tuple(int(i) for i in np.argsort(perm))
+    return p.detach().permute(perm).contiguous().permute(inverse)
 
 
 @contextlib.contextmanager
@@ -197,8 +189,9 @@ def tl_weight_layout(model):
     """For the call, store those weights in the layout TransformerLens copies them into, so its copy is a no-op.
 
     The same values in the same layout reach ``F.linear``, so every number is bit-identical; the copy
-    is made once per weight (and kept while the weight is unchanged: ~85% of SmolLM2's weight memory)
-    instead of once per forward pass. The parameters are restored on exit.
+    is made once per weight per call instead of once per forward pass. The copies exist only during the
+    call (~85% of SmolLM2's weight memory, freed on exit: nothing stays cached on the model), and the
+    original parameters are restored on exit.
     """
     swapped = []
     try:
