@@ -133,3 +133,37 @@ def test_trainer_freezes_in_the_given_order():
     freezes = [(e["step"], list(e["sigma"])) for e in events if e["event"] == "freeze"]
     assert freezes == [(k + 1, [site]) for k, site in enumerate(order)]
     assert out.is_ln_free and torch.isfinite(out(data[:2])).all()
+
+
+def test_cli_site_order_file(tmp_path, capsys):
+    """`lnfree remove-ln --site-order costs.json`: a dict site -> cost is frozen cheapest first, one per step."""
+    import numpy as np
+
+    from lnfree import zoo
+    from lnfree.cli import main
+
+    model = zoo.load("tiny-ln")
+    sites = model.ln_sites
+    costs = {s: float(len(sites) - i) for i, s in enumerate(sites)}  # reversed: the last site is cheapest
+    costs[sites[-1]] = None  # non-finite alone: frozen last
+    (tmp_path / "costs.json").write_text(json.dumps(costs))
+    np.save(tmp_path / "rows.npy", zoo.heldout("persuasion")[:24, :32].numpy())
+    steps = len(sites) + 2
+    args = ["remove-ln", "tiny-ln", "--data", str(tmp_path / "rows.npy"), "--out", str(tmp_path / "run"),
+            "--steps", str(steps), "--batch-size", "2", "--eval-seqs", "0", "--device", "cpu", "--no-progress",
+            "--site-order", str(tmp_path / "costs.json"), "--site-start", "1"]
+    assert main(args) == 0
+    sched = Schedule.from_dict(json.loads((tmp_path / "run" / "summary.json").read_text())["schedule"])
+    assert sched.sites == sites[-2::-1] + [sites[-1]]
+    assert [sched.removal_step(s) for s in sched.sites] == list(range(1, len(sites) + 1))
+    # bad combinations are one-line errors (exit 2) naming the flag, before anything is trained
+    fresh = ["--out", str(tmp_path / "r2")]
+    for extra, message in ((["--site-gap", "-1"], "--site-gap must be an integer >= 0"),
+                           (["--preset", "gpt2-small"], "--site-order and --preset"),
+                           (["--site-order", str(tmp_path / "nope.json")], "no such file")):
+        capsys.readouterr()
+        assert main(args + fresh + extra) == 2
+        assert message in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([a for a in args if a not in ("--steps", str(steps))] + fresh) == 2
+    assert "--site-order needs --steps" in capsys.readouterr().err
