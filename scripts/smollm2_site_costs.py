@@ -15,6 +15,7 @@ Two kinds of rows: ``heldout`` (the shipped Persuasion text, ``[<|endoftext|>] +
 BOS: what `remove_layernorm` feeds SmolLM2).
 
     PYTHONPATH=src python scripts/smollm2_site_costs.py --out docs/smollm2_site_costs.json
+    # writes docs/smollm2_site_order.json too: site -> cost, for `lnfree remove-ln --site-order`
 """
 
 from __future__ import annotations
@@ -149,6 +150,17 @@ def cumulative(model, tokens, calib, order, log) -> list:
     return out
 
 
+def site_order(result: dict) -> dict:
+    """Site -> cost for `--site-order` (lnfree remove-ln, Schedule.from_order via order_by_cost): the largest
+    single-site cost over the kinds of rows measured (None where any kind went non-finite)."""
+    kinds = list(result["kinds"].values())
+    out = {}
+    for site in kinds[0]["sites"]:
+        costs = [k["sites"][site]["cost"] for k in kinds]
+        out[site] = None if any(c is None for c in costs) else round(max(costs), 4)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -159,7 +171,13 @@ def main(argv=None) -> None:
     p.add_argument("--costly", type=float, default=0.05, help="run the counterfactual when the cost exceeds this (nats)")
     p.add_argument("--kinds", nargs="+", default=["heldout", "train"])
     p.add_argument("--cumulative-kind", default="heldout")
+    p.add_argument("--order-out", default="docs/smollm2_site_order.json",
+                   help="where to write site -> cost (the --site-order file of lnfree remove-ln)")
+    p.add_argument("--order-only", action="store_true", help="only rewrite --order-out from an existing --out")
     a = p.parse_args(argv)
+    if a.order_only:
+        Path(a.order_out).write_text(json.dumps(site_order(json.loads(Path(a.out).read_text())), indent=1) + "\n")
+        return
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     import lnfree
     from lnfree import zoo
@@ -192,6 +210,7 @@ def main(argv=None) -> None:
         out["kinds"][kind] = site_costs(model, tokens, calib, a.massive, a.costly, log)
         out["kinds"][kind]["first_tokens"] = [model.tokenizer.decode([int(t)]) for t in tokens[:, 0]]
         save()
+    Path(a.order_out).write_text(json.dumps(site_order(out), indent=1) + "\n", encoding="utf-8")
     if a.cumulative_kind:
         sites = out["kinds"][a.cumulative_kind]["sites"]
         order = sorted(sites, key=lambda s: (not sites[s]["finite"], sites[s]["cost"] or 0.0))

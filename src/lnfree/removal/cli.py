@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                         "(Schedule.from_order; needs --steps; not with --preset)")
     p.add_argument("--site-start", type=int, default=None, help="with --site-order: step of the first site "
                    "(default round(steps * 20/300), at least 1)")
+    p.add_argument("--freeze-ramp", type=int, default=0, metavar="R",
+                   help="phase each freeze in over R steps (per-token scale live^(1-a) sigma^a, a rising to 1; "
+                        "docs/removal.md); default 0: at once")
     p.add_argument("--site-gap", type=int, default=1, help="with --site-order: steps between consecutive sites (default 1)")
     p.add_argument("--vanilla", action="store_true", help="control run: keep LN, no aux loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -115,7 +118,7 @@ def check_args(args) -> None:
                          aux_lambda=args.aux_lambda, checkpoint_every=args.checkpoint_every,
                          max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, distill=args.distill,
-                         distill_temperature=args.distill_temperature), flag=_flag)
+                         distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp), flag=_flag)
     for name in ("eval_seqs", "threads"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "eval_seqs" else 1):
@@ -195,7 +198,7 @@ def run(args) -> int:
             progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
             max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
-            recipe=args.recipe)
+            recipe=args.recipe, freeze_ramp=args.freeze_ramp)
     except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
         raise CLIError(str(e)) from None
     s = model.removal_summary
