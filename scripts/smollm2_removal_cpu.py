@@ -8,7 +8,7 @@ memory, the loss curve and held-out CE before/after in one JSON file.
         --batch-size 2 --micro-batch-size 2 --seq-len 64 --eval-rows 2 [--variants full lora distill]
     # the schedule that works on SmolLM2: one site per step, cheapest first (docs/normfree_smollm2.md)
     python scripts/smollm2_removal_cpu.py --out docs/smollm2_cpu_runs.json --order docs/smollm2_site_order.json \
-        --steps 100 --site-start 1 --site-gap 1 --stop-after 8 --lr 1e-4 --aux-lambda 0.01 --warmup 1 \
+        --steps 100 --site-start 1 --site-gap 1 --freeze-ramp 2 --stop-after 12 --lr 1e-4 --aux-lambda 0.01 --warmup 1 \
         --batch-size 2 --micro-batch-size 2 --seq-len 64 --eval-rows 2 --previous old_runs.json
 
 Without --order the schedule is `Schedule.scaled(30, steps)` (the paper's order; the runs of 2026-12-01).
@@ -119,10 +119,12 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--aux-lambda", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--freeze-ramp", type=int, default=None)
     p.add_argument("--previous", default=None, help="a JSON file of earlier runs, kept under 'previous' in --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    train_kw = {k: v for k, v in (("lr", a.lr), ("aux_lambda", a.aux_lambda), ("warmup", a.warmup)) if v is not None}
+    train_kw = {k: v for k, v in (("lr", a.lr), ("aux_lambda", a.aux_lambda), ("warmup", a.warmup),
+                                  ("freeze_ramp", a.freeze_ramp)) if v is not None}
     if a.child:
         print(json.dumps(one(a.child, a.steps, a.batch_size, a.micro_batch_size, a.seq_len, a.eval_rows,
                              a.stop_after, a.order, a.site_start, a.site_gap, train_kw)))
@@ -138,7 +140,7 @@ def main(argv=None) -> None:
                str(a.batch_size), "--micro-batch-size", str(a.micro_batch_size), "--seq-len", str(a.seq_len),
                "--eval-rows", str(a.eval_rows), "--stop-after", str(a.stop_after), "--site-gap", str(a.site_gap)]
         for flag, v in (("--order", a.order), ("--site-start", a.site_start), ("--lr", a.lr),
-                        ("--aux-lambda", a.aux_lambda), ("--warmup", a.warmup)):
+                        ("--aux-lambda", a.aux_lambda), ("--warmup", a.warmup), ("--freeze-ramp", a.freeze_ramp)):
             if v is not None:
                 cmd += [flag, str(v)]
         r = subprocess.run(cmd, capture_output=True, text=True)

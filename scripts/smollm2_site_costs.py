@@ -74,7 +74,7 @@ def per_token_summary(model, tokens, ce_live, ce, ratio, k: int = 5) -> dict:
     return out
 
 
-def site_costs(model, tokens, calib, massive: float, costly: float, log) -> dict:
+def site_costs(model, tokens, calib, massive: float, costly: float, log, only=None) -> dict:
     ce_live, scales, resid = live_pass(model, tokens)
     sigma = model.estimate_ln_scales(calib, store=False)
     sigma_x0 = model.estimate_ln_scales(calib, store=False, exclude_position_0=True)
@@ -84,6 +84,8 @@ def site_costs(model, tokens, calib, massive: float, costly: float, log) -> dict
            "resid_rms_max_over_median": [float(rms[i].max() / rms[i].median()) for i in range(len(rms))],
            "sites": {}}
     for n, site in enumerate(model.ln_sites):
+        if only and site not in only:
+            continue
         ratio = scales[site] / sigma[site]  # [batch, pos]: how far each token's own RMS is from sigma
         with model.ln_frozen(site, scales=sigma[site]):
             logits = model(tokens)
@@ -150,6 +152,26 @@ def cumulative(model, tokens, calib, order, log) -> list:
     return out
 
 
+@torch.no_grad()
+def ramp_costs(model, tokens, calib, sites, alphas) -> dict:
+    """The cost of one frozen site phased in to blend a (scale live^(1-a) sigma^a; freeze_ramp), no training."""
+    ce_live = token_ce(model(tokens), tokens)
+    sigma = model.estimate_ln_scales(calib, store=False)
+    out = {}
+    for site in sites:
+        module, path = model._site(site)
+        row = []
+        for a in alphas:
+            with model.ln_frozen(site, scales=sigma[site]):
+                module.set_blend(path, a)
+                ce = token_ce(model(tokens), tokens)
+                module.set_blend(path, 1.0)
+            fin = bool(torch.isfinite(ce).all())
+            row.append({"a": a, "finite": fin, "cost": float((ce - ce_live).mean()) if fin else None})
+        out[site] = row
+    return out
+
+
 def site_order(result: dict) -> dict:
     """Site -> cost for `--site-order` (lnfree remove-ln, Schedule.from_order via order_by_cost): the largest
     single-site cost over the kinds of rows measured (None where any kind went non-finite)."""
@@ -170,10 +192,13 @@ def main(argv=None) -> None:
     p.add_argument("--massive", type=float, default=4.0, help="a token is 'massive' at a site when its RMS > this x sigma")
     p.add_argument("--costly", type=float, default=0.05, help="run the counterfactual when the cost exceeds this (nats)")
     p.add_argument("--kinds", nargs="+", default=["heldout", "train"])
-    p.add_argument("--cumulative-kind", default="heldout")
+    p.add_argument("--cumulative-kind", default="heldout", help="'' for none")
+    p.add_argument("--sites", nargs="*", default=None, help="only these sites (default: all 91)")
     p.add_argument("--order-out", default="docs/smollm2_site_order.json",
                    help="where to write site -> cost (the --site-order file of lnfree remove-ln)")
     p.add_argument("--order-only", action="store_true", help="only rewrite --order-out from an existing --out")
+    p.add_argument("--ramp-only", nargs="*", default=None, metavar="SITE",
+                   help="only add the blend (freeze_ramp) costs of these sites to an existing --out")
     a = p.parse_args(argv)
     if a.order_only:
         Path(a.order_out).write_text(json.dumps(site_order(json.loads(Path(a.out).read_text())), indent=1) + "\n")
@@ -189,6 +214,15 @@ def main(argv=None) -> None:
 
     model = lnfree.load("smollm2-135m", device="cpu")
     model.eval()
+    if a.ramp_only is not None:
+        done = json.loads(Path(a.out).read_text())
+        h = zoo.heldout("persuasion", model=model, seq_len=a.seq_len)
+        alphas = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+        done["ramp"] = {"kind": "heldout", "alphas": alphas,
+                        "sites": ramp_costs(model, h[: a.rows], h[a.rows: a.rows + a.calib_rows], a.ramp_only, alphas)}
+        Path(a.out).write_text(json.dumps(done, indent=1) + "\n", encoding="utf-8")
+        log("ramp done")
+        return
     out = {"model": "smollm2-135m (GGUF Q4_1, fp32)", "settings": vars(a), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{os.cpu_count()} shared CPU cores, {torch.get_num_threads()} torch thread(s)", "kinds": {}}
     data = {}
@@ -207,10 +241,11 @@ def main(argv=None) -> None:
     for kind in a.kinds:
         tokens, calib = data[kind]
         log(f"{kind}: eval {tuple(tokens.shape)}, calib {tuple(calib.shape)}")
-        out["kinds"][kind] = site_costs(model, tokens, calib, a.massive, a.costly, log)
+        out["kinds"][kind] = site_costs(model, tokens, calib, a.massive, a.costly, log, a.sites)
         out["kinds"][kind]["first_tokens"] = [model.tokenizer.decode([int(t)]) for t in tokens[:, 0]]
         save()
-    Path(a.order_out).write_text(json.dumps(site_order(out), indent=1) + "\n", encoding="utf-8")
+    if not a.sites:
+        Path(a.order_out).write_text(json.dumps(site_order(out), indent=1) + "\n", encoding="utf-8")
     if a.cumulative_kind:
         sites = out["kinds"][a.cumulative_kind]["sites"]
         order = sorted(sites, key=lambda s: (not sites[s]["finite"], sites[s]["cost"] or 0.0))
