@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -138,6 +139,10 @@ def cumulative(model, tokens, calib, order, log) -> list:
     out = []
     for n, site in enumerate(order):
         sigma = model.estimate_ln_scales(calib, store=False)[site]
+        if not math.isfinite(sigma):  # the partly frozen model already overflows on the calibration rows
+            out.append({"k": n + 1, "site": site, "sigma": None, "finite": False, "cost": None,
+                        "note": "its input RMS overflowed on the calibration rows: stopped"})
+            break
         model.freeze_ln(site, scales=sigma)
         logits = model(tokens)
         ce = token_ce(logits, tokens)
