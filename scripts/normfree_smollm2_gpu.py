@@ -13,7 +13,7 @@ The schedule (docs/normfree_smollm2.md, "The schedule that works"): the paper's 
 once and every CPU run hit NaN at the next step, so sites are frozen one at a time, cheapest first by their
 measured single-site cost (docs/smollm2_site_order.json, written by scripts/smollm2_site_costs.py):
 `Schedule.from_order(30, steps, order_by_cost(costs), start=20, gap=2)`, each freeze phased in over
-`--freeze-ramp 10` steps (per-token scale live^(1-a) sigma^a), aux lambda 0.01, lr 3e-4. Defaults: 300 steps
+`--freeze-ramp 10` steps (per-token scale live^(1-a) sigma^a), aux lambda 0.01, lr 3e-4 -> 3e-5. Defaults: 300 steps
 of 128 x 1024 tokens (39M tokens per run; estimated 3-4 minutes on one H200 in bf16, the vanilla control the
 same), which fits a 15-minute device budget with loading and evaluation.
 
@@ -80,13 +80,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--corpus", default=os.environ.get("LNFREE_CORPUS", "/work/shared/corpus"))
-    p.add_argument("--variant", choices=["full", "lora", "distill"], default="full")
+    p.add_argument("--variant", choices=["full", "lora", "distill"], default="distill")
     p.add_argument("--steps", type=int, default=300, help="last site at start + 90 x gap, then ramp, then recovery")
     p.add_argument("--batch-size", type=int, default=128, help="128 x 1024 tokens per step: fits the 15-minute budget "
                    "(the paper: 512; its data scaling predicts ~168M tokens for 135M parameters)")
     p.add_argument("--micro-batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--min-lr", type=float, default=3e-5)
     p.add_argument("--order", default=str(Path(__file__).resolve().parents[1] / "docs" / "smollm2_site_order.json"),
                    help="site -> single-site cost (JSON); frozen cheapest first. 'paper': Schedule.scaled(30, steps)")
     p.add_argument("--site-start", type=int, default=20)
@@ -138,8 +139,8 @@ def main(argv=None) -> None:
         run_dir = out / name
         t1 = time.time()
         try:
-            kw = ({"lr": a.lr, "aux_lambda": a.aux_lambda, "freeze_ramp": ramp, **variant} if not vanilla
-                  else {"lr": a.lr})
+            kw = ({"lr": a.lr, "min_lr": a.min_lr, "aux_lambda": a.aux_lambda, "freeze_ramp": ramp, **variant}
+                  if not vanilla else {"lr": a.lr, "min_lr": a.min_lr})
             model = remove_layernorm(copy.deepcopy(original), rows, schedule=sched, batch_size=a.batch_size,
                                      micro_batch_size=a.micro_batch_size, seq_len=a.seq_len, vanilla=vanilla,
                                      bf16=device == "cuda", out_dir=run_dir, resume="auto", progress=False,

@@ -119,12 +119,13 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--aux-lambda", type=float, default=None)
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--min-lr", type=float, default=None)
     p.add_argument("--freeze-ramp", type=int, default=None)
     p.add_argument("--previous", default=None, help="a JSON file of earlier runs, kept under 'previous' in --out")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     train_kw = {k: v for k, v in (("lr", a.lr), ("aux_lambda", a.aux_lambda), ("warmup", a.warmup),
-                                  ("freeze_ramp", a.freeze_ramp)) if v is not None}
+                                  ("min_lr", a.min_lr), ("freeze_ramp", a.freeze_ramp)) if v is not None}
     if a.child:
         print(json.dumps(one(a.child, a.steps, a.batch_size, a.micro_batch_size, a.seq_len, a.eval_rows,
                              a.stop_after, a.order, a.site_start, a.site_gap, train_kw)))
@@ -140,7 +141,8 @@ def main(argv=None) -> None:
                str(a.batch_size), "--micro-batch-size", str(a.micro_batch_size), "--seq-len", str(a.seq_len),
                "--eval-rows", str(a.eval_rows), "--stop-after", str(a.stop_after), "--site-gap", str(a.site_gap)]
         for flag, v in (("--order", a.order), ("--site-start", a.site_start), ("--lr", a.lr),
-                        ("--aux-lambda", a.aux_lambda), ("--warmup", a.warmup), ("--freeze-ramp", a.freeze_ramp)):
+                        ("--aux-lambda", a.aux_lambda), ("--warmup", a.warmup), ("--freeze-ramp", a.freeze_ramp),
+                        ("--min-lr", a.min_lr)):
             if v is not None:
                 cmd += [flag, str(v)]
         r = subprocess.run(cmd, capture_output=True, text=True)
