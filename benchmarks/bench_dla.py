@@ -17,15 +17,15 @@ peak memory is that process's alone: we report the peak RSS above the loaded mod
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import resource
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _workers  # noqa: E402  (the worker subprocess and command line every benchmark of this kind shares)
 
 FULL = dict(n_layers=12, d_model=768, n_heads=12, d_vocab=50257, batch=4, seq=128, reps=3)
 QUICK = dict(n_layers=4, d_model=256, n_heads=8, d_vocab=8000, batch=4, seq=64, reps=5)
@@ -117,20 +117,12 @@ def _worker(method: str, cfg: dict, threads: int) -> dict:
 
 
 def _spawn(method: str, quick: bool, threads: int, batch: Optional[int]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--threads", str(threads)]
-    cmd += (["--quick"] if quick else []) + ([] if batch is None else ["--batch", str(batch)])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {method!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _workers.spawn(__file__, method, quick, threads, batch)
 
 
 # ---- driver ------------------------------------------------------------------------------------
 def _config(quick: bool, batch: Optional[int]) -> dict:
-    cfg = dict(QUICK if quick else FULL)
-    if batch is not None:
-        cfg["batch"] = batch
-    return cfg
+    return _workers.settings(QUICK, FULL, quick, batch)
 
 
 def run(quick: bool = False, threads: int = 1, batch: Optional[int] = None) -> list[dict]:
@@ -172,18 +164,8 @@ def run(quick: bool = False, threads: int = 1, batch: Optional[int] = None) -> l
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small model, a few seconds")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--batch", type=int, default=None, help="prompts per batch (default 4; 4 with --quick)")
-    parser.add_argument("--worker", choices=["ours", "tl"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, _config(args.quick, args.batch), args.threads)))
-        return
-    for row in run(args.quick, args.threads, args.batch):
-        flag = "PASS" if row["pass"] else "FAIL"
-        print(f"[{flag}] {row['benchmark']}: {row['measured']:.3g} {row['unit']} target {row['target']}")
+    _workers.main(argv, doc=__doc__, worker=_worker, run=run, config=_config, quick_help="small model, a few seconds",
+                  batch_help="prompts per batch (default 4; 4 with --quick)")
 
 
 if __name__ == "__main__":

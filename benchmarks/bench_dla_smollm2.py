@@ -20,10 +20,7 @@ before it, with ``MALLOC_MMAP_THRESHOLD_=1 MiB`` so RSS follows live memory (see
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +28,7 @@ from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _workers  # noqa: E402
 from bench_memory import MMAP_THRESHOLD, _peak_increase  # noqa: E402  (same measurement everywhere)
 
 FULL = dict(batch=8, seq=64, reps=3)
@@ -95,20 +93,12 @@ def _worker(method: str, cfg: dict, threads: int) -> dict:
 
 
 def _spawn(method: str, quick: bool, threads: int, batch: Optional[int]) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--threads", str(threads)]
-    cmd += (["--quick"] if quick else []) + ([] if batch is None else ["--batch", str(batch)])
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark worker {method!r} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _workers.spawn(__file__, method, quick, threads, batch, env=env)
 
 
 def _config(quick: bool, batch: Optional[int]) -> dict:
-    cfg = dict(QUICK if quick else FULL)
-    if batch is not None:
-        cfg["batch"] = batch
-    return cfg
+    return _workers.settings(QUICK, FULL, quick, batch)
 
 
 def run(quick: bool = False, threads: int = 1, batch: Optional[int] = None) -> list[dict]:
@@ -139,18 +129,8 @@ def run(quick: bool = False, threads: int = 1, batch: Optional[int] = None) -> l
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 x 32 tokens, informational")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--batch", type=int, default=None, help="prompts (default 8)")
-    parser.add_argument("--worker", choices=["ours", "tl"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, _config(args.quick, args.batch), args.threads)))
-        return
-    for row in run(args.quick, args.threads, args.batch):
-        flag = {True: "PASS", False: "FAIL", None: "INFO"}[row["pass"]]
-        print(f"[{flag}] {row['benchmark']}: {row['measured']:.3g} {row['unit']} target {row['target']}")
+    _workers.main(argv, doc=__doc__, worker=_worker, run=run, config=_config,
+                  quick_help="4 x 32 tokens, informational", batch_help="prompts (default 8)")
 
 
 if __name__ == "__main__":

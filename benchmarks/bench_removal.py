@@ -85,14 +85,20 @@ def _ratio(c: dict, aux_lambda: float) -> float:
     frozen_model.freeze_ln(scales=frozen_model.estimate_ln_scales(sample))
     frozen = _run(frozen_model, c, vanilla=False, aux_lambda=aux_lambda, batch=c["batch"], seq=c["seq"])
     live = _run(live_model, c, vanilla=True, aux_lambda=0.0, batch=c["batch"], seq=c["seq"])
-    _steps(frozen, 1), _steps(live, 1)  # warm-up
+    return _alternate(frozen, live, c)
+
+
+def _alternate(a, b, c: dict) -> float:
+    """Median over ``c["rounds"]`` rounds of a's step time / b's (``c["steps"]`` steps each), after one
+    warm-up step each; the runs alternate, swapping which goes first, to spread load drifts evenly."""
+    _steps(a, 1), _steps(b, 1)  # warm-up
     ratios = []
-    for r in range(c["rounds"]):  # alternate, and swap which goes first, to spread load drifts evenly
+    for r in range(c["rounds"]):
         if r % 2:
-            t_live, t_frozen = _steps(live, c["steps"]), _steps(frozen, c["steps"])
+            tb, ta = _steps(b, c["steps"]), _steps(a, c["steps"])
         else:
-            t_frozen, t_live = _steps(frozen, c["steps"]), _steps(live, c["steps"])
-        ratios.append(t_frozen / t_live)
+            ta, tb = _steps(a, c["steps"]), _steps(b, c["steps"])
+        ratios.append(ta / tb)
     return statistics.median(ratios)
 
 

@@ -19,29 +19,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_removal import _model, _run, _steps  # noqa: E402
+from bench_removal import _alternate, _model, _run  # noqa: E402
 
 FULL = dict(n_layers=4, d_model=256, n_heads=8, d_vocab=4096, n_ctx=256, batch=8, seq=128, rounds=5, steps=2,
             rank=16)
 QUICK = dict(n_layers=2, d_model=64, n_heads=4, d_vocab=512, n_ctx=64, batch=4, seq=32, rounds=3, steps=2, rank=8)
-
-
-def _alternate(a, b, c: dict) -> float:
-    _steps(a, 1), _steps(b, 1)  # warm-up
-    ratios = []
-    for r in range(c["rounds"]):
-        if r % 2:
-            tb, ta = _steps(b, c["steps"]), _steps(a, c["steps"])
-        else:
-            ta, tb = _steps(a, c["steps"]), _steps(b, c["steps"])
-        ratios.append(ta / tb)
-    return statistics.median(ratios)
 
 
 def _state_bytes(run) -> int:

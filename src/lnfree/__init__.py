@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import warnings
 
+from lnfree import _hooks
+
 # TransformerLens 3.9 deprecates HookedTransformer in favour of 4.x's TransformerBridge; this
 # package is built on HookedTransformer on purpose (see README), so the warning is noise here.
 warnings.filterwarnings("ignore", message="HookedTransformer is deprecated", category=DeprecationWarning)
@@ -77,6 +79,24 @@ _EXPORTS = {
 _SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "report", "paper"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
+
+
+# The model class's from_pretrained / save_pretrained are implemented above the model layer (they build and
+# read models); the package root wires them in, since it runs before any submodule (see lnfree._hooks).
+def _from_pretrained(name_or_path, **kwargs):
+    from lnfree.resolve import load
+
+    return load(name_or_path, **kwargs)
+
+
+def _save_pretrained(model, path) -> None:
+    from lnfree.loading import save_pretrained
+
+    save_pretrained(model, path)
+
+
+_hooks.register("from_pretrained", _from_pretrained)
+_hooks.register("save_pretrained", _save_pretrained)
 
 
 def __getattr__(name: str):

@@ -221,26 +221,6 @@ def tokenize(model, texts: Sequence[str], *, prepend_bos: Optional[bool] = None,
 
 
 # ---- models ------------------------------------------------------------------------------------
-def as_lnfree(model, name: str = "model"):
-    """Wrap a HookedTransformer as an LNFreeTransformer (sharing weights); refuse anything else."""
-    from transformer_lens import HookedTransformer
-
-    from lnfree.model import LNFreeTransformer
-
-    if isinstance(model, HookedTransformer) and not isinstance(model, LNFreeTransformer):
-        model = LNFreeTransformer.from_hooked(model)
-    if not isinstance(model, LNFreeTransformer):
-        raise TypeError(f"{name} must be a HookedTransformer / LNFreeTransformer, got {type(model).__name__}")
-    if hasattr(model, "ln_final") and model.ln_mode("ln_final") != "removed" and model.cfg.normalization_type is None:
-        # HookedTransformer.forward then skips ln_final: every number would be wrong.
-        raise ValueError(
-            f"{name}: ln_final is {model.ln_mode('ln_final')!r} but cfg.normalization_type is None, so the "
-            "forward pass skips the final norm. Was this cfg object shared with a model on which "
-            "remove_ln() ran? Give each model its own cfg (copy.deepcopy)."
-        )
-    return model
-
-
 def ln_state_label(model) -> str:
     """"LN-free" (every site removed), "LN" (every site live), "LN frozen" or "LN mixed"."""
     modes = set(model.ln_modes().values()) if hasattr(model, "ln_modes") else {"live"}

@@ -284,10 +284,10 @@ def _check_model(model):
     """Any HookedTransformer; an `LNFreeTransformer` also passes the shared-config guard."""
     from transformer_lens import HookedTransformer
 
-    from lnfree.model import LNFreeTransformer
+    from lnfree.model import LNFreeTransformer, as_lnfree
 
     if isinstance(model, LNFreeTransformer):
-        return _checks.as_lnfree(model)
+        return as_lnfree(model)
     if not isinstance(model, HookedTransformer):
         raise TypeError(f"model must be a HookedTransformer / LNFreeTransformer, got {type(model).__name__}")
     return model

@@ -14,6 +14,7 @@ written only costs the speed-up.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 from lnfree import architectures, gguf_file
+from lnfree._errors import CheckpointError
 
 #: bump when the conversion changes, so stale caches are not read.
 GGUF_CACHE_VERSION = 1
@@ -73,11 +75,80 @@ def assemble(cfg, state_dict: dict[str, torch.Tensor], tokenizer, flags: dict, l
     return model.eval()
 
 
+# ---- tokenizers ------------------------------------------------------------------------------
+def _dir_tokenizer(folder: Path, d_vocab: int, tokenizer):
+    """The tokenizer to attach (with add_bos_token=True, as TransformerLens sets up GPT-2), or None."""
+    if tokenizer is False:
+        return None
+    if tokenizer is not None:
+        return _with_bos(tokenizer)
+    if any((folder / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, add_bos_token=True)
+        except Exception as e:  # any failure here only costs the tokenizer, never the weights
+            warnings.warn(f"could not load the tokenizer in {folder} ({type(e).__name__}: {e})", stacklevel=4)
+        else:
+            if len(tok) > d_vocab:
+                warnings.warn(f"the tokenizer in {folder} has {len(tok)} tokens but the model only {d_vocab}: "
+                              f"ids >= {d_vocab} will fail", stacklevel=4)
+            return tok
+    if d_vocab == 50257:
+        from lnfree.tokenizer import gpt2_tokenizer
+
+        return gpt2_tokenizer(add_bos_token=True)
+    warnings.warn(
+        f"no tokenizer in {folder} and the vocabulary ({d_vocab} tokens) is not GPT-2's: loading without a "
+        f"tokenizer (pass tokenizer= to attach one; model.to_tokens needs it)", stacklevel=4,
+    )
+    return None
+
+
+def _with_bos(tokenizer):
+    """A copy that prepends BOS, so TransformerLens does not try to re-load it by name."""
+    if getattr(tokenizer, "add_bos_token", False) or tokenizer.bos_token is None:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    try:
+        tokenizer.add_bos_token = True
+    except (AttributeError, ValueError):
+        return tokenizer
+    tokenizer.init_kwargs["add_bos_token"] = True  # what TransformerLens reads
+    tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
+    return tokenizer
+
+
+def load_saved_tokenizer(path: str | os.PathLike, *, name: str = "tokenizer"):
+    """A tokenizer saved with a model: an HF tokenizer directory, or a ``tokenizer.json`` (file or its folder).
+
+    A ``tokenizer.json`` with GPT-2's ``<|endoftext|>`` (the zoo's) gets it as bos/eos/pad (TransformerLens
+    needs both) and no automatic BOS, like GPT-2 (`lnfree.zoo.train.load_tokenizer`). ``name`` is what
+    errors call the argument.
+
+    Example:
+        >>> tok = load_saved_tokenizer("runs/zoo/tokenizer.json")   # doctest: +SKIP
+    """
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(p))
+    from transformers import PreTrainedTokenizerFast
+
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.exists():
+        raise FileNotFoundError(f"{name} {path}: no tokenizer.json there")
+    if "<|endoftext|>" in file.read_text(encoding="utf-8"):
+        from lnfree.zoo.train import load_tokenizer
+
+        return load_tokenizer(file)
+    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)
+
+
 # ---- HF directories of any supported architecture --------------------------------------------
 def load_hf_dir(folder: Path, config: dict, name: str, *, device, dtype, flags: dict, tokenizer, n_ctx=None):
     """A local HF directory of a non-GPT-2 architecture (see `architectures.SUPPORTED`)."""
-    from lnfree.loading import CheckpointError, _dir_tokenizer
-
     cfg = architectures.tl_config(config, name=name, device=device, dtype=dtype)
     if n_ctx is not None:
         cfg.n_ctx = n_ctx
@@ -137,12 +208,6 @@ def _convert_gguf(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], obje
         warnings.warn(f"{e}; loading without a tokenizer", stacklevel=4)
         tok = None
     return config, facts, sd, tok
-
-
-def _with_bos(tok):
-    from lnfree.loading import _with_bos as with_bos
-
-    return with_bos(tok)
 
 
 def _read_cache(folder: Path):

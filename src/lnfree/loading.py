@@ -28,7 +28,6 @@ are written in the released format.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -45,7 +44,7 @@ import torch
 
 from lnfree._checks import check_device
 from lnfree._errors import CheckpointError
-from lnfree.formats import chmod_umask
+from lnfree.formats import _dir_tokenizer, chmod_umask
 from lnfree.model import LNFreeTransformer
 
 PathLike = Union[str, os.PathLike]
@@ -519,49 +518,6 @@ def _hf_view(sd: dict[str, torch.Tensor], n_layers: int) -> SimpleNamespace:
     transformer = SimpleNamespace(wte=SimpleNamespace(weight=sd["wte.weight"]),
                                   wpe=SimpleNamespace(weight=sd["wpe.weight"]), h=blocks, ln_f=linear("ln_f"))
     return SimpleNamespace(transformer=transformer, lm_head=SimpleNamespace(weight=sd["lm_head.weight"]))
-
-
-def _dir_tokenizer(folder: Path, d_vocab: int, tokenizer):
-    """The tokenizer to attach (with add_bos_token=True, as TransformerLens sets up GPT-2), or None."""
-    if tokenizer is False:
-        return None
-    if tokenizer is not None:
-        return _with_bos(tokenizer)
-    if any((folder / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, add_bos_token=True)
-        except Exception as e:  # any failure here only costs the tokenizer, never the weights
-            warnings.warn(f"could not load the tokenizer in {folder} ({type(e).__name__}: {e})", stacklevel=4)
-        else:
-            if len(tok) > d_vocab:
-                warnings.warn(f"the tokenizer in {folder} has {len(tok)} tokens but the model only {d_vocab}: "
-                              f"ids >= {d_vocab} will fail", stacklevel=4)
-            return tok
-    if d_vocab == 50257:
-        from lnfree.tokenizer import gpt2_tokenizer
-
-        return gpt2_tokenizer(add_bos_token=True)
-    warnings.warn(
-        f"no tokenizer in {folder} and the vocabulary ({d_vocab} tokens) is not GPT-2's: loading without a "
-        f"tokenizer (pass tokenizer= to attach one; model.to_tokens needs it)", stacklevel=4,
-    )
-    return None
-
-
-def _with_bos(tokenizer):
-    """A copy that prepends BOS, so TransformerLens does not try to re-load it by name."""
-    if getattr(tokenizer, "add_bos_token", False) or tokenizer.bos_token is None:
-        return tokenizer
-    tokenizer = copy.deepcopy(tokenizer)
-    try:
-        tokenizer.add_bos_token = True
-    except (AttributeError, ValueError):
-        return tokenizer
-    tokenizer.init_kwargs["add_bos_token"] = True  # what TransformerLens reads
-    tokenizer.init_kwargs.setdefault("name_or_path", tokenizer.name_or_path)
-    return tokenizer
 
 
 def _save_plain_tokenizer(tokenizer, out: Path) -> None:

@@ -33,6 +33,7 @@ from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNor
 from transformer_lens.utilities import repeat_along_head_dimension
 from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 
+from lnfree import _hooks
 from lnfree.layernorm import MODES, RemovableLayerNorm
 
 ScalesArg = Union[None, float, int, Mapping[str, float]]
@@ -271,18 +272,14 @@ class LNFreeTransformer(HookedTransformer):
         Example:
             >>> model = LNFreeTransformer.from_pretrained("tiny-ln", device="cpu")  # doctest: +SKIP
         """
-        from lnfree.resolve import load
-
-        return load(name_or_path, **kwargs)
+        return _hooks.call("from_pretrained", name_or_path, **kwargs)  # lnfree.resolve.load
 
     def save_pretrained(self, path: str) -> None:
         """Save in HF GPT-2 format (LN-free models in the released 1e6/eps format).
 
         See `lnfree.loading.save_pretrained`.
         """
-        from lnfree.loading import save_pretrained
-
-        save_pretrained(self, path)
+        _hooks.call("save_pretrained", self, path)  # lnfree.loading.save_pretrained
 
     def _install_sites(self) -> None:
         """Swap TransformerLens LayerNorms for RemovableLayerNorms, keeping their parameters."""
@@ -688,6 +685,32 @@ class LNFreeTransformer(HookedTransformer):
                     setattr(module, name, nn.Parameter(value.to(p.dtype), requires_grad=p.requires_grad))
                     return
         raise RuntimeError("parameter to replace not found in model")
+
+
+def as_lnfree(model, name: str = "model"):
+    """Wrap a HookedTransformer as an LNFreeTransformer (sharing weights); refuse anything else.
+
+    The shared model check of every analysis (it lives here, beside the class, so that `lnfree._checks`
+    stays below the model layer). ``name`` is the argument name used in errors.
+
+    Example:
+        >>> from transformer_lens import HookedTransformerConfig
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_ctx=8, d_head=4, d_vocab=20, act_fn="gelu")
+        >>> type(as_lnfree(HookedTransformer(cfg))).__name__
+        'LNFreeTransformer'
+    """
+    if isinstance(model, HookedTransformer) and not isinstance(model, LNFreeTransformer):
+        model = LNFreeTransformer.from_hooked(model)
+    if not isinstance(model, LNFreeTransformer):
+        raise TypeError(f"{name} must be a HookedTransformer / LNFreeTransformer, got {type(model).__name__}")
+    if hasattr(model, "ln_final") and model.ln_mode("ln_final") != "removed" and model.cfg.normalization_type is None:
+        # HookedTransformer.forward then skips ln_final: every number would be wrong.
+        raise ValueError(
+            f"{name}: ln_final is {model.ln_mode('ln_final')!r} but cfg.normalization_type is None, so the "
+            "forward pass skips the final norm. Was this cfg object shared with a model on which "
+            "remove_ln() ran? Give each model its own cfg (copy.deepcopy)."
+        )
+    return model
 
 
 class LNStdStats:

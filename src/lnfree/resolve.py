@@ -8,7 +8,7 @@ Kinds, tried in this order:
    latest checkpoint) or one removal checkpoint directory (``state.json``): `lnfree.removal.load_checkpoint`;
 4. a zoo pretraining run directory (``final/`` or its latest checkpoint) or a TransformerLens weights
    directory (``model.safetensors`` + ``config.json`` of HookedTransformerConfig fields, at top level or
-   under ``"model"``; e.g. a removal run's ``final_tl/``): `lnfree.removal.load_tl_dir`;
+   under ``"model"``; e.g. a removal run's ``final_tl/``): `lnfree.tl_dir.load_tl_dir`;
 5. a Hugging Face directory (``config.json`` with a ``model_type``) of any architecture
    `lnfree.loading.load_model` reads;
 6. a hub id (``gpt2``, ``owner/name``): `lnfree.loading.load_model`, offline-first, failing fast.
@@ -105,29 +105,18 @@ def _no_kwargs(kwargs: dict, kind: str) -> None:
         raise TypeError(f"{sorted(kwargs)} apply to HF directories, .gguf files and hub ids, not to {kind}")
 
 
-def _tl_config_file(folder: Path) -> Optional[dict]:
-    file = folder / "config.json"
-    if not ((folder / "model.safetensors").is_file() and file.is_file()):
-        return None
-    try:
-        conf = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    fields = conf.get("model", conf) if isinstance(conf, dict) else None
-    return conf if isinstance(fields, dict) and "d_model" in fields and "n_layers" in fields else None
-
-
 def _zoo_run_checkpoint(folder: Path) -> Optional[Path]:
     """The weights dir of a zoo pretraining run: ``final/``, else its latest checkpoint (either layout)."""
+    from lnfree.tl_dir import tl_config
     from lnfree.zoo.train import latest_checkpoint
 
-    if _tl_config_file(folder / "final") is not None:
+    if tl_config(folder / "final") is not None:
         return folder / "final"
     try:
         target = latest_checkpoint(folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return target if target is not None and _tl_config_file(target) is not None else None
+    return target if target is not None and tl_config(target) is not None else None
 
 
 def _is_removal_checkpoint(folder: Optional[Path]) -> bool:
@@ -143,16 +132,17 @@ def _is_removal_checkpoint(folder: Optional[Path]) -> bool:
 
 def _load_dir(folder: Path, device, dtype, kwargs: dict):
     from lnfree.loading import load_model
-    from lnfree.removal.checkpoint import latest_checkpoint, load_checkpoint, load_tl_dir
+    from lnfree.removal.checkpoint import latest_checkpoint, load_checkpoint
+    from lnfree.tl_dir import load_tl_dir, tl_config
 
     if _is_removal_checkpoint(folder) or _is_removal_checkpoint(latest_checkpoint(folder)):
         _no_kwargs(kwargs, "a removal run or checkpoint directory")
-        if (folder / "summary.json").is_file() and _tl_config_file(folder / "final_tl") is not None:
+        if (folder / "summary.json").is_file() and tl_config(folder / "final_tl") is not None:
             return _cast(load_tl_dir(folder / "final_tl", device=_dev(device), tokenizer=_find_tokenizer(folder)),
                          dtype)
         model, _ = load_checkpoint(folder, device=_dev(device))
         return _cast(model, dtype)
-    tl_dir = folder if _tl_config_file(folder) is not None else _zoo_run_checkpoint(folder)
+    tl_dir = folder if tl_config(folder) is not None else _zoo_run_checkpoint(folder)
     if tl_dir is not None:
         _no_kwargs(kwargs, "a TransformerLens weights directory")
         return _cast(load_tl_dir(tl_dir, device=_dev(device), tokenizer=_find_tokenizer(tl_dir)), dtype)
@@ -175,7 +165,7 @@ def _find_tokenizer(folder: Path):
     """The tokenizer saved with a run: ``tokenizer/`` (HF) or ``tokenizer.json``, here or up to two levels up."""
     for d in (folder, folder.parent, folder.parent.parent):
         if (d / "tokenizer" / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file():
-            from lnfree.removal.cli import _load_tokenizer
+            from lnfree.formats import load_saved_tokenizer
 
-            return _load_tokenizer(str(d / "tokenizer" if (d / "tokenizer").is_dir() else d / "tokenizer.json"))
+            return load_saved_tokenizer(str(d / "tokenizer" if (d / "tokenizer").is_dir() else d / "tokenizer.json"))
     return None

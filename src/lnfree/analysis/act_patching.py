@@ -18,17 +18,14 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from lnfree._checks import as_lnfree, batches, forward_kwargs, positive_int
+from lnfree._checks import batches, forward_kwargs, positive_int
 from lnfree.analysis.patching_core import (
     Metric,
     PatchingResult,
-    check_bootstrap_args,
-    check_direction,
     eval_metric,
     hook_name,
     make_result,
-    make_spec,
-    resolve_pair,
+    prepare,
     site_enabled,
 )
 
@@ -110,14 +107,11 @@ def activation_patching(
         >>> res.scores.shape  # [layer, pos]                                      # doctest: +SKIP
         torch.Size([4, 8])
     """
-    model = as_lnfree(model)
-    clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
-    check_direction(direction)
-    check_bootstrap_args(n_boot, level, seed)
-    spec = make_spec(model, site, by_pos, clean.shape[1])
+    model, clean, corrupt, mask, spec, base, source = prepare(
+        model, clean, corrupt, attention_mask, site=site, by_pos=by_pos, direction=direction,
+        n_boot=n_boot, level=level, seed=seed)
     B, P = clean.shape
     batch_size = _auto_batch_size(model, B, P) if batch_size is None else positive_int(batch_size, "batch_size")
-    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     L = spec.n_layers
     layers = _check_layers(layers, L)
     site_names = [hook_name(site, l) for l in layers]

@@ -30,18 +30,15 @@ from typing import Optional
 import torch
 from jaxtyping import Int
 
-from lnfree._checks import as_lnfree, check_choice, forward_kwargs, progress as progress_bar
+from lnfree._checks import check_choice, forward_kwargs, progress as progress_bar
 from lnfree.analysis.patching_core import (
     BLOCK_INTERNAL,
     Metric,
     PatchingResult,
-    check_bootstrap_args,
-    check_direction,
     eval_metric,
     hook_name,
     make_result,
-    make_spec,
-    resolve_pair,
+    prepare,
     site_enabled,
 )
 
@@ -137,13 +134,11 @@ def attribution_patching(
         >>> act = activation_patching(model, batch.clean, batch.corrupt, metric, site="z")  # doctest: +SKIP
         >>> patching_error(atp, act).per_layer                                              # doctest: +SKIP
     """
-    model = as_lnfree(model)
-    clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
-    check_direction(direction)
+    model, clean, corrupt, mask, spec, base, source = prepare(
+        model, clean, corrupt, attention_mask, site=site, by_pos=by_pos, direction=direction,
+        n_boot=n_boot, level=level, seed=seed)
     check_choice(ln, LN_OPTIONS, "ln")
-    check_bootstrap_args(n_boot, level, seed)
     qk_fix, grad_drop = _resolve_method(method, qk_fix, grad_drop)
-    spec = make_spec(model, site, by_pos, clean.shape[1])
     B, L = clean.shape[0], spec.n_layers
     use_qk = qk_fix and site in ("q", "k")
     if use_qk:
@@ -151,7 +146,6 @@ def attribution_patching(
     n_terms = L - 1 if site in BLOCK_INTERNAL else L
     if grad_drop and n_terms < 1:
         raise ValueError(f"GradDrop on site {site!r} needs a model with at least 2 layers (1/(L-1) normalisation)")
-    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     site_names = [hook_name(site, l) for l in range(L)]
 
     with site_enabled(model, site):

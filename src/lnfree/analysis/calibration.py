@@ -20,7 +20,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from lnfree._checks import (
-    as_lnfree,
     batches,
     check_level,
     forward_kwargs,
@@ -198,6 +197,8 @@ def calibration(
         0.0213 [0.0157, 0.0301]
         >>> cal.plot()                                  # doctest: +SKIP
     """
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
     model = as_lnfree(model)
     tokens, mask = resolve_batch(model, tokens, attention_mask, min_pos=2)
     n_bins = positive_int(n_bins, "n_bins")

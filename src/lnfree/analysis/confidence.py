@@ -49,7 +49,6 @@ import torch
 from jaxtyping import Float, Int
 
 from lnfree._checks import (
-    as_lnfree,
     batches,
     check_finite,
     check_same_vocab,
@@ -63,7 +62,7 @@ from lnfree._checks import (
 )
 from lnfree._results import Result, result
 from lnfree.analysis.calibration import Calibration, calibration, check_bootstrap_args, next_token_stats
-from lnfree.model import LNFreeTransformer
+from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.stats import Estimate, bootstrap
 
 __all__ = [

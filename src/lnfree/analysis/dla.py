@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 
 from lnfree import _checks
 from lnfree._results import Result, result
-from lnfree.model import LNFreeTransformer
+from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.stats import Estimate, bootstrap
 
 COMPONENT_KINDS = ("heads", "layers", "neurons", "all")
@@ -500,7 +500,7 @@ def compare_dla(
 
 # ---- model / LN helpers ----------------------------------------------------------------------
 def _check_model(model) -> LNFreeTransformer:
-    out = _checks.as_lnfree(model)
+    out = as_lnfree(model)
     cap = out.cfg.output_logits_soft_cap
     if cap is not None and cap > 0:
         raise ValueError(f"models with output_logits_soft_cap={cap} are not supported: logits are not affine in ln_final's output")

@@ -31,7 +31,9 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float:
 
 def _prepare(model, tokens, attention_mask, batch_size, n_boot, level):
     """(model, tokens, mask, batch_size, n_boot, level) checked; every row needs 2 real tokens."""
-    model = _checks.as_lnfree(model)
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
+    model = as_lnfree(model)
     tokens, mask = _checks.resolve_batch(model, tokens, attention_mask)
     if tokens.shape[1] < 2:
         raise ValueError(f"tokens need at least 2 positions (position 0 vs the rest), got shape {tuple(tokens.shape)}")

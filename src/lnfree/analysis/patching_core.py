@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import itertools
 import weakref
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -190,6 +190,31 @@ def resolve_pair(model, clean, corrupt, attention_mask=None):
 
 def check_direction(direction: str) -> str:
     return check_choice(direction, DIRECTIONS, "direction")
+
+
+class Prepared(NamedTuple):
+    model: object
+    clean: torch.Tensor
+    corrupt: torch.Tensor
+    mask: Optional[torch.Tensor]
+    spec: Spec
+    base: torch.Tensor  # the run patched into (corrupt when denoising)
+    source: torch.Tensor  # the run activations come from
+
+
+def prepare(model, clean, corrupt, attention_mask, *, site: str, by_pos: bool, direction: str,
+            n_boot, level, seed) -> Prepared:
+    """The checks every patching method starts with: model, prompt pair and mask, direction, bootstrap
+    settings, site; and which prompts are the base and the source run."""
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
+    model = as_lnfree(model)
+    clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
+    check_direction(direction)
+    check_bootstrap_args(n_boot, level, seed)
+    spec = make_spec(model, site, by_pos, clean.shape[1])
+    base, source = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    return Prepared(model, clean, corrupt, mask, spec, base, source)
 
 
 def eval_metric(metric: Metric, logits: torch.Tensor, n: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from lnfree._checks import as_lnfree
+from lnfree.model import as_lnfree
 
 PAPER_FLAGS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
 

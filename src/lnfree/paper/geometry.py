@@ -10,8 +10,9 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 
-from lnfree._checks import as_lnfree, batches, check_choice, check_tokens, model_id, model_label, positive_int
+from lnfree._checks import batches, check_choice, check_tokens, model_id, model_label, positive_int
 from lnfree._results import Result, result
+from lnfree.model import as_lnfree
 from lnfree.paper._process import paper_processed
 from lnfree.paper.stats import percentile_range
 from lnfree.stats import Estimate, bootstrap

@@ -9,9 +9,10 @@ import pandas as pd
 import torch
 from jaxtyping import Int
 
-from lnfree._checks import as_lnfree, check_tokens, model_id, model_label, positive_int
+from lnfree._checks import check_tokens, model_id, model_label, positive_int
 from lnfree._results import Result, result
 from lnfree.evaluation import cross_entropy
+from lnfree.model import as_lnfree
 from lnfree.stats import Estimate
 
 #: pile_eval.py:75, prepare_dataset.py:41-44: evaluation sequences are 1024-token chunks.

@@ -1,5 +1,7 @@
 """Reading and rebuilding removal checkpoints (the format of `lnfree.training.checkpoints`).
 
+A finished run's ``final_tl/`` is a TransformerLens weights directory: `lnfree.tl_dir`.
+
 A removal checkpoint's ``state.json`` holds the step, data position, sigma EMAs, site modes and
 scales, RNG states, the divergence guard's history and the `RemovalConfig`; ``optimizer.pt`` holds
 ``{"optimizer": AdamW state, "scheduler": {"step", "lr_scale"}}``.
@@ -7,46 +9,16 @@ scales, RNG states, the divergence guard's history and the `RemovalConfig`; ``op
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
-from transformer_lens import HookedTransformerConfig
-
 from lnfree.model import LNFreeTransformer
+from lnfree.tl_dir import cfg_from_json, cfg_to_json, load_tl_dir  # noqa: F401  (the trainer and tests import them here)
 from lnfree.training.checkpoints import CheckpointDir
 
 CHECKPOINT_FORMAT = "lnfree-removal-checkpoint"
-
-
-# ---- model config (de)serialisation (candidates for lnfree.loading) ------------------------------
-def cfg_to_json(cfg: HookedTransformerConfig) -> dict:
-    """The init fields of a HookedTransformerConfig as JSON values (dtype as a string, no device)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if not f.init or f.name in ("device", "n_devices"):
-            continue
-        v = getattr(cfg, f.name)
-        if isinstance(v, torch.dtype):
-            v = str(v).replace("torch.", "")
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[f.name] = v
-    return out
-
-
-def cfg_from_json(d: dict, device: Optional[str] = None) -> HookedTransformerConfig:
-    """Inverse of `cfg_to_json`."""
-    d = dict(d)
-    if isinstance(d.get("dtype"), str):
-        d["dtype"] = getattr(torch, d["dtype"])
-    names = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
-    return HookedTransformerConfig(**{k: v for k, v in d.items() if k in names}, device=device or "cpu")
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -117,27 +89,3 @@ def _load_tokenizer(ckpt_path: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tok_dir))
-
-
-def load_tl_dir(path: Union[str, os.PathLike], device: Optional[str] = None, tokenizer=None) -> LNFreeTransformer:
-    """Load a TransformerLens weights dir: ``model.safetensors`` + ``config.json`` holding
-    HookedTransformerConfig kwargs (top level or under "model"; the zoo's and ``final_tl/`` format).
-
-    Example:
-        >>> model = load_tl_dir("runs/zoo/pretrain/final")    # doctest: +SKIP
-    """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    conf = json.loads((path / "config.json").read_text())
-    kwargs = conf.get("model", conf)
-    model = LNFreeTransformer(cfg_from_json(kwargs, device), tokenizer=tokenizer)
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if ".ln" not in k and not k.startswith("ln_final")]
-    if missing:
-        raise ValueError(f"{path}/model.safetensors lacks weights {missing[:5]}")
-    modes = set(conf.get("ln_modes", {}).values())
-    if "frozen" in modes or len(modes) > 1:
-        raise ValueError(f"{path} holds a partially removed model ({sorted(modes)}); use load_checkpoint instead")
-    return model.eval()

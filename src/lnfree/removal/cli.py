@@ -76,22 +76,9 @@ def register(subparsers) -> None:
 
 
 def _load_tokenizer(path: str):
-    p = Path(path)
-    if p.is_dir() and (p / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
+    from lnfree.formats import load_saved_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(p))
-    from transformers import PreTrainedTokenizerFast
-
-    file = p / "tokenizer.json" if p.is_dir() else p
-    if not file.exists():
-        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.json there")
-    if "<|endoftext|>" in file.read_text(encoding="utf-8"):
-        # GPT-2 style (the zoo's): end-of-text doubles as bos/pad (TransformerLens needs both); no BOS from encode
-        from lnfree.zoo.train import load_tokenizer
-
-        return load_tokenizer(file)
-    return PreTrainedTokenizerFast(tokenizer_file=str(file), name_or_path=str(file.parent), model_max_length=1 << 30)
+    return load_saved_tokenizer(path, name="--tokenizer")
 
 
 def load_model_arg(spec: str, tokenizer_path=None, device=None):

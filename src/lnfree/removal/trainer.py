@@ -563,7 +563,7 @@ def check_arguments(values: dict, *, flag: Callable[[str], str] = lambda n: n) -
 
 # ---- public entry point --------------------------------------------------------------------
 def _as_ln_free(model) -> LNFreeTransformer:
-    from lnfree._checks import as_lnfree
+    from lnfree.model import as_lnfree
 
     return as_lnfree(model)
 

@@ -27,11 +27,16 @@ def _err(ests: list[dict]) -> dict:
                 arrayminus=v - np.array([e["low"] for e in ests], dtype=float))
 
 
-def _add_identity_line(fig: go.Figure, x: np.ndarray, y: np.ndarray, col: int) -> None:
-    """Dashed y = x over the range of both axes' data, in subplot (1, col)."""
+def _estimate_panel(fig: go.Figure, points: go.Scatter, x: np.ndarray, y: np.ndarray, col: int, x_title: str,
+                    y_title: str) -> None:
+    """Subplot (1, col) of an estimate against its exact value: the points, a dashed y = x over both axes'
+    data, and the axis titles."""
+    fig.add_trace(points, row=1, col=col)
     lo, hi = (float(min(x.min(), y.min())), float(max(x.max(), y.max()))) if x.size else (0.0, 1.0)
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line=dict(color="gray", dash="dash"),
                              showlegend=False), row=1, col=col)
+    fig.update_xaxes(title_text=x_title, row=1, col=col)
+    fig.update_yaxes(title_text=y_title, row=1, col=col)
 
 
 def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
@@ -95,11 +100,9 @@ def dla_figures(rd) -> list[go.Figure]:
         if x.size > MAX_POINTS:
             keep = rng.choice(x.size, MAX_POINTS, replace=False)
             x, y = x[keep], y[keep]
-        scatter.add_trace(go.Scatter(x=x, y=y, mode="markers", name=m, marker=dict(size=3, opacity=0.5,
-                                     color=_color(rd, m)), showlegend=False), row=1, col=c)
-        _add_identity_line(scatter, x, y, col=c)
-        scatter.update_xaxes(title_text="direct effect", row=1, col=c)
-        scatter.update_yaxes(title_text="DLA", row=1, col=c)
+        points = go.Scatter(x=x, y=y, mode="markers", name=m, marker=dict(size=3, opacity=0.5, color=_color(rd, m)),
+                            showlegend=False)
+        _estimate_panel(scatter, points, x, y, c, "direct effect", "DLA")
     figs.append(_layout(scatter, "DLA against the exact direct effect (one point per head x token; y = x dashed)"))
     return figs
 
@@ -119,11 +122,9 @@ def atp_figures(rd) -> list[go.Figure]:
     for c, m in enumerate(rd.models, start=1):
         truth = res[m].act.scores.flatten().double().numpy()
         est = res[m].atp.scores.flatten().double().numpy()
-        scatter.add_trace(go.Scatter(x=truth, y=est, mode="markers", text=list(res[m].labels), showlegend=False,
-                                     marker=dict(size=6, color=_color(rd, m))), row=1, col=c)
-        _add_identity_line(scatter, truth, est, col=c)
-        scatter.update_xaxes(title_text="activation patching", row=1, col=c)
-        scatter.update_yaxes(title_text="AtP estimate", row=1, col=c)
+        points = go.Scatter(x=truth, y=est, mode="markers", text=list(res[m].labels), showlegend=False,
+                            marker=dict(size=6, color=_color(rd, m)))
+        _estimate_panel(scatter, points, truth, est, c, "activation patching", "AtP estimate")
     figs.append(_layout(scatter, "AtP estimate against activation patching, one point per head"))
     return figs
 

@@ -152,6 +152,8 @@ def _version() -> str:
 
 
 def _check_models(models) -> dict:
+    from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
+
     if not isinstance(models, Mapping) or not models:
         raise TypeError(f"models must be a non-empty dict name -> LNFreeTransformer, got {type(models).__name__}")
     out = {}
@@ -159,7 +161,7 @@ def _check_models(models) -> dict:
         if not isinstance(name, str) or not name:
             raise TypeError(f"model names must be non-empty strings, got {name!r}")
         try:
-            out[name] = _checks.as_lnfree(m, name=f"models[{name!r}]")
+            out[name] = as_lnfree(m, name=f"models[{name!r}]")
         except TypeError:
             raise TypeError(f"models[{name!r}] must be an LNFreeTransformer (or HookedTransformer), "
                             f"got {type(m).__name__}") from None

@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-from lnfree.zoo import FORMAT
-from lnfree.zoo.export import CE_TOL, MAX_BYTES
+from lnfree.zoo import CE_TOL, FORMAT, MAX_BYTES
 
 PathArg = Union[str, os.PathLike]
 

@@ -52,17 +52,13 @@ def register(subparsers) -> None:
                    help="bf16 autocast (fp32 weights) for pretraining and fine-tunes")
     t.add_argument("--export-dir", default=None, help="where to export (default OUT/export; the package: "
                    "src/lnfree/zoo/data)")
-    t.add_argument("--card", default=None, help="write the model card here (e.g. docs/zoo.md)")
-    t.add_argument("--eval-rows", type=int, default=None, help="held-out rows evaluated at export (default all)")
-    t.add_argument("--no-progress", action="store_true")
+    _export_options(t, eval_help="held-out rows evaluated at export (default all)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("export", help="export a finished run's models (fp16 + zoo.json + tokenizer + held-out)")
     e.add_argument("--run", required=True, help="run directory of `lnfree zoo train`")
     e.add_argument("--to", required=True, help="destination, e.g. src/lnfree/zoo/data")
-    e.add_argument("--card", default=None, help="write the model card here (e.g. docs/zoo.md)")
-    e.add_argument("--eval-rows", type=int, default=None, help="held-out rows evaluated (default all)")
-    e.add_argument("--no-progress", action="store_true")
+    _export_options(e, eval_help="held-out rows evaluated (default all)")
     e.set_defaults(func=_export)
 
     c = sub.add_parser("card", help="render the model card from an export's zoo.json")
@@ -76,6 +72,13 @@ def register(subparsers) -> None:
     i.set_defaults(func=_info)
     _register_pretraining(sub)
 
+
+
+def _export_options(p, *, eval_help: str) -> None:
+    """The options `train` and `export` share (both end with an export)."""
+    p.add_argument("--card", default=None, help="write the model card here (e.g. docs/zoo.md)")
+    p.add_argument("--eval-rows", type=int, default=None, help=eval_help)
+    p.add_argument("--no-progress", action="store_true")
 
 def _register_pretraining(sub) -> None:
     s = sub.add_parser("tokenizer", help="train the BPE tokenizer (+ tokenize the training text)")

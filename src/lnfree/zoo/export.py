@@ -7,7 +7,6 @@ held-out set (CE with bootstrap CIs, bits per byte) and enforces the size budget
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -21,11 +20,9 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from lnfree.zoo import FORMAT, FORMAT_VERSION, MANIFEST
+from lnfree.zoo import CE_TOL, FORMAT, FORMAT_VERSION, MANIFEST, MAX_BYTES
 
 PathArg = Union[str, os.PathLike]
-MAX_BYTES = 30_000_000  # the shipped data directory's budget (decimal MB)
-CE_TOL = 0.01  # nats/token the fp16 round trip may change held-out CE by
 REQUIRED_PROVENANCE = ("steps", "tokens_seen", "seed", "wall_time_s", "command", "date")
 ROLES = {
     "tiny-ln": "base model, pretrained with LayerNorm",
@@ -50,21 +47,6 @@ def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def _cfg_json(cfg) -> dict:
-    """JSON-able init fields of a HookedTransformerConfig (no device / dtype)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        if not f.init or f.name in ("device", "n_devices", "dtype"):
-            continue
-        v = getattr(cfg, f.name)
-        try:
-            json.dumps(v)
-        except TypeError:
-            continue
-        out[f.name] = v
-    return out
 
 
 # ---- tokens and bytes ------------------------------------------------------------------------
@@ -194,6 +176,8 @@ def _as_models(models) -> dict:
 
 def _family_config(models: dict) -> dict:
     """The shared config (normalization 'LN', so every LN site exists on load); errors if architectures differ."""
+    from lnfree.tl_dir import cfg_to_json
+
     first_name, first = next(iter(models.items()))
     arch = {k: getattr(first.cfg, k) for k in ARCH_KEYS}
     for name, m in models.items():
@@ -205,7 +189,7 @@ def _family_config(models: dict) -> dict:
             raise ValueError(f"models[{name!r}] has normalization_type {m.cfg.normalization_type!r}; the zoo stores "
                              "LayerNorm ('LN') models and their LN-free versions")
     with_ln = [m for m in models.values() if m.cfg.normalization_type == "LN"]
-    cfg = _cfg_json((with_ln or [first])[0].cfg)
+    cfg = cfg_to_json((with_ln or [first])[0].cfg, dtype=False)
     cfg["normalization_type"] = "LN"
     return cfg
 
