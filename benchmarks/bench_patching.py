@@ -175,7 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     for row in run(args.quick, args.threads, args.only_smollm2):
         status = {True: "PASS", False: "FAIL", None: "INFO"}[row["pass"]]
-        print(f"[{status}] {row['benchmark']}: {row['measured']:.1f} {row['unit']} (target >= {row['target']:g})")
+        target = "no target" if row["target"] is None else f"target >= {row['target']:g}"
+        print(f"[{status}] {row['benchmark']}: {row['measured']:.1f} {row['unit']} ({target})")
 
 
 if __name__ == "__main__":

