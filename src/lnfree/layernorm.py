@@ -97,6 +97,9 @@ class RemovableLayerNorm(nn.Module):
             self.hook_scale_v = HookPoint()
             self.hook_normalized_v = HookPoint()
         self.recorder: Optional[StdRecorder] = None
+        # per path, how far a frozen scale has been phased in: 1 = fully frozen (the default); a < 1 uses the
+        # geometric blend live ** (1 - a) * sigma ** a (the removal trainer's freeze_ramp)
+        self.blend: dict[str, float] = {p: 1.0 for p in self.paths}
 
     # ---- state -------------------------------------------------------------------------
     def _index(self, path: str) -> int:
@@ -118,6 +121,21 @@ class RemovableLayerNorm(nn.Module):
         if mode == "frozen" and self.get_sigma(path) is None:
             raise ValueError(f"freezing path {path!r} needs a scale: pass sigma=")
         self.modes[path] = mode
+
+    def set_blend(self, path: str, a: float) -> None:
+        """Phase a frozen path's scale in: ``live ** (1 - a) * sigma ** a`` per token (a = 1: plain frozen).
+
+        Example:
+            >>> from transformer_lens import HookedTransformerConfig
+            >>> cfg = HookedTransformerConfig(n_layers=1, d_model=2, n_ctx=4, d_head=2, d_vocab=10, act_fn="gelu", eps=0.0)
+            >>> ln = RemovableLayerNorm(cfg, kind="RMSPre"); ln.set_mode("main", "frozen", sigma=4.0)
+            >>> ln.set_blend("main", 0.5); ln(torch.ones(1, 1, 2))   # scale sqrt(1 * 4) = 2
+            tensor([[[0.5000, 0.5000]]])
+        """
+        self._index(path)
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+            raise ValueError(f"blend must be a number in [0, 1], got {a!r}")
+        self.blend[path] = float(a)
 
     # ---- forward -----------------------------------------------------------------------
     def forward(
@@ -148,7 +166,12 @@ class RemovableLayerNorm(nn.Module):
             if self.recorder is not None:
                 self._record(path, x, centered=True)
             sigma = self.sigma[self._index(path)].to(x.dtype)
-            scale = sigma.expand(x.shape[:-1] + (1,))
+            a = getattr(self, "blend", {}).get(path, 1.0)
+            if a < 1.0:  # a freeze being phased in: per-token geometric blend of the live scale and sigma
+                live = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+                scale = live ** (1.0 - a) * sigma ** a
+            else:
+                scale = sigma.expand(x.shape[:-1] + (1,))
         scale = hook_scale(scale)
         x = hook_normalized(x / scale).to(self.cfg.dtype)
         if self.has_bias:

@@ -36,6 +36,7 @@ _EXPORTS = {
     "Preset": "schedule",
     "PRESETS": "schedule",
     "get_preset": "schedule",
+    "order_by_cost": "schedule",
     "SigmaEMA": "sigma",
     "aux_norm_loss": "loss",
     "token_std": "loss",

@@ -1,6 +1,7 @@
 """``lnfree remove-ln``: the removal fine-tune (or its vanilla control) as a command.
 
     lnfree remove-ln MODEL --data train_tokens.npy --out runs/rm [--preset gpt2-small] [--steps N]
+                     [--site-order order.json [--site-start S] [--site-gap G]]
                      [--vanilla] [--resume] [--batch-size 16] [--micro-batch-size 8] [--seq-len 256]
                      [--eval-data heldout.npy] ...
 
@@ -28,6 +29,16 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default=None, help="gpt2-small | gpt2-medium | gpt2-large | gpt2-xl "
                    "(default: Small's schedule scaled to the model and --steps)")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--site-order", default=None, metavar="FILE",
+                   help="JSON file: a list of every site in removal order, or a dict site -> cost (frozen cheapest "
+                        "first, null = last), e.g. docs/smollm2_site_order.json; sites are frozen one at a time "
+                        "(Schedule.from_order; needs --steps; not with --preset)")
+    p.add_argument("--site-start", type=int, default=None, help="with --site-order: step of the first site "
+                   "(default round(steps * 20/300), at least 1)")
+    p.add_argument("--freeze-ramp", type=int, default=0, metavar="R",
+                   help="phase each freeze in over R steps (per-token scale live^(1-a) sigma^a, a rising to 1; "
+                        "docs/removal.md); default 0: at once")
+    p.add_argument("--site-gap", type=int, default=1, help="with --site-order: steps between consecutive sites (default 1)")
     p.add_argument("--vanilla", action="store_true", help="control run: keep LN, no aux loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (all processes)")
@@ -94,12 +105,23 @@ def check_args(args) -> None:
                          aux_lambda=args.aux_lambda, checkpoint_every=args.checkpoint_every,
                          max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, distill=args.distill,
-                         distill_temperature=args.distill_temperature), flag=_flag)
+                         distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp), flag=_flag)
     for name in ("eval_seqs", "threads"):
         v = getattr(args, name)
         if v is not None and v < (0 if name == "eval_seqs" else 1):
             raise ValueError(f"{_flag(name)} must be an integer >= {0 if name == 'eval_seqs' else 1}, got {v}")
     resolve_device(args.device, argument="--device")
+    if args.site_order is not None:
+        if args.preset is not None:
+            raise ValueError("--site-order and --preset both set the schedule; give one")
+        if args.steps is None:
+            raise ValueError("--site-order needs --steps (the run's length)")
+        if not Path(args.site_order).is_file():
+            raise ValueError(f"--site-order {args.site_order}: no such file")
+    for name, low in (("site_start", 1), ("site_gap", 0)):
+        v = getattr(args, name)
+        if v is not None and (isinstance(v, bool) or v < low):
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v}")
     if args.resume:
         out = Path(args.out)
         from lnfree.training.checkpoints import CheckpointDir
@@ -107,6 +129,28 @@ def check_args(args) -> None:
         if not out.is_dir() or CheckpointDir(out).latest() is None:
             what = "does not exist" if not out.exists() else "holds no removal checkpoint (no checkpoints/latest)"
             raise ValueError(f"nothing to resume: --out {out} {what}; check the path, or drop --resume to start")
+
+
+def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: int = 1):
+    """`Schedule.from_order` from a JSON file: a list of sites in removal order, or a dict site -> cost
+    (cheapest first, `order_by_cost`). `start` defaults to Small's relative start, ``round(steps * 20/300)``."""
+    import json
+
+    from lnfree.removal.schedule import Schedule, order_by_cost
+
+    try:
+        spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--site-order {path}: not a readable JSON file ({e})") from None
+    if isinstance(spec, dict):
+        order = order_by_cost(spec)
+    elif isinstance(spec, list):
+        order = spec
+    else:
+        raise ValueError(f"--site-order {path}: expected a JSON list of sites or a dict site -> cost, "
+                         f"got {type(spec).__name__}")
+    start = max(1, int(steps * 20 / 300 + 0.5)) if start is None else start
+    return Schedule.from_order(n_layers, steps, order, start=start, gap=gap, name=f"order:{Path(path).name}")
 
 
 def run(args) -> int:
@@ -121,6 +165,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model_arg(args.model, args.tokenizer, args.device)
+    schedule = args.preset
+    if args.site_order is not None:
+        schedule = schedule_from_order_file(args.site_order, model.cfg.n_layers, args.steps, args.site_start,
+                                            args.site_gap)
     data = args.data if len(args.data) > 1 else args.data[0]
     eval_data = args.eval_data
     if eval_data is None and args.eval_seqs > 0:
@@ -130,14 +178,14 @@ def run(args) -> int:
         args.seq_len = seq_len
     try:
         model = remove_layernorm(
-            model, data, schedule=args.preset, steps=args.steps, batch_size=args.batch_size,
+            model, data, schedule=schedule, steps=args.steps, batch_size=args.batch_size,
             micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
             warmup=args.warmup, aux_lambda=args.aux_lambda, vanilla=args.vanilla, out_dir=args.out,
             checkpoint_every=args.checkpoint_every, resume=args.resume, eval_data=eval_data,
             progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
             max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
-            recipe=args.recipe)
+            recipe=args.recipe, freeze_ramp=args.freeze_ramp)
     except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
         raise CLIError(str(e)) from None
     s = model.removal_summary

@@ -27,6 +27,9 @@ class RemovalConfig:
     (no CE on end-of-text labels), ``vanilla_aux`` (the vanilla control keeps the aux loss),
     ``ln1_momentum_power`` (ln1's EMA momentum is ``momentum ** k`` per micro-batch: the paper's code
     updates it on each of its k = 3 calls per forward).
+    ``freeze_ramp`` = R > 0 phases each freeze in over R steps: from its removal step s, a site's
+    per-token scale is ``live ** (1 - a) * sigma ** a`` with ``a = (step - s + 1) / (R + 1)``, fully
+    frozen (a = 1) from step s + R on (for models whose sites cost too much to freeze at once: SmolLM2).
 
     Example:
         >>> cfg = RemovalConfig(optim=OptimConfig(steps=12, lr=1e-3), batch_size=4, micro_batch_size=2,
@@ -55,6 +58,7 @@ class RemovalConfig:
     ln1_momentum_power: int = 1
     mask_eot_labels: bool = False
     vanilla_aux: bool = False
+    freeze_ramp: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_rollbacks: int = 3
@@ -72,7 +76,7 @@ class RemovalConfig:
             raise TypeError(f"optim must be an OptimConfig, got {type(self.optim).__name__}")
         ints = {"batch_size": 1, "micro_batch_size": 1, "seq_len": 2, "checkpoint_every": 1,
                 "keep_checkpoints": 1, "max_rollbacks": 0, "seed": 0, "spike_window": 1, "spike_min_history": 1,
-                "ln1_momentum_power": 1}
+                "ln1_momentum_power": 1, "freeze_ramp": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -130,5 +134,7 @@ class RemovalConfig:
             return out
 
         old, new = flat(stored), flat(self.to_dict())
-        return [f"{k}={old.get(k)!r} (now {v!r})" for k, v in new.items()
-                if k not in RESUME_FREE_KEYS and old.get(k) != v]
+        # a key added after the checkpoint was written reads as its default there
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        return [f"{k}={old.get(k, defaults.get(k))!r} (now {v!r})" for k, v in new.items()
+                if k not in RESUME_FREE_KEYS and old.get(k, defaults.get(k)) != v]

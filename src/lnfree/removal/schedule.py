@@ -1,7 +1,8 @@
 """When each LayerNorm site is frozen during the removal fine-tune (the paper's schedule).
 
-Order (the paper's): every ``blocks.{i}.ln2`` layer by layer, then every ``blocks.{i}.ln1.qk``,
-then every ``blocks.{i}.ln1.v``, then ``ln_final``. A site "removed at step s" is frozen at the
+Order (the paper's, and `from_gaps` / `scaled`): every ``blocks.{i}.ln2`` layer by layer, then every
+``blocks.{i}.ln1.qk``, then every ``blocks.{i}.ln1.v``, then ``ln_final``; `Schedule.from_order` takes
+any order (e.g. cheapest first, `order_by_cost`). A site "removed at step s" is frozen at the
 start of step s (0-based optimizer steps): steps ``0..s-1`` train it live (its sigma EMA is
 tracked), steps ``s..`` train it with the fixed sigma. Every removal step lies in ``[1, steps-1]``,
 so each sigma has seen at least one step of data and each frozen site gets at least one step
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence, Union
 
 GROUPS = ("ln2", "ln1-qk", "ln1-v", "ln_final")
 
@@ -45,6 +46,29 @@ def ordered_sites(n_layers: int) -> list[str]:
     )
 
 
+def order_by_cost(costs: Mapping[str, Optional[float]]) -> list[str]:
+    """Sites sorted cheapest first by a measured cost (e.g. the CE increase of freezing each alone).
+
+    A cost of None, NaN or infinity (freezing the site alone made the logits non-finite) sorts last;
+    ties keep the order of `costs`.
+
+    Example:
+        >>> order_by_cost({"blocks.0.ln2": 0.3, "ln_final": None, "blocks.0.ln1.qk": 0.01})
+        ['blocks.0.ln1.qk', 'blocks.0.ln2', 'ln_final']
+    """
+    if not isinstance(costs, Mapping):
+        raise TypeError(f"costs must be a mapping site -> cost (float or None), got {type(costs).__name__}")
+
+    def key(item):
+        i, (site, c) = item
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float))):
+            raise TypeError(f"cost of {site} must be a number or None, got {c!r}")
+        bad = c is None or not math.isfinite(c)
+        return (bad, 0.0 if bad else float(c), i)
+
+    return [site for _, (site, _) in sorted(enumerate(costs.items()), key=key)]
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -57,8 +81,9 @@ def _check_int(name: str, value, minimum: int) -> int:
 class Schedule:
     """The step at which each LN site is frozen, for one model depth and step budget.
 
-    Build with `Schedule.from_gaps` (the paper's form), `Schedule.scaled` (any depth/budget), or
-    `PRESETS[name].schedule`.
+    Build with `Schedule.from_gaps` (the paper's form), `Schedule.scaled` (any depth/budget),
+    `Schedule.from_order` (any order, e.g. one site per step cheapest first), or `PRESETS[name].schedule`.
+    `removal_steps` lists the sites in removal order (steps non-decreasing).
 
     Example:
         >>> s = PRESETS["gpt2-small"].schedule
@@ -78,14 +103,16 @@ class Schedule:
     def __post_init__(self):
         _check_int("n_layers", self.n_layers, 1)
         _check_int("steps", self.steps, 2)
+        listed = [s for s, _ in self.removal_steps]
         steps = dict(self.removal_steps)
         expected = ordered_sites(self.n_layers)
-        if list(steps) != expected:
+        if len(listed) != len(steps) or set(steps) != set(expected):
             missing = [s for s in expected if s not in steps]
             extra = [s for s in steps if s not in expected]
+            repeated = sorted({s for s in listed if listed.count(s) > 1})
             raise ValueError(
-                f"removal_steps must list every site of a {self.n_layers}-layer model once, in the paper's "
-                f"order (ln2, ln1.qk, ln1.v by layer, then ln_final); missing {missing[:4]}, unexpected {extra[:4]}"
+                f"removal_steps must list every site of a {self.n_layers}-layer model once (ln2, ln1.qk, ln1.v "
+                f"per layer, and ln_final); missing {missing[:4]}, unexpected {extra[:4]}, repeated {repeated[:4]}"
             )
         previous = 1
         for site, step in steps.items():
@@ -96,8 +123,8 @@ class Schedule:
                     f"for a {self.steps}-step run"
                 )
             if step < previous:
-                raise ValueError(f"{site} is removed at step {step}, before an earlier site in the paper's order "
-                                 f"(step {previous}); removal steps must be non-decreasing in that order")
+                raise ValueError(f"{site} is removed at step {step}, before a site listed earlier (step {previous}); "
+                                 "removal steps must be non-decreasing in the listed (removal) order")
             previous = step
 
     # ---- constructors --------------------------------------------------------------------
@@ -141,6 +168,58 @@ class Schedule:
             pairs += [(fmt.format(i), group_start + i * gap) for i in range(n_layers)]
         pairs.append(("ln_final", start_lnf))
         return cls(n_layers, steps, tuple(pairs), name)
+
+    @classmethod
+    def from_order(
+        cls,
+        n_layers: int,
+        steps: int,
+        order: Sequence[str],
+        *,
+        start: int = 1,
+        gap: Union[None, int, Sequence[int]] = None,
+        end: Optional[int] = None,
+        name: str = "custom",
+    ) -> "Schedule":
+        """Sites frozen in an explicit order: ``order[0]`` at `start`, each later one `gap` steps after the one before.
+
+        For models where the paper's order (all ln2, then ln1-qk, ln1-v, ln_final) freezes costly sites
+        early or many at once (SmolLM2, docs/normfree_smollm2.md): e.g. one site per step, cheapest first
+        (`order_by_cost`). `order` lists every site of an `n_layers`-layer model once, in any order. `gap`:
+        steps between consecutive sites, one int for all (default 1) or one per site after the first
+        (``len(order) - 1`` ints; 0 freezes a site together with the one before). With `end` instead of
+        `gap`, the sites are spread evenly: ``step_k = start + round(k * (end - start) / (n - 1))``.
+
+        Example:
+            >>> s = Schedule.from_order(1, 10, ["ln_final", "blocks.0.ln2", "blocks.0.ln1.v", "blocks.0.ln1.qk"],
+            ...                         start=2, gap=[1, 0, 3])
+            >>> [s.removal_step(x) for x in s.sites]
+            [2, 3, 3, 6]
+            >>> Schedule.from_order(1, 10, ordered_sites(1), start=1, end=7).removal_steps[-1]
+            ('ln_final', 7)
+        """
+        _check_int("n_layers", n_layers, 1)
+        _check_int("start", start, 1)
+        if isinstance(order, str) or not isinstance(order, Sequence) or not all(isinstance(s, str) for s in order):
+            raise TypeError(f"order must be a sequence of site names (e.g. ordered_sites({n_layers}) reordered), "
+                            f"got {type(order).__name__}")
+        order, n = list(order), len(order)
+        if end is not None:
+            if gap is not None:
+                raise ValueError(f"give gap= or end=, not both (got gap={gap!r}, end={end!r})")
+            _check_int("end", end, start)
+            offsets = [0 if n == 1 else int(math.floor(k * (end - start) / (n - 1) + 0.5)) for k in range(n)]
+        else:
+            gaps = [1 if gap is None else gap] * (n - 1) if gap is None or isinstance(gap, int) else list(gap)
+            if isinstance(gap, bool) or len(gaps) != max(n - 1, 0):
+                raise ValueError(f"gap must be an int or {max(n - 1, 0)} ints (one per site after the first), "
+                                 f"got {gap!r}")
+            for g in gaps:
+                _check_int("gap", g, 0)
+            offsets = [0]
+            for g in gaps:
+                offsets.append(offsets[-1] + g)
+        return cls(n_layers, steps, tuple((site, start + o) for site, o in zip(order, offsets)), name)
 
     @classmethod
     def scaled(cls, n_layers: int, steps: int, name: Optional[str] = None) -> "Schedule":

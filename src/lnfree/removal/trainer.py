@@ -231,6 +231,7 @@ class _Run:
         on the next batch that is non-finite or diverged."""
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         bad = torch.tensor(float(bool(bad)))
+        self.apply_ramp()  # the next step's blend: the state the checkpoint will be resumed into
         m = self.cfg.micro_batch_size
         tokens = self.data.batch(self.position + self.dist.rank * self.k_local * m, m).to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
@@ -298,13 +299,33 @@ class _Run:
         if self.cfg.vanilla:
             return
         due = [s for s in self.ema.sites if self.schedule.removal_step(s) <= self.step]
-        if not due:
+        if due:
+            scales = {s: self.ema.value(s) for s in due}
+            self.model.freeze_ln(due, scales=scales)
+            self.ema.drop(due)
+            self._emit({"event": "freeze", "step": self.step, "sigma": scales})
+            self.sync_shared_ln1()
+        self.apply_ramp()
+
+    def apply_ramp(self, step: Optional[int] = None) -> None:
+        """``freeze_ramp`` R: a site frozen at step s uses ``live ** (1 - a) * sigma ** a`` during `step`, with
+        ``a = (step - s + 1) / (R + 1)`` (1 from step s + R on). A function of the step only: resume-safe."""
+        ramp = self.cfg.freeze_ramp
+        if not ramp or self.cfg.vanilla:
             return
-        scales = {s: self.ema.value(s) for s in due}
-        self.model.freeze_ln(due, scales=scales)
-        self.ema.drop(due)
-        self._emit({"event": "freeze", "step": self.step, "sigma": scales})
-        self.sync_shared_ln1()
+        step = self.step if step is None else step
+        for site in self.sites:
+            s = self.schedule.removal_step(site)
+            if s <= step and self.model.ln_mode(site) == "frozen":
+                module, path = self.model._site(site)
+                module.set_blend(path, min(1.0, (step - s + 1) / (ramp + 1)))
+
+    def end_ramp(self) -> None:
+        """Every site fully frozen (blend 1) before folding: mid-ramp scales are not a fixed sigma."""
+        for site in self.model.ln_sites:
+            if self.model.ln_mode(site) == "frozen":
+                module, path = self.model._site(site)
+                module.set_blend(path, 1.0)
 
     def sync_shared_ln1(self) -> None:
         """``share_ln1_sigma``: a frozen ln1 q/k path takes the current EMA of its live v path (the same input):
@@ -512,7 +533,7 @@ ARGUMENTS = {
     "aux_lambda": ("num", 0, True), "checkpoint_every": ("int", 1, False), "max_rollbacks": ("int", 0, False),
     "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, False),
     "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
-    "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True),
+    "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
 }
 
 
@@ -652,6 +673,7 @@ def remove_layernorm(
     weight_decay: Optional[float] = None,
     recipe: Union[None, str, dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
+    freeze_ramp: int = 0,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
 
@@ -707,6 +729,10 @@ def remove_layernorm(
             `lnfree.removal.schedule.PAPER_RECIPES` and docs/removal.md); a dict of some of its switches
             (`RECIPE_KEYS`: one departure at a time); None: lnfree's recipe.
         callback: called (on rank 0) with a dict for every step and event (freeze, checkpoint, rollback).
+        freeze_ramp: R > 0 phases each freeze in over R steps instead of at once: from its removal step s
+            a site's per-token scale is ``live ** (1 - a) * sigma ** a``, ``a = (step - s + 1) / (R + 1)``,
+            fully frozen from step s + R (every site must reach that by the last step). For models with
+            tokens far above the average scale (SmolLM2's position 0: docs/normfree_smollm2.md).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
     DistributedDataParallel, each rank takes its share of every global batch, sigma statistics are
@@ -725,7 +751,8 @@ def remove_layernorm(
                          lr=lr, min_lr=min_lr, warmup=warmup, aux_lambda=aux_lambda, checkpoint_every=checkpoint_every,
                          max_rollbacks=max_rollbacks, keep_checkpoints=keep_checkpoints, seed=seed,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
-                         distill_temperature=distill_temperature, weight_decay=weight_decay))
+                         distill_temperature=distill_temperature, weight_decay=weight_decay,
+                         freeze_ramp=freeze_ramp))
     if momentum is not None:
         check_arguments({"momentum": momentum})
     if resume not in (True, False, "auto"):
@@ -746,6 +773,10 @@ def remove_layernorm(
         sched, hp, preset = _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size,
                                               seq_len, data)
         rec = _recipe(recipe, preset)
+        if freeze_ramp and not vanilla and sched.end + freeze_ramp > sched.steps - 1:
+            raise ValueError(f"freeze_ramp={freeze_ramp}: the last site, frozen at step {sched.end}, would be fully "
+                             f"frozen only at step {sched.end + freeze_ramp}, past the run's last step "
+                             f"{sched.steps - 1}; lengthen the run or shorten the ramp")
         if batch_size is None and "batch_size" in rec:
             hp["batch_size"] = rec["batch_size"]
         per_rank = hp["batch_size"] // dist.world
@@ -769,6 +800,7 @@ def remove_layernorm(
                             ln1_momentum_power=rec.get("ln1_momentum_power", 1),
                             mask_eot_labels=rec.get("mask_eot_labels", False),
                             vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
+                            freeze_ramp=freeze_ramp,
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks)
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
@@ -868,6 +900,7 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
     from lnfree.evaluation import cross_entropy
     from lnfree.removal.lora import is_lora, merge_lora
 
+    run.end_ramp()
     frozen_sigma = {s: model.ln_scale(s) for s in model.ln_sites if model.ln_mode(s) == "frozen"}
     if is_lora(model):
         merge_lora(model)
