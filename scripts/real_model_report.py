@@ -157,13 +157,15 @@ def compute(sizes: Sizes, progress: bool = True, partial: Path = None) -> dict:
             found = lnfree.find_entropy_neurons(model, layer=layer, n_top=sizes.per_layer)
             frame = found.to_frame()
             abl = lnfree.ablate_neurons(model, toks, found.neurons(), n_boot=sizes.n_boot)
+            acts = _neuron_activations(model, toks, layer)
             for i, label in enumerate(found.neurons()):
                 f = frame.iloc[i]
                 rows.append({"neuron": label, "score": float(f.score), "rho": float(f.rho), "norm": float(f.norm),
                              "logit_var": float(f.logit_var),
                              "dH_total_%": est(abl.relative_change(i, "entropy", "total")),
                              "dH_direct_%": est(abl.relative_change(i, "entropy", "direct")),
-                             "ln_mediated_fraction": est(abl.ln_mediated_fraction(i, "entropy"))})
+                             "ln_mediated_fraction": est(abl.ln_mediated_fraction(i, "entropy")),
+                             **_massive(acts[..., int(label.split("N")[1])])})
         cal = calibration(model, toks, n_boot=sizes.n_boot)
         return {"rows": list(toks.shape), "candidates": rows,
                 "calibration": {"mean_entropy": est(cal.mean_entropy), "ece": est(cal.ece),
@@ -266,11 +268,13 @@ def render(n: dict, command: str) -> str:
             f"{en['rows'][0]} x {en['rows'][1]} tokens (`ablate_neurons`): entropy change (%) in the ordinary "
             "forward pass (total) and with the final RMSNorm scale frozen at its clean value (direct); the "
             "norm-mediated fraction is 1 - |direct| / |total|.\n")
-        add("| neuron | rho (null-space) | norm of w_out | entropy change total % | direct % | norm-mediated fraction |")
-        add("|---|---|---|---|---|---|")
+        add("| neuron | rho (null-space) | norm of w_out | first-token / largest other abs activation | entropy change "
+            "total % | direct % | norm-mediated fraction |")
+        add("|---|---|---|---|---|---|---|")
         for r in en["candidates"]:
-            add(f"| {r['neuron']} | {r['rho']:.3f} | {r['norm']:.3g} | {fmt(r['dH_total_%'])} | "
-                f"{fmt(r['dH_direct_%'])} | {fmt(r['ln_mediated_fraction'])} |")
+            mark = " (massive)" if r["massive"] else ""
+            add(f"| {r['neuron']} | {r['rho']:.3f} | {r['norm']:.3g} | {r['first_token_ratio']:.3g}{mark} | "
+                f"{fmt(r['dH_total_%'])} | {fmt(r['dH_direct_%'])} | {fmt(r['ln_mediated_fraction'])} |")
         c = en["calibration"]
         add(f"\nCalibration on the same tokens: mean entropy {fmt(c['mean_entropy'])} nats, ECE {fmt(c['ece'])}, "
             f"top-1 accuracy {fmt(c['accuracy_top1'])}.\n")
@@ -346,6 +350,32 @@ def _finding_dla(dla: dict) -> str:
             + ": for late heads DLA is least reliable as a stand-in for their direct effect.")
 
 
+MASSIVE = 10.0  # first-token |activation| / the largest |activation| elsewhere above which a neuron is "massive"
+
+
+def _neuron_activations(model, toks, layer: int):
+    """mlp.hook_post of one layer, [batch, pos, d_mlp]."""
+    import torch
+
+    name = f"blocks.{layer}.mlp.hook_post"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names_filter=name)
+    return cache[name]
+
+
+def _massive(act) -> dict:
+    """Is this neuron a massive-activation neuron (huge on the first token, small elsewhere)?
+
+    Its mean |activation| on the first token exceeds MASSIVE x its largest |activation| anywhere else.
+    Mean ablation replaces its first-token value by the mean, rewriting that token's residual stream
+    (the attention sink), so its entropy change measures that, not entropy regulation.
+    """
+    first = float(act[:, 0].abs().mean())
+    rest = float(act[:, 1:].abs().max())
+    ratio = first / max(rest, 1e-12)
+    return {"first_token_abs": first, "rest_max_abs": rest, "first_token_ratio": ratio, "massive": ratio > MASSIVE}
+
+
 def _finding_entropy(en: dict) -> str:
     parts = []
     for r in en["candidates"]:
@@ -359,11 +389,26 @@ def _finding_entropy(en: dict) -> str:
             kind = "undetermined at this sample size"
         parts.append(f"{r['neuron']} changes the entropy by {fmt(tot)} % (direct path alone {fmt(r['dH_direct_%'])} %; "
                      f"norm-mediated fraction {fmt(f)}: {kind})")
-    strongest = max(en["candidates"], key=lambda r: abs(r["dH_total_%"]["value"]))
-    verdict = ("differs from GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale: "
-               f"SmolLM2's strongest candidate, {strongest['neuron']}, acts directly"
-               if strongest["ln_mediated_fraction"]["high"] < 0.5 else
-               "matches GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale")
+    massive = [r for r in en["candidates"] if r.get("massive")]
+    for r in massive:
+        parts.append(f"{r['neuron']} is a massive-activation neuron (first token {r['first_token_abs']:.0f}, "
+                     f"{r['first_token_ratio']:.3g}x its largest |activation| elsewhere, {r['rest_max_abs']:.2g}): mean ablation "
+                     "rewrites the first token's residual stream (the attention sink), so its large effect measures "
+                     "that, not entropy regulation")
+    regular = [r for r in en["candidates"] if not r.get("massive")]
+    if not regular:
+        verdict = "says nothing yet about GPT-2's norm-mediated entropy neurons: every candidate is massive"
+    else:
+        strongest = max(regular, key=lambda r: abs(r["dH_total_%"]["value"]))
+        f = strongest["ln_mediated_fraction"]
+        verdict = (f"matches GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale: the "
+                   f"strongest candidate that is not massive, {strongest['neuron']}, acts mostly through the final "
+                   "norm" if f["low"] > 0.5 else
+                   f"differs from GPT-2 in the paper, whose entropy neurons act mainly through LayerNorm's scale: the "
+                   f"strongest candidate that is not massive, {strongest['neuron']}, acts directly"
+                   if f["high"] < 0.5 else
+                   f"is undetermined against GPT-2 in the paper: {strongest['neuron']}'s norm-mediated fraction "
+                   "straddles 0.5")
     return (f"- **Entropy neurons:** mean-ablated one at a time, " + "; ".join(parts)
             + f". This {verdict} (SmolLM2's final norm is an RMSNorm, without centering, read by a tied "
             f"unembedding). Only {len(en['candidates'])} candidates on {en['rows'][0]} x {en['rows'][1]} tokens: a "

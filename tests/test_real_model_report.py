@@ -48,3 +48,23 @@ def test_size_presets_map_back_to_their_flags():
     assert rm._flag(as_dict(rm.QUICK)) == " --quick" and rm._flag(as_dict(rm.FULL)) == " --full"
     assert "custom" in rm._flag(as_dict(rm.Sizes(n_boot=7)))
     assert set().union(*rm.STAGE_SIZES.values()) == set(rm.Sizes().__dict__)  # every size is read by a stage
+
+
+def test_massive_activation_neurons_are_flagged_and_kept_out_of_the_verdict():
+    import torch
+
+    rm = _script()
+    act = torch.full((2, 8, 3), 0.5)
+    act[:, 0, 1] = 400.0  # neuron 1: huge on the first token only (an attention-sink writer)
+    assert rm._massive(act[..., 1])["massive"] and rm._massive(act[..., 1])["first_token_ratio"] == 800.0
+    act[1, 5, 0] = 3.0  # a large activation elsewhere: not massive however small the rest
+    assert rm._massive(act[..., 0])["first_token_ratio"] == 0.5 / 3.0
+    assert not rm._massive(act[..., 0])["massive"]
+    e = lambda v, lo, hi: {"value": v, "low": lo, "high": hi, "n": 8}  # noqa: E731
+    big = {"neuron": "L28N1", "dH_total_%": e(47, 30, 70), "dH_direct_%": e(56, 52, 64),
+           "ln_mediated_fraction": e(-0.2, -0.8, 0.1), **rm._massive(act[..., 1])}
+    small = {"neuron": "L29N0", "dH_total_%": e(-0.3, -0.35, -0.2), "dH_direct_%": e(-0.06, -0.1, -0.02),
+             "ln_mediated_fraction": e(0.8, 0.6, 0.9), **rm._massive(act[..., 0])}
+    text = rm._finding_entropy({"candidates": [big, small], "rows": [4, 32]})
+    assert "L28N1 is a massive-activation neuron" in text
+    assert "matches GPT-2" in text and "L29N0, acts mostly through the final norm" in text

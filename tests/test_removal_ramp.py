@@ -106,3 +106,18 @@ def test_fail_safe_still_stops_a_diverging_ramped_run():
         warnings.simplefilter("ignore")
         with pytest.raises(DivergedError, match="gave up"):
             remove_layernorm(make_model(), _data(), freeze_ramp=2, **{**RUN, "lr": 100.0, "min_lr": 1.0})
+
+
+def test_a_site_still_being_phased_in_cannot_be_folded():
+    model = make_model()
+    model.freeze_ln(["blocks.0.ln2"], scales=2.0)
+    module, path = model._site("blocks.0.ln2")
+    module.set_blend(path, 0.5)
+    with pytest.raises(ValueError, match=r"cannot remove blocks.0.ln2: .*phased in \(blend 0.5 < 1"):
+        model.remove_ln(["blocks.0.ln2"])
+    assert model.ln_mode("blocks.0.ln2") == "frozen"  # nothing folded
+    module.set_blend(path, 1.0)
+    tokens = _data(2)
+    before = model(tokens)
+    model.remove_ln(["blocks.0.ln2"])
+    assert torch.allclose(model(tokens), before, rtol=1e-4, atol=1e-5)

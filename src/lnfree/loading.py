@@ -611,7 +611,14 @@ def _load_gpt2_dir(folder: Path, config: dict, name: str, device, dtype, flags: 
 
 
 # ---- writing -------------------------------------------------------------------------------
-def _check_representable(cfg) -> None:
+def hf_gpt2_problems(cfg) -> dict:
+    """What keeps a model of this config from being written as HF GPT-2: {field: (value, wanted)}, empty if nothing.
+
+    Example:
+        >>> from lnfree import zoo
+        >>> hf_gpt2_problems(zoo.load("tiny-ln").cfg)
+        {}
+    """
     problems = {
         "positional_embedding_type": (cfg.positional_embedding_type, "standard"),
         "act_fn": (cfg.act_fn, "one of " + str(sorted(set(ACTIVATIONS.values())))),
@@ -628,9 +635,14 @@ def _check_representable(cfg) -> None:
         problems.pop("act_fn")
     if cfg.use_attn_scale and not math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head), rel_tol=1e-6):
         problems["attn_scale"] = (cfg.attn_scale, f"sqrt(d_head) = {math.sqrt(cfg.d_head):g}")
-    bad = {k: v for k, (v, want) in problems.items() if v != want}
-    if bad:
-        wants = {k: problems[k][1] for k in bad}
+    return {k: (v, want) for k, (v, want) in problems.items() if v != want}
+
+
+def _check_representable(cfg) -> None:
+    problems = hf_gpt2_problems(cfg)
+    if problems:
+        bad = {k: v for k, (v, _) in problems.items()}
+        wants = {k: want for k, (_, want) in problems.items()}
         raise ValueError(f"this model cannot be written as HF GPT-2: {bad} (GPT-2 needs {wants})")
 
 

@@ -616,6 +616,10 @@ class LNFreeTransformer(HookedTransformer):
 
     def _fold_site(self, site: str) -> None:
         module, path = self._site(site)
+        a = module.blend.get(path, 1.0)
+        if a < 1.0:  # folding 1/sigma would silently drop the live part of the blended scale
+            raise ValueError(f"cannot remove {site}: its frozen scale is still being phased in (blend {a:.3g} < 1, "
+                             f"the removal trainer's freeze_ramp); set its blend to 1 first")
         sigma = module.get_sigma(path)
         w = module.w.detach().float() if module.has_params else None
         b = module.b.detach().float() if module.has_bias else None

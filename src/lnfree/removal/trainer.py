@@ -938,6 +938,11 @@ def _save_final(model: LNFreeTransformer, out: Path) -> dict:
     atomic_write_text(tl / "config.json", json.dumps({"model": cfg_to_json(model.cfg),
                                                       "ln_modes": model.ln_modes()}, indent=1))
     saved["final_tl"] = str(tl)
+    from lnfree.loading import hf_gpt2_problems
+
+    if hf_gpt2_problems(model.cfg):  # not GPT-2-shaped (Llama, NeoX, ...): final_tl is its format
+        saved["final_error"] = f"no HF GPT-2 export for this architecture: {sorted(hf_gpt2_problems(model.cfg))}"
+        return saved
     try:
         model.save_pretrained(str(out / "final"))
         fix_tree_modes(out / "final")  # safetensors writes 0600
