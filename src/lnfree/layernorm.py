@@ -158,20 +158,19 @@ class RemovableLayerNorm(nn.Module):
             x = x.to(torch.float32)
         if self.centered:
             x = x - x.mean(-1, keepdim=True)
+        a = 0.0 if mode == "live" else self.blend[path]  # a < 1: a freeze being phased in
+        if a < 1.0:
+            live = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
         if mode == "live":
-            scale = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+            scale = live
             if self.recorder is not None:
                 self.recorder(path, scale.detach()[..., 0])
         else:
             if self.recorder is not None:
                 self._record(path, x, centered=True)
             sigma = self.sigma[self._index(path)].to(x.dtype)
-            a = getattr(self, "blend", {}).get(path, 1.0)
-            if a < 1.0:  # a freeze being phased in: per-token geometric blend of the live scale and sigma
-                live = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
-                scale = live ** (1.0 - a) * sigma ** a
-            else:
-                scale = sigma.expand(x.shape[:-1] + (1,))
+            # phasing in: the per-token geometric blend of the live scale and sigma
+            scale = live ** (1.0 - a) * sigma ** a if a < 1.0 else sigma.expand(x.shape[:-1] + (1,))
         scale = hook_scale(scale)
         x = hook_normalized(x / scale).to(self.cfg.dtype)
         if self.has_bias:

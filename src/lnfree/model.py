@@ -616,7 +616,7 @@ class LNFreeTransformer(HookedTransformer):
 
     def _fold_site(self, site: str) -> None:
         module, path = self._site(site)
-        a = module.blend.get(path, 1.0)
+        a = module.blend[path]
         if a < 1.0:  # folding 1/sigma would silently drop the live part of the blended scale
             raise ValueError(f"cannot remove {site}: its frozen scale is still being phased in (blend {a:.3g} < 1, "
                              f"the removal trainer's freeze_ramp); set its blend to 1 first")

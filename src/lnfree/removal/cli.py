@@ -106,10 +106,10 @@ def check_args(args) -> None:
                          max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, distill=args.distill,
                          distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp), flag=_flag)
-    for name in ("eval_seqs", "threads"):
+    for name, low in (("eval_seqs", 0), ("threads", 1), ("site_start", 1), ("site_gap", 0)):
         v = getattr(args, name)
-        if v is not None and v < (0 if name == "eval_seqs" else 1):
-            raise ValueError(f"{_flag(name)} must be an integer >= {0 if name == 'eval_seqs' else 1}, got {v}")
+        if v is not None and (isinstance(v, bool) or v < low):
+            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v}")
     resolve_device(args.device, argument="--device")
     if args.site_order is not None:
         if args.preset is not None:
@@ -118,10 +118,6 @@ def check_args(args) -> None:
             raise ValueError("--site-order needs --steps (the run's length)")
         if not Path(args.site_order).is_file():
             raise ValueError(f"--site-order {args.site_order}: no such file")
-    for name, low in (("site_start", 1), ("site_gap", 0)):
-        v = getattr(args, name)
-        if v is not None and (isinstance(v, bool) or v < low):
-            raise ValueError(f"{_flag(name)} must be an integer >= {low}, got {v}")
     if args.resume:
         out = Path(args.out)
         from lnfree.training.checkpoints import CheckpointDir
@@ -136,7 +132,7 @@ def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: i
     (cheapest first, `order_by_cost`). `start` defaults to Small's relative start, ``round(steps * 20/300)``."""
     import json
 
-    from lnfree.removal.schedule import Schedule, order_by_cost
+    from lnfree.removal.schedule import Schedule, order_by_cost, small_start
 
     try:
         spec = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -149,7 +145,7 @@ def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: i
     else:
         raise ValueError(f"--site-order {path}: expected a JSON list of sites or a dict site -> cost, "
                          f"got {type(spec).__name__}")
-    start = max(1, int(steps * 20 / 300 + 0.5)) if start is None else start
+    start = small_start(steps) if start is None else start
     return Schedule.from_order(n_layers, steps, order, start=start, gap=gap, name=f"order:{Path(path).name}")
 
 

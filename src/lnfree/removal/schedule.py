@@ -69,6 +69,21 @@ def order_by_cost(costs: Mapping[str, Optional[float]]) -> list[str]:
     return [site for _, (site, _) in sorted(enumerate(costs.items()), key=key)]
 
 
+def _round(x: float) -> int:
+    """Round half up (Python's round() rounds half to even, which would shift some steps)."""
+    return int(math.floor(x + 0.5))
+
+
+def small_start(steps: int) -> int:
+    """GPT-2 Small's first removal step, 20 of 300, scaled to a `steps`-step run (at least 1).
+
+    Example:
+        >>> small_start(300), small_start(12)
+        (20, 1)
+    """
+    return max(1, _round(steps * 20 / 300))
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -208,7 +223,7 @@ class Schedule:
             if gap is not None:
                 raise ValueError(f"give gap= or end=, not both (got gap={gap!r}, end={end!r})")
             _check_int("end", end, start)
-            offsets = [0 if n == 1 else int(math.floor(k * (end - start) / (n - 1) + 0.5)) for k in range(n)]
+            offsets = [0 if n == 1 else _round(k * (end - start) / (n - 1)) for k in range(n)]
         else:
             gaps = [1 if gap is None else gap] * (n - 1) if gap is None or isinstance(gap, int) else list(gap)
             if isinstance(gap, bool) or len(gaps) != max(n - 1, 0):
@@ -246,16 +261,12 @@ class Schedule:
         """
         _check_int("n_layers", n_layers, 1)
         _check_int("steps", steps, 2)
-
-        def rnd(x: float) -> int:
-            return int(math.floor(x + 0.5))
-
-        start = max(1, rnd(steps * 20 / 300))
-        end = min(steps - 1, max(start, rnd(steps * 104 / 300)))
+        start = small_start(steps)
+        end = min(steps - 1, max(start, _round(steps * 104 / 300)))
         u = (end - start) / (7 * n_layers)
         pairs, weight = [], 0
         for site in ordered_sites(n_layers)[:-1]:
-            pairs.append((site, start + rnd(u * weight)))
+            pairs.append((site, start + _round(u * weight)))
             weight += 3 if site.endswith(".ln1.v") else 2
         pairs.append(("ln_final", end))
         return cls(n_layers, steps, tuple(pairs), name or f"scaled-{n_layers}L-{steps}")

@@ -307,13 +307,12 @@ class _Run:
             self.sync_shared_ln1()
         self.apply_ramp()
 
-    def apply_ramp(self, step: Optional[int] = None) -> None:
-        """``freeze_ramp`` R: a site frozen at step s uses ``live ** (1 - a) * sigma ** a`` during `step`, with
+    def apply_ramp(self) -> None:
+        """``freeze_ramp`` R: a site frozen at step s uses ``live ** (1 - a) * sigma ** a`` during this step, with
         ``a = (step - s + 1) / (R + 1)`` (1 from step s + R on). A function of the step only: resume-safe."""
-        ramp = self.cfg.freeze_ramp
+        ramp, step = self.cfg.freeze_ramp, self.step
         if not ramp or self.cfg.vanilla:
             return
-        step = self.step if step is None else step
         for site in self.sites:
             s = self.schedule.removal_step(site)
             if s <= step and self.model.ln_mode(site) == "frozen":
@@ -940,8 +939,9 @@ def _save_final(model: LNFreeTransformer, out: Path) -> dict:
     saved["final_tl"] = str(tl)
     from lnfree.loading import hf_gpt2_problems
 
-    if hf_gpt2_problems(model.cfg):  # not GPT-2-shaped (Llama, NeoX, ...): final_tl is its format
-        saved["final_error"] = f"no HF GPT-2 export for this architecture: {sorted(hf_gpt2_problems(model.cfg))}"
+    problems = hf_gpt2_problems(model.cfg)
+    if problems:  # not GPT-2-shaped (Llama, NeoX, ...): final_tl is its format
+        saved["final_error"] = f"no HF GPT-2 export for this architecture: {sorted(problems)}"
         return saved
     try:
         model.save_pretrained(str(out / "final"))
