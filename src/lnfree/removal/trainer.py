@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from lnfree.model import LNFreeTransformer
+from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the historical import path)
     CHECKPOINT_FORMAT, cfg_from_json, cfg_to_json, latest_checkpoint, load_checkpoint, load_tl_dir, read_checkpoint,
     restore_sites,
@@ -561,12 +561,6 @@ def check_arguments(values: dict, *, flag: Callable[[str], str] = lambda n: n) -
 
 
 # ---- public entry point --------------------------------------------------------------------
-def _as_ln_free(model) -> LNFreeTransformer:
-    from lnfree.model import as_lnfree
-
-    return as_lnfree(model)
-
-
 def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size, seq_len, data):
     """(Schedule, dict of hyper-parameters, preset or None) from a preset name, a Schedule, or None."""
     n_layers = model.cfg.n_layers
@@ -756,7 +750,7 @@ def remove_layernorm(
         check_arguments({"momentum": momentum})
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
-    model = _as_ln_free(model)
+    model = as_lnfree(model)
     if model.is_ln_free:
         raise ValueError("the model has no LayerNorm left (every site removed): nothing to remove")
     data = as_token_source(data)
