@@ -22,7 +22,12 @@ Modes, per path (the paper's procedure, generalised to RMSNorm by replacing the 
 with its fixed average):
 - ``live``: the ordinary normalization above.
 - ``frozen``: the per-token scale is replaced by a fixed scalar sigma (the paper's "fake LN"):
-  x_c / sigma * w + b for LayerNorm, x / sigma * w for RMSNorm.
+  x_c / sigma * w + b for LayerNorm, x / sigma * w for RMSNorm. A *positional* frozen scale is a
+  short vector (sigma_0, ..., sigma_{k-1}, sigma_rest): position p < k uses sigma_p, every later
+  position sigma_rest. It is still a fixed linear map at each position (nothing depends on the
+  activations), so the model stays norm-free and DLA stays the exact direct effect; it assumes the
+  first k tokens are the ones it was calibrated on (models with an attention sink at position 0,
+  e.g. SmolLM2, whose position-0 residual is a constant of the model after a fixed BOS token).
 - ``removed``: identity. The model has folded centering (LayerNorm only), w, b and 1/sigma into
   the weights that read this path (see `LNFreeTransformer.remove_ln`). `hook_scale` still fires,
   with ones, so code that divides by the cached scale stays exact.
@@ -30,7 +35,7 @@ with its fixed average):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -91,6 +96,16 @@ class RemovableLayerNorm(nn.Module):
         # One scalar scale per path; nan while never set. Not persistent: the TransformerLens
         # state dict stays unchanged, and checkpoints store scales explicitly.
         self.register_buffer("sigma", torch.full((len(self.paths),), float("nan")), persistent=False)
+        # Per path, the leading per-position scales of a positional frozen scale (empty: one scalar for
+        # every position); buffers, so that .to(device) moves them.
+        for i in range(len(self.paths)):
+            self.register_buffer(f"sigma_lead_{i}", torch.empty(0), persistent=False)
+        # The model sets this ([batch, pos] position of each token, from the attention mask) for the
+        # duration of a forward pass (DLA sets it for flat inputs); None: the position is the index along dim 1.
+        # Shaped like the leading dims of the input, trailing dims broadcast.
+        self.positions: Optional[torch.Tensor] = None
+        # per path, the token at position 0 that a positional scale was calibrated with (None: not recorded)
+        self.first_token: dict[str, Optional[int]] = {p: None for p in self.paths}
         self.hook_scale = HookPoint()  # [batch, pos, 1] (or [batch, pos, head, 1] for split inputs)
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
         if len(self.paths) > 1:
@@ -107,20 +122,63 @@ class RemovableLayerNorm(nn.Module):
             raise ValueError(f"path {path!r} is not one of this LayerNorm's paths {self.paths}")
         return self.paths.index(path)
 
-    def get_sigma(self, path: str) -> Optional[float]:
-        value = float(self.sigma[self._index(path)])
-        return None if value != value else value
+    def get_sigma(self, path: str) -> Union[None, float, tuple[float, ...]]:
+        """The stored scale: None (never set), a float, or a positional tuple (sigma_0, ..., sigma_rest)."""
+        i = self._index(path)
+        value = float(self.sigma[i])
+        if value != value:
+            return None
+        lead = getattr(self, f"sigma_lead_{i}")
+        return tuple(float(v) for v in lead) + (value,) if lead.numel() else value
 
-    def set_mode(self, path: str, mode: str, sigma: Optional[float] = None) -> None:
+    def is_positional(self, path: str) -> bool:
+        return getattr(self, f"sigma_lead_{self._index(path)}").numel() > 0
+
+    def store_sigma(self, path: str, sigma: Union[None, float, Sequence[float]]) -> None:
+        """Store a scale: None (unset), a float, or a sequence (sigma_0, ..., sigma_rest) of length >= 2."""
+        i = self._index(path)
+        lead: list[float] = []
+        if sigma is None:
+            rest = float("nan")
+        elif isinstance(sigma, (int, float)):
+            rest = float(sigma)
+        else:
+            values = [float(v) for v in sigma]
+            if len(values) < 2:
+                raise ValueError(f"a positional scale needs >= 2 values (sigma_0, ..., sigma_rest), got {values}")
+            lead, rest = values[:-1], values[-1]
+        self.sigma[i] = rest
+        setattr(self, f"sigma_lead_{i}", torch.tensor(lead, dtype=self.sigma.dtype, device=self.sigma.device))
+
+    def set_mode(self, path: str, mode: str, sigma: Union[None, float, Sequence[float]] = None) -> None:
         """Set one path's mode; `sigma` is required for "frozen" unless already stored."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        i = self._index(path)
+        self._index(path)
         if sigma is not None:
-            self.sigma[i] = float(sigma)
+            self.store_sigma(path, sigma)
         if mode == "frozen" and self.get_sigma(path) is None:
             raise ValueError(f"freezing path {path!r} needs a scale: pass sigma=")
         self.modes[path] = mode
+
+    def _frozen_scale(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """The frozen scale, broadcastable to x[..., :1]: a scalar, or per position for a positional scale."""
+        i = self._index(path)
+        rest = self.sigma[i].to(x.dtype)
+        lead = getattr(self, f"sigma_lead_{i}").to(x.dtype)
+        if lead.numel() == 0:
+            return rest.expand(x.shape[:-1] + (1,))
+        table = torch.cat([lead, rest[None]])  # position p -> table[min(p, k)]
+        pos = self.positions
+        if pos is None:
+            if x.ndim < 3:
+                raise ValueError("a positional frozen scale needs each token's position: set .positions "
+                                 "(the model does so in forward) before applying it to a flat [n, d_model] input")
+            pos = torch.arange(x.shape[1], device=x.device)[None]
+        scale = table[pos.to(x.device).clamp(max=lead.numel())]  # e.g. [batch, pos]
+        # trailing singleton dims (split q/k/v inputs: [batch, pos, head, 1]), then the d_model dim
+        scale = scale.reshape(scale.shape + (1,) * (x.ndim - scale.ndim))
+        return scale.expand(x.shape[:-1] + (1,))
 
     def set_blend(self, path: str, a: float) -> None:
         """Phase a frozen path's scale in: ``live ** (1 - a) * sigma ** a`` per token (a = 1: plain frozen).
@@ -168,9 +226,9 @@ class RemovableLayerNorm(nn.Module):
         else:
             if self.recorder is not None:
                 self._record(path, x, centered=True)
-            sigma = self.sigma[self._index(path)].to(x.dtype)
+            sigma = self._frozen_scale(path, x)
             # phasing in: the per-token geometric blend of the live scale and sigma
-            scale = live ** (1.0 - a) * sigma ** a if a < 1.0 else sigma.expand(x.shape[:-1] + (1,))
+            scale = live ** (1.0 - a) * sigma ** a if a < 1.0 else sigma
         scale = hook_scale(scale)
         x = hook_normalized(x / scale).to(self.cfg.dtype)
         if self.has_bias:

@@ -36,7 +36,8 @@ from transformer_lens.utilities.architectures import POST_NORM_ARCHITECTURES
 from lnfree import _hooks
 from lnfree.layernorm import MODES, RemovableLayerNorm
 
-ScalesArg = Union[None, float, int, Mapping[str, float]]
+Scale = Union[float, tuple[float, ...]]  # a scalar, or positional: (sigma_0, ..., sigma_{k-1}, sigma_rest)
+ScalesArg = Union[None, float, int, Sequence[float], Mapping[str, Union[float, Sequence[float]]]]
 SitesArg = Union[None, str, Sequence[str]]
 
 
@@ -88,6 +89,10 @@ class LNFreeBlock(TransformerBlock):
         mlp_in = resid_mid if not cfg.use_hook_mlp_in else self.hook_mlp_in(resid_mid.clone())
         mlp_out = self.apply_mlp(self.ln2(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+
+def _is_scale(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
 def _warn_if_not_finite(out) -> None:
@@ -170,6 +175,17 @@ def _as_number(x):
     return x
 
 
+def _as_scale(x):
+    """`_as_number`, and a list / 1-d tensor (a positional scale) as a tuple of floats."""
+    if isinstance(x, torch.Tensor) and x.ndim == 1:
+        return tuple(float(v) for v in x)
+    if isinstance(x, list):
+        return tuple(_as_number(v) for v in x)
+    if isinstance(x, tuple):
+        return tuple(_as_number(v) for v in x)
+    return _as_number(x)
+
+
 class LNFreeTransformer(HookedTransformer):
     """HookedTransformer with removable LayerNorm / RMSNorm sites.
 
@@ -204,7 +220,8 @@ class LNFreeTransformer(HookedTransformer):
         per-token scale the residual stream can overflow (e.g. gated-MLP models such as SmolLM2 with
         every site frozen and no fine-tuning: activations square at every layer).
         """
-        self._check_forward_ids(args[0] if args else kwargs.get("input"), kwargs)
+        input = args[0] if args else kwargs.get("input")
+        self._check_forward_ids(input, kwargs)
         fixed = self._has_fixed_scale()
         if self.W_E.dtype == torch.float16 and fixed:
             raise ValueError(
@@ -212,7 +229,8 @@ class LNFreeTransformer(HookedTransformer):
                 "stream reaches norms in the thousands and overflows float16 (max 65504). Use "
                 "model.to(torch.float32) or model.to(torch.bfloat16)."
             )
-        out = super().forward(*args, **kwargs)
+        with self._positions_set(input, kwargs):
+            out = super().forward(*args, **kwargs)
         if fixed and not self.training:  # training loops keep their own checks (and no extra host sync)
             _warn_if_not_finite(out)
         return out
@@ -228,6 +246,51 @@ class LNFreeTransformer(HookedTransformer):
         fixed_positions = self.cfg.positional_embedding_type in ("standard", "shortformer")
         if fixed_positions and kwargs.get("past_kv_cache") is None and input.shape[-1] > self.cfg.n_ctx:
             raise ValueError(f"sequences of {input.shape[-1]} tokens exceed the context length n_ctx={self.cfg.n_ctx}")
+
+    def _positional_modules(self) -> list[RemovableLayerNorm]:
+        return [m for m in self.modules() if isinstance(m, RemovableLayerNorm)
+                and any(m.modes[p] == "frozen" and m.is_positional(p) for p in m.paths)]
+
+    @contextlib.contextmanager
+    def _positions_set(self, input, kwargs):
+        """While positional frozen scales are in use: give them each token's position (left padding and a
+        KV cache shift it) and warn when a row's first token is not the one they were calibrated on."""
+        modules = self._positional_modules()
+        if not modules or not isinstance(input, torch.Tensor):
+            yield
+            return
+        is_tokens = not input.is_floating_point()  # else a residual stream (start_at_layer)
+        shape = (input[None] if input.ndim == 1 else input).shape[:2] if is_tokens else input.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0).to(input.device)
+        else:
+            positions = torch.arange(shape[1], device=input.device)[None].expand(shape)
+        cache = kwargs.get("past_kv_cache")
+        if cache is not None and len(cache.entries) and cache.entries[0].past_keys is not None:
+            positions = positions + cache.entries[0].past_keys.shape[1]
+        if is_tokens:
+            self._check_first_token(input.reshape(shape), positions, mask, modules)
+        for m in modules:
+            m.positions = positions
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.positions = None
+
+    @staticmethod
+    def _check_first_token(tokens, positions, mask, modules) -> None:
+        expected = {t for m in modules for p in m.paths if m.is_positional(p)
+                    for t in [m.first_token.get(p)] if t is not None}
+        first = (positions == 0) if mask is None else (positions == 0) & mask.bool().to(tokens.device)
+        seen = set(tokens[first].unique().tolist())
+        if expected and not seen <= expected:
+            warnings.warn(
+                f"positional frozen norm scales were calibrated with token {sorted(expected)} at position 0, but "
+                f"these rows start with {sorted(seen - expected)[:5]}: position 0's scale assumes that first token "
+                "(prepend it, e.g. the tokenizer's BOS, or re-estimate the scales)",
+                UserWarning, stacklevel=4)
 
     def _has_fixed_scale(self) -> bool:
         return any(
@@ -364,8 +427,11 @@ class LNFreeTransformer(HookedTransformer):
         """Mode of every site, in `ln_sites` order."""
         return {s: self.ln_mode(s) for s in self.ln_sites}
 
-    def ln_scale(self, site: str) -> Optional[float]:
-        """The fixed scale stored for a site (estimated or frozen), or None if never set."""
+    def ln_scale(self, site: str) -> Optional[Scale]:
+        """The fixed scale stored for a site (estimated or frozen), or None if never set.
+
+        A float, or for a positional scale the tuple (sigma_0, ..., sigma_{k-1}, sigma_rest).
+        """
         module, path = self._site(site)
         return module.get_sigma(path)
 
@@ -381,8 +447,19 @@ class LNFreeTransformer(HookedTransformer):
         return f"{site}.hook_{kind}"
 
     def ln_state(self) -> dict[str, dict]:
-        """JSON-able mode and scale of every site, for checkpoints (see `load_ln_state`)."""
-        return {s: {"mode": self.ln_mode(s), "scale": self.ln_scale(s)} for s in self.ln_sites}
+        """JSON-able mode and scale of every site, for checkpoints (see `load_ln_state`).
+
+        A positional scale is a list (sigma_0, ..., sigma_rest) with the position-0 token it assumes
+        (``first_token``).
+        """
+        state = {}
+        for s in self.ln_sites:
+            module, path = self._site(s)
+            scale = self.ln_scale(s)
+            state[s] = {"mode": self.ln_mode(s), "scale": list(scale) if isinstance(scale, tuple) else scale}
+            if isinstance(scale, tuple):
+                state[s]["first_token"] = module.first_token.get(path)
+        return state
 
     def load_ln_state(self, state: Mapping[str, Mapping]) -> "LNFreeTransformer":
         """Restore modes and scales saved by `ln_state` onto weights saved from the same model.
@@ -399,18 +476,32 @@ class LNFreeTransformer(HookedTransformer):
             if mode not in MODES:
                 raise ValueError(f"LN state for {site} has mode {mode!r}; allowed: {MODES}")
             scale = entry.get("scale")
-            ok = scale is None or (not isinstance(scale, bool) and isinstance(scale, (int, float))
-                                   and math.isfinite(scale) and scale > 0)
-            if not ok or (scale is None and mode == "frozen"):
+            values = scale if isinstance(scale, (list, tuple)) else [scale]
+            ok = scale is None or (len(values) >= 1 and all(_is_scale(v) for v in values))
+            if not ok or (scale is None and mode == "frozen") or (isinstance(scale, (list, tuple)) and len(values) < 2):
                 raise ValueError(f"LN state for {site} has scale {scale!r}: a frozen site needs a finite positive "
-                                 "scale, the others a finite positive scale or None")
+                                 "scale (or a list of >= 2 for a positional one), the others that or None")
+            if isinstance(scale, (list, tuple)) and mode == "removed":
+                raise ValueError(f"LN state for {site}: a removed site cannot have a positional scale")
         for site, entry in state.items():
             module, path = self._site(site)
-            scale = entry.get("scale")
-            module.sigma[module._index(path)] = float("nan") if scale is None else float(scale)
+            module.store_sigma(path, entry.get("scale"))
+            module.first_token[path] = entry.get("first_token")
             module.modes[path] = entry["mode"]
         self.cfg.normalization_type = None if self.is_ln_free else self.cfg.normalization_type
         return self
+
+    def is_positional(self, site: str) -> bool:
+        """True when a site's stored scale is positional (its own value for the first positions)."""
+        module, path = self._site(site)
+        return module.is_positional(path)
+
+    @property
+    def is_norm_free(self) -> bool:
+        """True when no site normalises by its input: each is removed or fully frozen (a fixed linear map
+        per position; a positional scale included)."""
+        return all(self.ln_mode(s) == "removed" or (self.ln_mode(s) == "frozen" and self._site(s)[0].blend[
+            self._site(s)[1]] == 1.0) for s in self.ln_sites)
 
     @property
     def is_ln_free(self) -> bool:
@@ -419,15 +510,18 @@ class LNFreeTransformer(HookedTransformer):
 
     # ---- scales ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def recording_ln_std(self, mask: Optional[torch.Tensor] = None) -> Iterator["LNStdStats"]:
+    def recording_ln_std(self, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                         positional: int = 0) -> Iterator["LNStdStats"]:
         """Record, during forward passes, each site's per-token scale: what the live `hook_scale` is
         (or would be, for frozen and removed sites): the std sqrt(var + eps) for LayerNorm, the RMS
         sqrt(mean(x^2) + eps) for RMSNorm.
 
         `mask` ([batch, pos] bool) selects the tokens counted. Yields an `LNStdStats` whose
-        `.means()` gives the mean std per site.
+        `.means()` gives the mean std per site. With `positional` = k > 0, positions 0..k-1 (`positions`,
+        [batch, pos], default the index along pos) are also counted apart, under the keys ``"{site}@{p}"``,
+        and the plain site key counts only positions >= k.
         """
-        stats = LNStdStats(mask)
+        stats = LNStdStats(mask, positions, positional)
         modules = {}
         for site in self.ln_sites:
             module, path = self._site(site)
@@ -443,16 +537,24 @@ class LNFreeTransformer(HookedTransformer):
     @torch.no_grad()
     def estimate_ln_scales(
         self,
-        tokens: Int[torch.Tensor, "batch pos"],
+        tokens: Union[Int[torch.Tensor, "batch pos"], "TokenBatch"],
         batch_size: int = 16,
         exclude_position_0: bool = False,
         store: bool = True,
         progress: bool = False,
-    ) -> dict[str, float]:
+        attention_mask: Optional[Int[torch.Tensor, "batch pos"]] = None,
+        positional: int = 0,
+    ) -> dict[str, Scale]:
         """Mean over batch and positions of each site's per-token scale, as the paper computes it.
 
         The scale is the live `hook_scale`: sqrt(mean(x_c^2) + eps) (the std) for LayerNorm sites,
-        sqrt(mean(x^2) + eps) (the RMS, no centering) for RMSNorm sites.
+        sqrt(mean(x^2) + eps) (the RMS, no centering) for RMSNorm sites. Padding (`attention_mask=`, or a
+        `TokenBatch` from `lnfree.tokenize`) is left out: a padded batch gives its rows' scales, each real
+        token weighted once.
+
+        `positional` = k > 0 estimates a positional scale (sigma_0, ..., sigma_{k-1}, sigma_rest): positions
+        0..k-1 (counted from each row's first real token) get their own mean, the rest one mean. Every row
+        must then start with the same first token, which the scale records (see `RemovableLayerNorm`).
 
         Stored on the model (unless `store=False`) so that `freeze_ln()` without scales uses them.
         Removed sites have no scale to estimate and are skipped.
@@ -461,34 +563,65 @@ class LNFreeTransformer(HookedTransformer):
             >>> scales = model.estimate_ln_scales(tokens, exclude_position_0=True)
             >>> scales["ln_final"]  # doctest: +SKIP
             3.71
+            >>> model.estimate_ln_scales(tokens, positional=1)["ln_final"]  # doctest: +SKIP
+            (41.2, 3.70)
         """
+        from lnfree._checks import forward_kwargs, positive_int, resolve_batch
+
         if self.is_ln_free:
             raise ValueError("this model is LN-free (every site removed): there are no LN scales to estimate")
-        tokens = self._check_tokens(tokens)
-        if tokens.shape[1] < 2 and exclude_position_0:
+        tokens, mask = resolve_batch(self, tokens, attention_mask)
+        batch_size = positive_int(batch_size, "batch_size")
+        positional = positive_int(positional, "positional", allow_zero=True)
+        real = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device) if mask is None else mask
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        counted = real & (positions > 0) if exclude_position_0 else real
+        if not bool(counted.any()):
             raise ValueError("exclude_position_0=True needs sequences of at least 2 tokens")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        mask = torch.ones(tokens.shape, dtype=torch.bool)
-        if exclude_position_0:
-            mask[:, 0] = False
+        first_token = self._first_token(tokens, real, positions) if positional else None
+        if positional and exclude_position_0:
+            raise ValueError("positional=k already gives position 0 its own scale; do not also exclude it")
         from tqdm.auto import tqdm
 
         totals: dict[str, list[float]] = {}
         for start in tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="LN scales"):
-            batch = tokens[start : start + batch_size]
-            with self.recording_ln_std(mask[start : start + batch_size]) as stats:
-                self(batch.to(self.cfg.device), return_type=None)
-            for site, (s, n) in stats.sums.items():
-                acc = totals.setdefault(site, [0.0, 0])
+            rows = slice(start, start + batch_size)
+            with self.recording_ln_std(counted[rows], positions[rows], positional) as stats:
+                self(tokens[rows].to(self.cfg.device), return_type=None,
+                     **forward_kwargs(self, tokens[rows], None if mask is None else mask[rows]))
+            for key, (s, n) in stats.sums.items():
+                acc = totals.setdefault(key, [0.0, 0])
                 acc[0] += s
                 acc[1] += n
-        scales = {s: totals[s][0] / totals[s][1] for s in self.ln_sites if self.ln_mode(s) != "removed"}
+        scales: dict[str, Scale] = {}
+        for site in self.ln_sites:
+            if self.ln_mode(site) == "removed":
+                continue
+            keys = [f"{site}@{p}" for p in range(positional)] + [site]
+            missing = [k for k in keys if totals.get(k, [0, 0])[1] == 0]
+            if missing:
+                raise ValueError(f"no token at {missing[0].split('@')[-1] if '@' in missing[0] else 'the later positions'}"
+                                 f" to estimate {site}'s scale: use rows of more than {positional} real tokens")
+            values = tuple(totals[k][0] / totals[k][1] for k in keys)
+            bad = [v for v in values if not math.isfinite(v)]
+            if bad:
+                raise FloatingPointError(f"non-finite activations at {site} (scale {bad[0]}): the model's forward "
+                                         "pass overflowed before this site; check its weights and frozen sites")
+            scales[site] = values if positional else values[0]
         if store:
             for site, value in scales.items():
                 module, path = self._site(site)
-                module.sigma[module._index(path)] = value
+                module.store_sigma(path, value)
+                module.first_token[path] = first_token
         return scales
+
+    @staticmethod
+    def _first_token(tokens, real, positions) -> int:
+        first = tokens[real & (positions == 0)].unique()
+        if first.numel() != 1:
+            raise ValueError(f"positional scales assume one fixed first token, but the rows start with "
+                             f"{first.tolist()[:5]}: prepend the same token (e.g. BOS) to every row")
+        return int(first)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
@@ -507,10 +640,11 @@ class LNFreeTransformer(HookedTransformer):
             raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the context length n_ctx={self.cfg.n_ctx}")
         return tokens
 
-    def _resolve_scales(self, sites: list[str], scales: ScalesArg) -> dict[str, float]:
-        scales = _as_number(scales)
+    def _resolve_scales(self, sites: list[str], scales: ScalesArg) -> dict[str, Scale]:
+        """One scale per site (a float, or a positional tuple of >= 2) from `scales` or the stored ones."""
+        scales = _as_scale(scales)
         if isinstance(scales, Mapping):
-            scales = {k: _as_number(v) for k, v in scales.items()}
+            scales = {k: _as_scale(v) for k, v in scales.items()}
         if scales is None:
             out = {s: self.ln_scale(s) for s in sites}
             missing = [s for s, v in out.items() if v is None]
@@ -519,8 +653,9 @@ class LNFreeTransformer(HookedTransformer):
                     f"no stored scale for {missing[:3]}{'...' if len(missing) > 3 else ''}: call "
                     "model.estimate_ln_scales(tokens) first, or pass scales= (a float or a dict site -> float)"
                 )
-        elif isinstance(scales, bool) or not isinstance(scales, (int, float, Mapping)):
-            raise TypeError(f"scales must be None, a float, or a dict site -> float; got {type(scales).__name__}")
+        elif isinstance(scales, bool) or not isinstance(scales, (int, float, tuple, Mapping)):
+            raise TypeError(f"scales must be None, a float, a tuple (positional), or a dict site -> float; "
+                            f"got {type(scales).__name__}")
         elif isinstance(scales, Mapping):
             unknown = set(scales) - set(self.ln_sites)
             if unknown:
@@ -530,11 +665,13 @@ class LNFreeTransformer(HookedTransformer):
                 raise ValueError(f"scales dict has no entry for sites {missing[:3]}; give one per site to freeze")
             out = {s: scales[s] for s in sites}
         else:
-            out = {s: float(scales) for s in sites}
+            out = {s: scales for s in sites}
         for s, v in out.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"scale for {s} must be a finite positive number, got {v!r}")
-        return {s: float(v) for s, v in out.items()}
+            values = v if isinstance(v, tuple) else (v,)
+            if not all(_is_scale(x) for x in values) or (isinstance(v, tuple) and len(v) < 2):
+                raise ValueError(f"scale for {s} must be a finite positive number (or a tuple of >= 2 such numbers, "
+                                 f"positional), got {v!r}")
+        return {s: (tuple(float(x) for x in v) if isinstance(v, tuple) else float(v)) for s, v in out.items()}
 
     # ---- modes -------------------------------------------------------------------------
     def freeze_ln(self, sites: SitesArg = None, scales: ScalesArg = None) -> "LNFreeTransformer":
@@ -588,7 +725,7 @@ class LNFreeTransformer(HookedTransformer):
                 if self.ln_mode(site) == "removed":
                     continue
                 module, path = self._site(site)
-                module.sigma[module._index(path)] = float("nan") if sigma is None else sigma
+                module.store_sigma(path, sigma)
                 module.modes[path] = mode
 
     @torch.no_grad()
@@ -621,6 +758,11 @@ class LNFreeTransformer(HookedTransformer):
             raise ValueError(f"cannot remove {site}: its frozen scale is still being phased in (blend {a:.3g} < 1, "
                              f"the removal trainer's freeze_ramp); set its blend to 1 first")
         sigma = module.get_sigma(path)
+        if isinstance(sigma, tuple):
+            raise ValueError(f"cannot remove {site}: its frozen scale is positional {sigma} (one value per leading "
+                             "position), which no weight shared by all positions can hold. A frozen site is already "
+                             "norm-free (a fixed linear map per position): keep it frozen, and remove the others "
+                             "(model.remove_ln([s for s in model.ln_sites if not model.is_positional(s)]))")
         w = module.w.detach().float() if module.has_params else None
         b = module.b.detach().float() if module.has_bias else None
         has_b = b is not None and bool(b.abs().max() > 0)
@@ -642,7 +784,7 @@ class LNFreeTransformer(HookedTransformer):
                 self._set_param(bias, bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim])))
             self._set_param(weight, M)
         module.set_mode(path, "removed")
-        module.sigma[module._index(path)] = 1.0
+        module.store_sigma(path, 1.0)
 
     def site_readers(self, site: str) -> list[tuple[nn.Parameter, Optional[nn.Parameter], int]]:
         """The parameters that read a site's output: (weight, bias or None, index of the d_model dim).
@@ -724,17 +866,32 @@ class LNStdStats:
     convert to Python floats when read.
     """
 
-    def __init__(self, mask: Optional[torch.Tensor] = None):
+    def __init__(self, mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                 positional: int = 0):
         self.mask = mask
+        self.positions = positions
+        self.positional = positional
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def _buckets(self, std: torch.Tensor) -> list[tuple[str, Optional[torch.Tensor]]]:
+        """(key suffix, [batch, pos] selection) per counted bucket: '@p' for positions p < k, '' for the rest."""
+        if not self.positional:
+            return [("", self.mask)]
+        pos = self.positions
+        if pos is None:
+            pos = torch.arange(std.shape[1], device=std.device)[None].expand(std.shape[:2])
+        pos = pos.to(std.device)
+        keep = torch.ones_like(pos, dtype=torch.bool) if self.mask is None else self.mask.to(std.device)
+        out = [(f"@{p}", keep & (pos == p)) for p in range(self.positional)]
+        return out + [("", keep & (pos >= self.positional))]
 
     def recorder_for(self, path_to_site: dict[str, str]):
         def record(path: str, std: torch.Tensor) -> None:
             site = path_to_site[path]
-            if self.mask is not None:
-                std = std[self.mask.to(std.device)]
-            s, n = self._sums.get(site, (0.0, 0))
-            self._sums[site] = (s + std.double().sum(), n + std.numel())
+            for suffix, sel in self._buckets(std):
+                x = std if sel is None else std[sel.to(std.device)]
+                s, n = self._sums.get(site + suffix, (0.0, 0))
+                self._sums[site + suffix] = (s + x.double().sum(), n + x.numel())
 
         return record
 

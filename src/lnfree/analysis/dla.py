@@ -530,21 +530,28 @@ class _FinalLN:
         self.b = getattr(model.ln_final, "b", None) if has_w else None
         self.linear = linear
         self.centers = _centers(model)
+        self.positions: Optional[torch.Tensor] = None  # [n] position of each flat entry (positional scales)
 
     def __call__(self, x: torch.Tensor, want_scale: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """ln_final(x) and, if asked, the scale it used ([..., 1] from hook_scale; None for the identity)."""
         if self.module is None:
             return x, None
-        if not want_scale:
-            return self.module(x).to(x.dtype), None
-        seen = {}
+        # a positional frozen scale reads each entry's position: [n] for x [n, d], [1, n] for blocks [k, n, d]
+        pos = self.positions
+        self.module.positions = None if pos is None else pos.reshape((1,) * (x.ndim - 2) + tuple(pos.shape))
+        try:
+            if not want_scale:
+                return self.module(x).to(x.dtype), None
+            seen = {}
 
-        def grab(scale, hook):
-            seen["scale"] = scale
+            def grab(scale, hook):
+                seen["scale"] = scale
 
-        with self.model.hooks(fwd_hooks=[("ln_final.hook_scale", grab)]):
-            out = self.module(x)
-        return out.to(x.dtype), seen["scale"].to(x.dtype)
+            with self.model.hooks(fwd_hooks=[("ln_final.hook_scale", grab)]):
+                out = self.module(x)
+            return out.to(x.dtype), seen["scale"].to(x.dtype)
+        finally:
+            self.module.positions = None
 
     def direction(self, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
         """v with DLA(c) = c . v: centering, w and 1/scale moved onto u (same number, cheaper)."""
@@ -751,6 +758,9 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
         kw = {k: v.to(tokens.device) for k, v in _checks.forward_kwargs(model, tokens, mask).items()}
         resid = model(tokens, stop_at_layer=model.cfg.n_layers, **kw)
     r = resid[b_idx, p_idx].to(_DTYPE)  # [n, d]: the input of ln_final
+    # each entry's position within its row's real tokens (a positional ln_final scale depends on it)
+    start = 0 if mask is None else mask.to(b_idx.device).int().argmax(1)[b_idx]
+    ln.positions = (p_idx - start).to(r.device)
     dev = r.device
     W_U, b_U = model.W_U, model.b_U
     u = W_U[:, tgt.to(dev)].T.to(_DTYPE)  # [n, d]: only the needed columns of W_U

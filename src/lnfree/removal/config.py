@@ -30,6 +30,8 @@ class RemovalConfig:
     ``freeze_ramp`` = R > 0 phases each freeze in over R steps: from its removal step s, a site's
     per-token scale is ``live ** (1 - a) * sigma ** a`` with ``a = (step - s + 1) / (R + 1)``, fully
     frozen (a = 1) from step s + R on (for models whose sites cost too much to freeze at once: SmolLM2).
+    ``positional_sigma`` = k > 0 freezes each site at a positional scale: positions 0..k-1 keep their own
+    EMA sigma, later positions share one (`RemovableLayerNorm`); such sites stay frozen (not folded) at the end.
 
     Example:
         >>> cfg = RemovalConfig(optim=OptimConfig(steps=12, lr=1e-3), batch_size=4, micro_batch_size=2,
@@ -59,6 +61,7 @@ class RemovalConfig:
     mask_eot_labels: bool = False
     vanilla_aux: bool = False
     freeze_ramp: int = 0
+    positional_sigma: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_rollbacks: int = 3
@@ -76,7 +79,7 @@ class RemovalConfig:
             raise TypeError(f"optim must be an OptimConfig, got {type(self.optim).__name__}")
         ints = {"batch_size": 1, "micro_batch_size": 1, "seq_len": 2, "checkpoint_every": 1,
                 "keep_checkpoints": 1, "max_rollbacks": 0, "seed": 0, "spike_window": 1, "spike_min_history": 1,
-                "ln1_momentum_power": 1, "freeze_ramp": 0}
+                "ln1_momentum_power": 1, "freeze_ramp": 0, "positional_sigma": 0}
         for name, low in ints.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -102,6 +105,8 @@ class RemovalConfig:
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if self.optim.warmup >= self.optim.steps:
             raise ValueError(f"warmup ({self.optim.warmup}) must be shorter than the run (steps={self.optim.steps})")
+        if self.positional_sigma and self.share_ln1_sigma:
+            raise ValueError("positional_sigma and share_ln1_sigma (the paper's shared ln1 sigma) cannot be combined")
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
                              f"({self.micro_batch_size})")

@@ -172,7 +172,11 @@ class _Run:
         live = [s for s in self.sites if model.ln_mode(s) == "live"]
         ln1 = {s: cfg.momentum ** cfg.ln1_momentum_power for s in live if ".ln1." in s} \
             if cfg.ln1_momentum_power != 1 else None
-        self.ema = SigmaEMA([] if cfg.vanilla else live, cfg.momentum, site_momentum=ln1)
+        # positional_sigma k: positions 0..k-1 of each site are tracked apart, under "site@p" keys
+        tracked = [key for s in live for key in [f"{s}@{p}" for p in range(cfg.positional_sigma)] + [s]]
+        ln1 = None if ln1 is None else {k: ln1[k.split("@")[0]] for k in tracked if k.split("@")[0] in ln1}
+        self.ema = SigmaEMA([] if cfg.vanilla else tracked, cfg.momentum, site_momentum=ln1)
+        self.first_token = _first_token(data) if cfg.positional_sigma and not cfg.vanilla else None
         self.guard = DivergenceGuard(cfg.diverge_factor, cfg.diverge_margin, cfg.spike_factor, cfg.spike_margin,
                                      cfg.spike_window, cfg.spike_min_history)
         if cfg.lora_rank:
@@ -262,6 +266,7 @@ class _Run:
         state = ck["state"]
         self.model.load_state_dict({k: v.to(self.device) for k, v in ck["weights"].items()})
         restore_sites(self.model, state)
+        self.set_first_token()
         # cloned: Optimizer.load_state_dict may alias the given tensors, and the snapshot must stay intact
         self.optimizer.load_state_dict(_clone_tree(ck["optimizer"]["optimizer"]))
         self.ema.load_state_dict(state["sigma_ema"])
@@ -298,14 +303,26 @@ class _Run:
         """Freeze every tracked site whose removal step has come (idempotent, so resume-safe)."""
         if self.cfg.vanilla:
             return
-        due = [s for s in self.ema.sites if self.schedule.removal_step(s) <= self.step]
+        k = self.cfg.positional_sigma
+        due = [s for s in self.ema.sites if "@" not in s and self.schedule.removal_step(s) <= self.step]
         if due:
-            scales = {s: self.ema.value(s) for s in due}
+            keys = {s: [f"{s}@{p}" for p in range(k)] + [s] for s in due}
+            scales = {s: tuple(self.ema.value(key) for key in keys[s]) if k else self.ema.value(s) for s in due}
             self.model.freeze_ln(due, scales=scales)
-            self.ema.drop(due)
+            self.ema.drop([key for s in due for key in keys[s]])
             self._emit({"event": "freeze", "step": self.step, "sigma": scales})
             self.sync_shared_ln1()
+        self.set_first_token()
         self.apply_ramp()
+
+    def set_first_token(self) -> None:
+        """Positional scales record the fixed first token of the training rows (resume-safe)."""
+        if self.first_token is None:
+            return
+        for site in self.sites:
+            if self.model.ln_mode(site) == "frozen" and self.model.is_positional(site):
+                module, path = self.model._site(site)
+                module.first_token[path] = self.first_token
 
     def apply_ramp(self) -> None:
         """``freeze_ramp`` R: a site frozen at step s uses ``live ** (1 - a) * sigma ** a`` during this step, with
@@ -391,7 +408,7 @@ class _Run:
             with contextlib.ExitStack() as stack:
                 if not sync:
                     stack.enter_context(self.ddp.no_sync())
-                rec = stack.enter_context(model.recording_ln_std()) if track else None
+                rec = stack.enter_context(model.recording_ln_std(positional=cfg.positional_sigma)) if track else None
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = forward(tokens, return_type="logits")
                     ce = next_token_ce(logits, tokens, ignore_label=self._ignore())
@@ -515,6 +532,15 @@ class _Run:
             self.model.train(was_training)
 
 
+def _first_token(data: TokenData) -> int:
+    """The one token every training row starts with (positional scales assume it)."""
+    first = np.unique(data.sequences[:, 0])
+    if first.size != 1:
+        raise ValueError(f"positional_sigma needs every training row to start with one fixed token, but rows start "
+                         f"with {first[:5].tolist()}...: pass bos_token_id= (e.g. the tokenizer's BOS)")
+    return int(first[0])
+
+
 def _fingerprint(model: Optional[torch.nn.Module]) -> Optional[float]:
     """A cheap digest of a model's weights (detects a different teacher on resume)."""
     if model is None:
@@ -533,6 +559,7 @@ ARGUMENTS = {
     "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, False),
     "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
     "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
+    "positional_sigma": ("int", 0, False),
 }
 
 
@@ -667,6 +694,7 @@ def remove_layernorm(
     recipe: Union[None, str, dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
     freeze_ramp: int = 0,
+    positional_sigma: int = 0,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
 
@@ -726,6 +754,10 @@ def remove_layernorm(
             a site's per-token scale is ``live ** (1 - a) * sigma ** a``, ``a = (step - s + 1) / (R + 1)``,
             fully frozen from step s + R (every site must reach that by the last step). For models with
             tokens far above the average scale (SmolLM2's position 0: docs/normfree_smollm2.md).
+        positional_sigma: k > 0 freezes each site at a positional scale (positions 0..k-1 keep their own EMA
+            sigma, later ones share one; every training row must start with one fixed token: `bos_token_id`).
+            A positional scale is a fixed linear map per position, so the model is norm-free, but it cannot
+            be folded into weights: those sites end frozen, not removed (`model.is_norm_free`).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
     DistributedDataParallel, each rank takes its share of every global batch, sigma statistics are
@@ -745,7 +777,7 @@ def remove_layernorm(
                          max_rollbacks=max_rollbacks, keep_checkpoints=keep_checkpoints, seed=seed,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
                          distill_temperature=distill_temperature, weight_decay=weight_decay,
-                         freeze_ramp=freeze_ramp))
+                         freeze_ramp=freeze_ramp, positional_sigma=positional_sigma))
     if momentum is not None:
         check_arguments({"momentum": momentum})
     if resume not in (True, False, "auto"):
@@ -793,7 +825,7 @@ def remove_layernorm(
                             ln1_momentum_power=rec.get("ln1_momentum_power", 1),
                             mask_eot_labels=rec.get("mask_eot_labels", False),
                             vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
-                            freeze_ramp=freeze_ramp,
+                            freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks)
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
@@ -897,8 +929,8 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
     frozen_sigma = {s: model.ln_scale(s) for s in model.ln_sites if model.ln_mode(s) == "frozen"}
     if is_lora(model):
         merge_lora(model)
-    if not run.cfg.vanilla:
-        model.remove_ln()
+    if not run.cfg.vanilla:  # positional scales cannot be folded: those sites stay frozen (still norm-free)
+        model.remove_ln([s for s in model.ln_sites if model.ln_mode(s) != "removed" and not model.is_positional(s)])
     model.eval()
     ce_after = None
     if run.eval_tokens is not None and run.dist.rank == 0:
@@ -910,7 +942,7 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
         "ce_before": None if run.ce_before is None else run.ce_before.to_dict(),
         "ce_after": None if ce_after is None else ce_after.to_dict(),
         "ce_delta": None if (ce_after is None or run.ce_before is None) else ce_after.value - run.ce_before.value,
-        "ln_free": model.is_ln_free, "rollbacks": run.n_rollbacks, "lr_scale": run.lr_scale,
+        "ln_free": model.is_ln_free, "norm_free": model.is_norm_free, "rollbacks": run.n_rollbacks, "lr_scale": run.lr_scale,
         "sigma": frozen_sigma, "schedule": run.schedule.to_dict(), "config": run.cfg.to_dict(),
         "variant": ("lora" if run.cfg.lora_rank else "full") + ("+distill" if run.cfg.distill > 0 else ""),
     }
@@ -928,8 +960,8 @@ def _save_final(model: LNFreeTransformer, out: Path) -> dict:
     tl = out / "final_tl"
     tl.mkdir(parents=True, exist_ok=True)
     save_safetensors(_weights(model), tl / "model.safetensors")
-    atomic_write_text(tl / "config.json", json.dumps({"model": cfg_to_json(model.cfg),
-                                                      "ln_modes": model.ln_modes()}, indent=1))
+    atomic_write_text(tl / "config.json", json.dumps({"model": cfg_to_json(model.cfg), "ln_modes": model.ln_modes(),
+                                                      "ln_state": model.ln_state()}, indent=1))
     saved["final_tl"] = str(tl)
     from lnfree.loading import hf_gpt2_problems
 

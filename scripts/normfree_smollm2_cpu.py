@@ -1,0 +1,117 @@
+"""Make the norm-free SmolLM2-135M on a CPU: a long, resumable background run (issue 21).
+
+The recipe (docs/normfree_smollm2.md): every one of the 91 norm sites is frozen at a *positional* scale
+(position 0, the BOS attention sink, keeps its own sigma; every later position shares one), one site at a
+time, cheapest first by its measured single-site cost, each freeze phased in over a few steps, while LoRA
+adapters (rank 32 on every attention and MLP matrix; embeddings untouched, so they stay tied) are trained
+to match the original model's next-token distribution (distillation, KL only). Rows are
+``[BOS] + 63`` tokens of the training text.
+
+    nohup python scripts/normfree_smollm2_cpu.py --corpus PATH/TO/corpus/train --out runs/smollm2-normfree \
+        > runs/smollm2-normfree.log 2>&1 &
+    # the same command again resumes from the last good checkpoint (runs/smollm2-normfree/run/checkpoints)
+
+Stage 1 writes ``site_costs.json`` (each site frozen alone with its positional scale, no training: CE
+increase on calibration rows) once; stage 2 is `lnfree.removal.remove_layernorm` with ``resume="auto"``,
+checkpointing every ``--checkpoint-every`` steps (a few minutes), with a progress bar and ``run/log.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+
+def _rows(model, files, seq_len: int, n_tokens: int):
+    from lnfree.removal import load_tokens
+
+    bos = model.tokenizer.bos_token_id
+    return load_tokens(files, seq_len=seq_len, tokenizer=model.tokenizer, max_tokens=n_tokens, bos_token_id=bos)
+
+
+def site_costs(model, calib, measure) -> dict:
+    """Each site frozen alone at its positional scale (estimated on `calib`): CE increase on `measure`."""
+    import torch
+
+    from lnfree.evaluation import cross_entropy
+
+    model.estimate_ln_scales(torch.as_tensor(calib.astype('int64')), positional=1)
+    tokens = torch.as_tensor(measure.astype('int64'))
+    base = float(cross_entropy(model, tokens, n_boot=1).mean)
+    costs = {}
+    for site in model.ln_sites:
+        with model.ln_frozen(site):
+            ce = float(cross_entropy(model, tokens, n_boot=1).mean)
+        costs[site] = ce - base if ce == ce else None
+        print(f"cost {site}: {costs[site]}", flush=True)
+    return {"base_ce": base, "costs": costs}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", required=True, help="directory of training .txt files")
+    ap.add_argument("--heldout", default=None, help="a held-out .txt file for the run's before/after CE")
+    ap.add_argument("--out", default="runs/smollm2-normfree")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=360)
+    ap.add_argument("--site-start", type=int, default=5)
+    ap.add_argument("--site-gap", type=int, default=3)
+    ap.add_argument("--freeze-ramp", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-lr", type=float, default=1e-4)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--distill", type=float, default=1.0)
+    ap.add_argument("--aux-lambda", type=float, default=0.0)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--checkpoint-every", type=int, default=20)
+    ap.add_argument("--vanilla", action="store_true", help="the control: identical, but no site frozen")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import lnfree
+    from lnfree.removal import Schedule, order_by_cost, remove_layernorm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(str(p) for p in Path(args.corpus).glob("*.txt"))
+    if not files:
+        raise SystemExit(f"--corpus {args.corpus}: no .txt files there")
+    t0 = time.time()
+    model = lnfree.load("smollm2-135m", device="cpu")
+    print(f"loaded in {time.time() - t0:.0f} s", flush=True)
+    need = args.steps * args.batch_size * args.seq_len
+    rows = _rows(model, files, args.seq_len, int(need * 1.05) + args.seq_len)
+    costs_file = out / "site_costs.json"
+    if not costs_file.exists():
+        # calibration rows from the far end of the stream: the run's first batches are not reused here
+        calib = _rows(model, files, args.seq_len, 10**7)[-16:]
+        result = site_costs(model, calib[:8], calib[8:])
+        costs_file.write_text(json.dumps(result, indent=1))
+        model.unfreeze_ln()
+    costs = json.loads(costs_file.read_text())["costs"]
+    order = order_by_cost(costs)
+    schedule = Schedule.from_order(model.cfg.n_layers, args.steps, order, start=args.site_start, gap=args.site_gap)
+    held = None
+    if args.heldout:
+        held = _rows(model, [args.heldout], args.seq_len, 8 * args.seq_len + args.seq_len)[:8]
+    remove_layernorm(
+        model, rows, schedule=schedule, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+        lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda, lora_rank=args.lora_rank,
+        distill=args.distill, freeze_ramp=args.freeze_ramp, positional_sigma=0 if args.vanilla else 1,
+        vanilla=args.vanilla, bos_token_id=model.tokenizer.bos_token_id, out_dir=out / "run", resume="auto",
+        checkpoint_every=args.checkpoint_every, eval_data=held, keep_checkpoints=2,
+    )
+    print("done", json.dumps({k: v for k, v in model.removal_summary.items() if k in
+                              ("steps", "wall_time_s", "ce_before", "ce_after", "rollbacks", "norm_free")}), flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
