@@ -5,7 +5,7 @@ tokenizer and an LN state (`LNFreeTransformer.ln_state()`'s JSON, treated as opa
 through `load_ln_state` as it came). `assemble` builds the `LNFreeTransformer` through the model's
 public API with one rule for weights that do not match the model:
 
-- missing: the attention buffers TransformerLens rebuilds (``.mask``, ``.IGNORE``), biases (an
+- missing: the buffers the model builds from its config (attention masks, rotary tables), biases (an
   absent bias is zero: converters omit some), and the norm weights of sites the LN state marks
   removed (never read); anything else names the weights and the source;
 - unexpected: norm weights of sites the model builds without parameters (an LN-free config), and
@@ -31,7 +31,6 @@ from lnfree._errors import CheckpointError
 
 #: TransformerLens's weight-processing flags (`load_and_process_state_dict`), applied by `assemble`.
 FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases")
-_BUFFERS = (".IGNORE", ".mask")
 
 
 @dataclasses.dataclass
@@ -100,6 +99,7 @@ def assemble(parts: Parts, *, device, dtype: torch.dtype, flags: Optional[dict] 
 def matched_weights(model, parts: Parts) -> dict[str, torch.Tensor]:
     """`parts.weights` fitted to `model`'s state dict by the module's one missing/unexpected-key rule."""
     expected = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers()}
     removed = _removed_modules(parts.ln_state)
     out, unexpected = {}, []
     for key, value in parts.weights.items():
@@ -113,7 +113,7 @@ def matched_weights(model, parts: Parts) -> dict[str, torch.Tensor]:
     for key, value in expected.items():
         if key in out:
             continue
-        if key.endswith(_BUFFERS):
+        if key in buffers:  # masks, rotary tables: the model builds them from its config
             out[key] = value
         elif (_is_bias(key) and not _is_norm_param(key)) or (_is_norm_param(key) and _module(key) in removed):
             out[key] = torch.zeros_like(value) if not key.endswith(".w") else torch.ones_like(value)

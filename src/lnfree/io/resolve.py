@@ -41,6 +41,7 @@ from lnfree.io import checkpoint as ck
 from lnfree.io import derived, hf, tl_dir, zoo
 from lnfree.io.gguf import read_gguf
 from lnfree.io.parts import FLAGS, Parts, assemble
+from lnfree.io.tokenizers import with_bos
 
 PathLike = Union[str, os.PathLike]
 KINDS = (
@@ -54,8 +55,8 @@ KINDS = (
     "a Hugging Face hub id such as 'gpt2' or 'owner/name'",
 )
 #: the options only Hugging Face directories, GGUF files and hub ids take (the rest are stored models).
-SOURCE_OPTIONS = FLAGS + ("tokenizer", "local_files_only", "n_ctx")
-OPTIONS = SOURCE_OPTIONS + ("data_dir",)
+SOURCE_OPTIONS = FLAGS + ("local_files_only", "n_ctx")
+OPTIONS = SOURCE_OPTIONS + ("tokenizer", "data_dir")
 
 
 def kinds_text() -> str:
@@ -72,7 +73,7 @@ def load(spec: PathLike, *, device: Optional[Union[str, torch.device]] = None,
     By default the weights are left unprocessed, so an HF model's logits equal transformers' on the same
     files (to float rounding) and every site is as the source stored it (HF and GGUF: ``live``; the
     released LN-free GPT-2 format: ``removed``). The options below apply to HF directories, GGUF files
-    and hub ids; stored models (zoo, runs, lnfree directories) refuse them.
+    and hub ids (`tokenizer` to every kind); stored models (zoo, runs, lnfree directories) refuse them.
 
     Args:
         spec: a zoo name, a path (file or directory) or a hub id.
@@ -116,6 +117,8 @@ def load_model(name_or_path: PathLike, **kwargs):
         >>> load_model("tiny-ln", device="cpu").ln_mode("ln_final")
         'live'
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path):
+        raise TypeError(f"name_or_path must be a non-empty str or path, got {name_or_path!r}")
     return load(name_or_path, **kwargs)
 
 
@@ -135,8 +138,8 @@ def build(parts: Parts, *, device=None, dtype: Optional[torch.dtype] = None, fla
 def read_parts(spec: PathLike, **options) -> Parts:
     """The `Parts` of a model reference: the one dispatcher (kinds in the module docstring).
 
-    `options` (`SOURCE_OPTIONS`) reach the HF, GGUF and hub readers, other kinds refuse them; ``data_dir``
-    is the zoo family's.
+    `options` (`SOURCE_OPTIONS`) reach the HF, GGUF and hub readers, other kinds refuse them; ``tokenizer``
+    (a tokenizer to attach, or False for none) applies to every kind, ``data_dir`` to the zoo family.
 
     Example:
         >>> read_parts("tiny-lnfree").ln_state["ln_final"]["mode"]
@@ -147,31 +150,34 @@ def read_parts(spec: PathLike, **options) -> Parts:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"unknown options {unknown}; the options are {list(OPTIONS)}")
+    options = dict(options)
+    tok = options.pop("tokenizer", None)
     name = os.fspath(spec)
     if zoo.kind(name) == "family":
         _no_options({k: v for k, v in options.items() if k != "data_dir"}, "a zoo name")
-        return _zoo_parts(name, options.get("data_dir"))
+        return _with_tokenizer(_zoo_parts(name, options.get("data_dir")), tok)
     if "data_dir" in options:
         raise TypeError(f"data_dir applies to the zoo's family ({', '.join(zoo.NAMES)}), not to {name!r}")
     if zoo.kind(name) is not None:
         _no_options(options, "a zoo name")
-        return _zoo_parts(name)
+        return _with_tokenizer(_zoo_parts(name), tok)
     path = Path(os.path.expanduser(name))
     if path.is_file() and path.suffix.lower() == ".gguf":
-        return read_gguf(path, **_reader_options(options))
+        return read_gguf(path, tokenizer=tok, n_ctx=options.get("n_ctx"))
     if path.is_dir():
-        return _dir_parts(path, options)
+        return _dir_parts(path, options, tok)
     if path.exists():
-        raise CheckpointError(f"spec {name!r} is a file but not a .gguf; pass the directory that holds it "
-                              f"(config.json + model.safetensors) or a .gguf file. Accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()} (for weights "
+                              "files, pass the directory that holds them)")
     if _looks_like_path(name):
-        raise CheckpointError(f"spec {name!r}: no such file or directory (and not a zoo name); accepted: {kinds_text()}")
+        raise CheckpointError(f"spec {name!r}: no such directory or .gguf file (and not a zoo name); "
+                              f"accepted: {kinds_text()}")
     guess = _did_you_mean(name)
     if guess is not None or not hf.looks_like_hub_id(name):
         hint = f"did you mean {guess!r}? " if guess is not None else ""
         raise CheckpointError(f"spec {name!r} is not a model reference lnfree knows; {hint}accepted: {kinds_text()}")
     folder = hf.hub_snapshot(name, options.get("local_files_only"))
-    return hf.read_hf_dir(folder, name, **_reader_options(options))
+    return hf.read_hf_dir(folder, name, tokenizer=tok, n_ctx=options.get("n_ctx"))
 
 
 def load_checkpoint(path: PathLike, device: Optional[str] = None):
@@ -223,25 +229,32 @@ def _derived_parts(folder: Path) -> Parts:
     return derived.read_derived(folder, read_parts(derived.base_spec(folder)))
 
 
-def _dir_parts(folder: Path, options: dict) -> Parts:
+def _dir_parts(folder: Path, options: dict, tok) -> Parts:
     if derived.is_derived(folder):
         _no_options(options, "a derived model directory")
-        return _derived_parts(folder)
+        return _with_tokenizer(_derived_parts(folder), tok)
     latest = ck.latest_checkpoint(folder) if (folder / "checkpoints").is_dir() else None
     if ck.is_checkpoint(folder) or ck.is_checkpoint(latest):
         _no_options(options, "a removal run or checkpoint directory")
         if (folder / "summary.json").is_file() and tl_dir.tl_config(folder / "final_tl") is not None:
-            return tl_dir.read_tl_dir(folder / "final_tl")
-        return ck.read_checkpoint_parts(folder)[0]
+            return _with_tokenizer(tl_dir.read_tl_dir(folder / "final_tl"), tok)
+        return _with_tokenizer(ck.read_checkpoint_parts(folder)[0], tok)
     weights_dir = folder if tl_dir.tl_config(folder) is not None else tl_dir.run_weights_dir(folder)
     if weights_dir is not None:
         _no_options(options, "an lnfree / TransformerLens weights directory")
-        return tl_dir.read_tl_dir(weights_dir)
+        return _with_tokenizer(tl_dir.read_tl_dir(weights_dir), tok)
     if (folder / "config.json").is_file():
-        return hf.read_hf_dir(folder, tl_dir.dir_name(folder), **_reader_options(options))
+        return hf.read_hf_dir(folder, tl_dir.dir_name(folder), tokenizer=tok, n_ctx=options.get("n_ctx"))
     found = sorted(p.name for p in folder.iterdir())[:10]
     raise CheckpointError(f"directory {str(folder)!r} holds no model lnfree can read (found: {found or 'nothing'}); "
                           f"accepted: {kinds_text()}")
+
+
+def _with_tokenizer(parts: Parts, tok) -> Parts:
+    """`parts` with the tokenizer the caller gave (False: none) instead of the stored one."""
+    if tok is not None:
+        parts.tokenizer = None if tok is False else with_bos(tok)
+    return parts
 
 
 # ---- policy --------------------------------------------------------------------------------------
@@ -286,11 +299,6 @@ def _check_args(spec, dtype, tokenizer, local_files_only, n_ctx) -> None:
         raise TypeError(f"local_files_only must be None, True or False; got {local_files_only!r}")
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
         raise ValueError(f"n_ctx must be a positive int or None, got {n_ctx!r}")
-
-
-def _reader_options(options: dict) -> dict:
-    """The options a reader takes (the processing flags are `assemble`'s, local_files_only the hub's)."""
-    return {k: v for k, v in options.items() if k in ("tokenizer", "n_ctx")}
 
 
 def _no_options(options: dict, kind: str) -> None:
