@@ -364,7 +364,7 @@ def test_not_a_checkpoint(tmp_path):
         load(tmp_path)
     with pytest.raises(CheckpointError, match="is a file"):
         load(tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         load(str(tmp_path / "missing"))
 
 

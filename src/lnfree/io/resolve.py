@@ -170,9 +170,9 @@ def read_parts(spec: PathLike, **options) -> Parts:
         raise CheckpointError(f"spec {name!r} is a file but not a .gguf; accepted: {kinds_text()} (for weights "
                               "files, pass the directory that holds them)")
     if _looks_like_path(name):
-        raise CheckpointError(f"spec {name!r}: no such directory or .gguf file (and not a zoo name); "
+        raise CheckpointError(f"spec {name!r}: no such file or directory (and not a zoo name); "
                               f"accepted: {kinds_text()}")
-    guess = _did_you_mean(name)
+    guess = did_you_mean(name)
     if guess is not None or not hf.looks_like_hub_id(name):
         hint = f"did you mean {guess!r}? " if guess is not None else ""
         raise CheckpointError(f"spec {name!r} is not a model reference lnfree knows; {hint}accepted: {kinds_text()}")
@@ -312,7 +312,7 @@ def _looks_like_path(name: str) -> bool:
         ("/", ".gguf", ".safetensors", ".json", ".bin", ".pt"))
 
 
-def _did_you_mean(name: str) -> Optional[str]:
+def did_you_mean(name: str) -> Optional[str]:
     """The known name closest to a bare `name` that is none (zoo names, GPT-2's short hub names), or None."""
     known = zoo.all_names() + list(hf.HUB_MODELS)
     if "/" in name or name in known:

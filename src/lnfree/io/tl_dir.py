@@ -110,7 +110,8 @@ def read_tl_dir(folder: Union[str, os.PathLike]) -> Parts:
                               "load the run's last checkpoint instead (lnfree.load of checkpoints/step_*)")
     cfg = cfg_from_json(conf.get("model", conf))
     weights = read_safetensors(folder / "model.safetensors", fix="re-save or re-copy the directory")
-    return Parts(cfg, weights, find_tokenizer(folder), ln_state=ln_state, name=dir_name(folder), source=str(folder),
+    return Parts(cfg, weights, find_tokenizer(folder), ln_state=ln_state, name=dir_name(folder),
+                 source=str(folder / "model.safetensors"),
                  dtype=cfg.dtype)
 
 

@@ -182,8 +182,10 @@ def load(name: str, device=None, dtype: Optional[torch.dtype] = None, *, data_di
         >>> model.zoo_name, model.cfg.model_name
         ('tiny-ln', 'tiny-ln')
     """
-    from lnfree.io.resolve import load as resolve
+    from lnfree.io import resolve
 
     if not isinstance(name, str) or name not in all_names():
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join(all_names())}")
-    return resolve(name, device=device, dtype=dtype, data_dir=data_dir)
+        guess = resolve.did_you_mean(name) if isinstance(name, str) else None
+        hint = f" (did you mean {guess!r}?)" if guess is not None else ""
+        raise ValueError(f"unknown zoo model {name!r}{hint}; valid names: {', '.join(all_names())}")
+    return resolve.load(name, device=device, dtype=dtype, data_dir=data_dir)
