@@ -167,7 +167,7 @@ def test_heldout_ce_matches_model_card_numbers(family):
 def test_unknown_name_lists_valid_ones(family):
     with pytest.raises(ValueError, match="tiny-ln, tiny-vanilla, tiny-lnfree"):
         zoo.load("gpt2")
-    with pytest.raises(ValueError, match="dtype"):
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):  # the resolver's one check
         zoo.load("tiny-ln", dtype=torch.int8)
 
 
