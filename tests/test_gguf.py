@@ -209,7 +209,7 @@ def test_tokenizer_from_file(tmp_path):
 
 
 def test_cache_reused_and_keyed_by_content(tmp_path, monkeypatch):
-    from lnfree import formats
+    from lnfree.io import gguf as formats
 
     path = write_gguf(tmp_path / "tiny.gguf", hf_llama())
     first = load_model(path, device="cpu")

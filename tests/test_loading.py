@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import lnfree.loading as L
+import lnfree.io.hf as L
 from lnfree.loading import CheckpointError, HubUnreachableError, load_model, save_pretrained
 from lnfree.model import LNFreeTransformer
 
@@ -288,27 +288,31 @@ def test_gpt2_vocab_checkpoint_tokenizer(tmp_path):
     assert back.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]
 
 
-def test_save_refuses_frozen_and_mixed(ckpt, tmp_path):
+def test_save_hf_refuses_frozen_and_mixed_and_auto_writes_lnfree(ckpt, tmp_path, tokens):
     path, _ = ckpt
     model = load(path)
     model.freeze_ln("blocks.0.ln2", scales=2.0)
-    with pytest.raises(ValueError, match="remove_ln"):
-        save_pretrained(model, tmp_path / "x")
+    with pytest.raises(ValueError, match="no fixed-scale LayerNorm.*format='lnfree'"):
+        save_pretrained(model, tmp_path / "x", format="hf")
     model.unfreeze_ln().remove_ln("ln_final", scales=3.0)
-    with pytest.raises(ValueError, match="remove_ln"):
-        save_pretrained(model, tmp_path / "x")
+    with pytest.raises(ValueError, match="no partly removed model.*format='lnfree'"):
+        save_pretrained(model, tmp_path / "x", format="hf")
     assert not (tmp_path / "x").exists()
+    assert save_pretrained(model, tmp_path / "x") == "lnfree"  # the default writes what HF cannot hold
+    back = load(tmp_path / "x")
+    assert back.ln_modes() == model.ln_modes() and torch.equal(back(tokens), model(tokens))
 
 
-def test_save_refuses_uncentered_ln_free(tmp_path):
+def test_save_hf_refuses_uncentered_ln_free(tmp_path):
     from transformer_lens import HookedTransformerConfig
 
     cfg = HookedTransformerConfig(n_layers=1, d_model=16, n_heads=2, d_head=8, d_vocab=VOCAB, n_ctx=8,
                                   act_fn="gelu_new", normalization_type=None)
     model = LNFreeTransformer(cfg)  # never had a LayerNorm: sites are removed, readers not centered
     assert model.is_ln_free
-    with pytest.raises(ValueError, match="not centered"):
-        save_pretrained(model, tmp_path / "x")
+    with pytest.raises(ValueError, match="not centered.*format='lnfree'"):
+        save_pretrained(model, tmp_path / "x", format="hf")
+    assert save_pretrained(model, tmp_path / "y") == "lnfree"
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------
@@ -353,14 +357,14 @@ def test_corrupt_config(ckpt):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="holds no model lnfree can read"):
         load(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(make_hf().config.to_dict()))
     with pytest.raises(CheckpointError, match="no weights"):
         load(tmp_path)
     with pytest.raises(CheckpointError, match="is a file"):
         load(tmp_path / "config.json")
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
         load(str(tmp_path / "missing"))
 
 
@@ -432,7 +436,7 @@ def test_hub_id_unreachable_fails_fast(monkeypatch):
     elapsed = time.perf_counter() - start
     assert elapsed < 10, elapsed
     msg = str(info.value)
-    assert "unreachable" in msg and "from_pretrained(" in msg and "download openai-community/gpt2 --local-dir" in msg
+    assert "unreachable" in msg and 'lnfree.load("' in msg and "download openai-community/gpt2 --local-dir" in msg
 
 
 def test_probe_hub_against_local_servers(monkeypatch):

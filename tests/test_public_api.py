@@ -78,4 +78,4 @@ def test_analysis_package_exports_every_analysis():
 def test_lnfree_exports_resolve():
     for name in lnfree.__all__:
         assert getattr(lnfree, name) is not None, name
-    assert lnfree.load is importlib.import_module("lnfree.resolve").load
+    assert lnfree.load is importlib.import_module("lnfree.io.resolve").load

@@ -31,11 +31,12 @@ _EXPORTS = {
     "Result": "lnfree._results",
     "TokenBatch": "lnfree._checks",
     "tokenize": "lnfree._checks",
-    "load": "lnfree.resolve",
-    "load_model": "lnfree.loading",
-    "save_pretrained": "lnfree.loading",
-    "CheckpointError": "lnfree.loading",
-    "HubUnreachableError": "lnfree.loading",
+    "load": "lnfree.io.resolve",
+    "load_model": "lnfree.io.resolve",
+    "save_pretrained": "lnfree.io.save",
+    "save_derived": "lnfree.io.save",
+    "CheckpointError": "lnfree._errors",
+    "HubUnreachableError": "lnfree.io.hf",
     "gpt2_tokenizer": "lnfree.tokenizer",
     "direct_logit_attribution": "lnfree.analysis.dla",
     "compare_dla": "lnfree.analysis.dla",
@@ -76,7 +77,8 @@ _EXPORTS = {
     "ResidNorms": "lnfree.analysis.geometry",
     "SinkRate": "lnfree.analysis.geometry",
 }
-_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "loading", "evaluation", "report", "paper"}
+_SUBMODULES = {"zoo", "tasks", "analysis", "removal", "stats", "model", "io", "loading", "evaluation", "report",
+               "paper"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
@@ -84,15 +86,15 @@ __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 # The model class's from_pretrained / save_pretrained are implemented above the model layer (they build and
 # read models); the package root wires them in, since it runs before any submodule (see lnfree._hooks).
 def _from_pretrained(name_or_path, **kwargs):
-    from lnfree.resolve import load
+    from lnfree.io.resolve import load
 
     return load(name_or_path, **kwargs)
 
 
-def _save_pretrained(model, path) -> None:
-    from lnfree.loading import save_pretrained
+def _save_pretrained(model, path, **kwargs) -> str:
+    from lnfree.io.save import save_pretrained
 
-    save_pretrained(model, path)
+    return save_pretrained(model, path, **kwargs)
 
 
 _hooks.register("from_pretrained", _from_pretrained)

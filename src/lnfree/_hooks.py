@@ -1,6 +1,6 @@
 """The model layer's two calls upward: `LNFreeTransformer.from_pretrained` and `.save_pretrained`.
 
-Their implementations, `lnfree.resolve.load` and `lnfree.loading.save_pretrained`, sit above the model
+Their implementations, `lnfree.io.resolve.load` and `lnfree.io.save.save_pretrained`, sit above the model
 layer: they build and read `LNFreeTransformer`s, so they import `lnfree.model`, and `lnfree.model` must
 not import them back (imports point one way; docs/architecture.md). The model module calls them
 through this registry instead, and `lnfree/__init__.py` registers them: Python runs the package's

@@ -330,19 +330,18 @@ class LNFreeTransformer(HookedTransformer):
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "LNFreeTransformer":
         """Load any model reference: a zoo name, a .gguf file, a run/checkpoint/TransformerLens/HF dir, a hub id.
 
-        See `lnfree.load` (`lnfree.resolve.load`) for the kinds and `lnfree.loading.load_model` for the arguments.
+        The same as `lnfree.load` (`lnfree.io.resolve.load`): the same kinds, arguments and model.
 
         Example:
             >>> model = LNFreeTransformer.from_pretrained("tiny-ln", device="cpu")  # doctest: +SKIP
         """
-        return _hooks.call("from_pretrained", name_or_path, **kwargs)  # lnfree.resolve.load
+        return _hooks.call("from_pretrained", name_or_path, **kwargs)  # lnfree.io.resolve.load
 
-    def save_pretrained(self, path: str) -> None:
-        """Save in HF GPT-2 format (LN-free models in the released 1e6/eps format).
-
-        See `lnfree.loading.save_pretrained`.
+    def save_pretrained(self, path: str, **kwargs) -> str:
+        """Save in a directory `lnfree.load` reads back: HF GPT-2 where it can hold the model, else an lnfree
+        directory (bit for bit, every mode); returns the format written. See `lnfree.io.save.save_pretrained`.
         """
-        _hooks.call("save_pretrained", self, path)  # lnfree.loading.save_pretrained
+        return _hooks.call("save_pretrained", self, path, **kwargs)  # lnfree.io.save.save_pretrained
 
     def _install_sites(self) -> None:
         """Swap TransformerLens LayerNorms for RemovableLayerNorms, keeping their parameters."""

@@ -76,14 +76,14 @@ def register(subparsers) -> None:
 
 
 def _load_tokenizer(path: str):
-    from lnfree.formats import load_saved_tokenizer
+    from lnfree.io.tokenizers import load_saved_tokenizer
 
     return load_saved_tokenizer(path, name="--tokenizer")
 
 
 def load_model_arg(spec: str, tokenizer_path=None, device=None):
     """Resolve MODEL with `lnfree.load` (zoo names, .gguf, run/checkpoint dirs, TL and HF dirs, hub ids)."""
-    from lnfree.resolve import load
+    from lnfree.io.resolve import load
 
     model = load(spec, device=device)
     if tokenizer_path:

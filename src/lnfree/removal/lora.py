@@ -27,13 +27,52 @@ DEFAULT_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
 _ATTN_IN = ("W_Q", "W_K", "W_V", "_W_K", "_W_V")
 
 
+def kind_of(name: str) -> str:
+    """The factor layout of weight `name` (``W_Q``, ``_W_K``, ``W_O``, ``W_in``...): 'in3', 'out3' or 'mat'."""
+    return "in3" if name in _ATTN_IN else ("out3" if name.lstrip("_") == "W_O" else "mat")
+
+
+def delta_of(kind: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The rank-r product of a factor pair in its weight's layout (see the module docstring)."""
+    if kind == "in3":
+        return torch.einsum("ik,hkj->hij", A, B)
+    if kind == "out3":
+        return torch.einsum("hek,kd->hed", A, B)
+    return A @ B
+
+
+def merged(W: torch.Tensor, kind: str, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * delta(A, B)``: how an adapted model computes its weight, so that a saved pair merges
+    into the very weights `merge_lora` writes."""
+    return W + float(scale) * delta_of(kind, A, B).to(W.dtype)
+
+
+def merge_state_dict(weights: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A state dict saved from an adapted model, with every adapter merged (the keys of `merge_lora`'s model).
+
+    Example:
+        >>> sd = merge_state_dict(adapted_model.state_dict(), scale=1.0)   # doctest: +SKIP
+    """
+    out, pairs = {}, {}
+    for key, value in weights.items():
+        head, sep, tail = key.partition(".parametrizations.")
+        if not sep:
+            out[key] = value
+            continue
+        name, _, part = tail.partition(".")
+        pairs.setdefault((head, name), {})[part] = value
+    for (head, name), p in pairs.items():
+        out[f"{head}.{name}"] = merged(p["original"], kind_of(name), p["0.A"], p["0.B"], scale)
+    return out
+
+
 class LoRADelta(nn.Module):
     """The parametrization ``W -> W + scale * delta(A, B)`` of one weight (see the module docstring)."""
 
     def __init__(self, name: str, shape: torch.Size, rank: int, alpha: float, generator: torch.Generator,
                  dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.kind = "in3" if name in _ATTN_IN else ("out3" if name == "W_O" else "mat")
+        self.kind = kind_of(name)
         if self.kind == "in3":
             h, d_in, e = shape
             a_shape, b_shape = (d_in, rank), (h, rank, e)
@@ -50,14 +89,10 @@ class LoRADelta(nn.Module):
         self.B = nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
 
     def delta(self) -> torch.Tensor:
-        if self.kind == "in3":
-            return torch.einsum("ik,hkj->hij", self.A, self.B)
-        if self.kind == "out3":
-            return torch.einsum("hek,kd->hed", self.A, self.B)
-        return self.A @ self.B
+        return delta_of(self.kind, self.A, self.B)
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
-        return W + self.scale * self.delta().to(W.dtype)
+        return merged(W, self.kind, self.A, self.B, self.scale)
 
 
 def _targets(model: nn.Module, targets: Sequence[str]) -> list[tuple[nn.Module, str]]:

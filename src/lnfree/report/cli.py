@@ -101,8 +101,9 @@ def load_any(spec: str, device=None):
     Example:
         >>> model = load_any("tiny-lnfree")        # doctest: +SKIP
     """
-    from lnfree.loading import CheckpointError, HubUnreachableError
-    from lnfree.resolve import kinds_text, load
+    from lnfree._errors import CheckpointError
+    from lnfree.io.hf import HubUnreachableError
+    from lnfree.io.resolve import kinds_text, load
 
     CLIError = _cli_error()
     if not isinstance(spec, str) or not spec:

@@ -27,6 +27,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from lnfree._errors import CheckpointError
 from lnfree.training.files import atomic_write_text, fix_mode, fsync, save_safetensors
 
 SUBDIR = "checkpoints"
@@ -70,10 +71,19 @@ class CheckpointDir:
         from safetensors.torch import load_file
 
         path = Path(path)
-        state = json.loads((path / "state.json").read_text())
-        tensors = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        return {"weights": load_file(str(path / "model.safetensors")), "state": state, "tensors": tensors,
-                "path": str(path)}
+        file = path / "state.json"
+        try:
+            state = json.loads(file.read_text())
+            file = path / "optimizer.pt"
+            tensors = torch.load(file, map_location="cpu", weights_only=True)
+            file = path / "model.safetensors"
+            weights = load_file(str(file))
+        except Exception as e:  # any failure to read names the file: the library's own error does not
+            raise CheckpointError(
+                f"cannot read checkpoint file {file}: {type(e).__name__}: {e}. The checkpoint is corrupt or "
+                f"truncated; use an earlier one ({path.parent}/step_*), or delete {path.name} and write the name "
+                f"of an earlier good step into {path.parent / 'latest'}") from e
+        return {"weights": weights, "state": state, "tensors": tensors, "path": str(path)}
 
     # -- writing --------------------------------------------------------------------------------
     def write(self, step: int, *, weights: Mapping[str, torch.Tensor], state: dict, tensors: dict,

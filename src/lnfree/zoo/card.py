@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -167,22 +168,39 @@ def _card_provenance(m: Mapping) -> list:
     for name, e in m["models"].items():
         p = e["provenance"]
         L.append(f"- `{name}`: {_n(p.get('steps'))} steps, seed {p.get('seed')}, {_hms(p.get('wall_time_s'))}, "
-                 f"finished {p.get('date')}. Command: `{p.get('command')}`"
+                 f"finished {p.get('date')}. Command: `{portable_command(p.get('command'))}`"
                  + (f" ({p['command_source']})" if p.get("command_source") else ""))
         for k in ("removal", "train_config"):
             if p.get(k):
                 L.append(f"  - {k}: `{json.dumps(p[k], sort_keys=True)}`")
     fam = m.get("provenance", {})
     for k, v in fam.items():
+        v = [portable_command(c) for c in v] if k == "commands" else v
         L.append(f"- {k}: `{v if isinstance(v, str) else json.dumps(v, sort_keys=True)}`")
-    commands = [c for c in fam.get("commands", []) if c] or [
-        "lnfree zoo train --text /work/shared/corpus/train/*.txt --out runs/zoo --minutes 80 --ft-steps 300 "
-        "--seed 0 --export-dir src/lnfree/zoo/data --card docs/zoo.md"]
+    commands = [portable_command(c) for c in fam.get("commands", []) if c] or [
+        "lnfree zoo train --text $CORPUS/train/*.txt --heldout persuasion=$CORPUS/heldout/austen_persuasion.txt "
+        "cfi=$CORPUS/heldout/cfi_en.txt --out runs/zoo --minutes 80 --ft-steps 300 --seed 0 "
+        "--export-dir src/lnfree/zoo/data --card docs/zoo.md"]
     return L + ["", "## Reproduce", "", "```bash", *commands, "# or, from a finished run directory:",
                 "lnfree zoo export --run RUN_DIR --to src/lnfree/zoo/data --card docs/zoo.md", "```", "",
-                "Stages whose outputs exist are skipped, so the same command resumes a crashed run; "
+                "`$CORPUS` is the folder holding your copy of the texts (the recorded commands' absolute "
+                "paths are shown relative to it). Stages whose outputs exist are skipped, so the same command "
+                "resumes a crashed run; "
                 "`RUN_DIR/family.json` records each stage's command, seed, steps, tokens and wall time. "
                 "`tests/test_zoo.py` reloads all three models and recomputes these numbers.", ""]
+
+
+def portable_command(command):
+    """A recorded command with each absolute path shown as ``$CORPUS/<folder>/<file>``: where the texts lay
+    on the machine that ran it means nothing on another.
+
+    Example:
+        >>> portable_command("lnfree zoo train --text /data/corpus/train/a.txt --out runs/zoo")
+        'lnfree zoo train --text $CORPUS/train/a.txt --out runs/zoo'
+    """
+    if not isinstance(command, str):
+        return command
+    return re.sub(r"(?<![\w$])/(?:[^\s/]+/)*([^\s/]+/[^\s/]+)", r"$CORPUS/\1", command)
 
 
 def _gap_statement(manifest: Mapping, hs: Sequence[str]) -> list:

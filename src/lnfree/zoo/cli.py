@@ -1,17 +1,18 @@
 """``lnfree zoo``: reproduce, export and inspect the shipped model family.
 
-    lnfree zoo train --text FILES... --out DIR [--minutes 80] [--max-steps 5000] [--ft-steps 300] [--seed 0]
-                     [--heldout NAME=FILE ...] [--export-dir DIR] [--card docs/zoo.md] ...
+    lnfree zoo train --text FILES... --heldout NAME=FILE... --out DIR [--minutes 80] [--max-steps 5000]
+                     [--ft-steps 300] [--seed 0] [--export-dir DIR] [--card docs/zoo.md] ...
     lnfree zoo export --run DIR --to DIR [--card docs/zoo.md] [--eval-rows N]
     lnfree zoo card --json src/lnfree/zoo/data/zoo.json --out docs/zoo.md
     lnfree zoo info [--data-dir DIR]
     lnfree zoo tokenizer --text FILES... --out DIR        (the pretraining's pieces, one at a time)
-    lnfree zoo heldout --tokenizer DIR/tokenizer.json --out DIR [--text FILES...]
+    lnfree zoo heldout --tokenizer DIR/tokenizer.json --out DIR --text FILES...
     lnfree zoo bench --data DIR [--steps 8]
     lnfree zoo pretrain --data DIR --out DIR/pretrain [--max-minutes 80] [--max-steps 5000] [--resume]
 
-Default held-out texts: ``$LNFREE_CORPUS/heldout/{austen_persuasion,cfi_en}.txt`` (LNFREE_CORPUS
-defaults to /work/shared/corpus, this project's machines' shared corpus).
+Held-out texts are always given (the shipped family used Austen's *Persuasion* and an out-of-domain text:
+``--heldout persuasion=CORPUS/heldout/austen_persuasion.txt cfi=CORPUS/heldout/cfi_en.txt``, CORPUS being
+wherever your copy of the texts lies; docs/zoo_training.md).
 
 ``train`` runs tokenizer -> pretraining -> LN-free and vanilla fine-tunes -> export, skipping stages
 whose outputs exist (rerun the same command to resume); ``DIR/family.json`` records what ran.
@@ -26,8 +27,6 @@ import shlex
 import time
 from pathlib import Path
 
-CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
-DEFAULT_HELDOUT = {"persuasion": f"{CORPUS}/heldout/austen_persuasion.txt", "cfi": f"{CORPUS}/heldout/cfi_en.txt"}
 
 
 def register(subparsers) -> None:
@@ -43,8 +42,9 @@ def register(subparsers) -> None:
     t.add_argument("--max-steps", type=int, default=5000, help="pretraining steps (the budget usually ends it first)")
     t.add_argument("--ft-steps", type=int, default=300, help="steps of each fine-tune (LN-free and vanilla)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--heldout", nargs="+", default=None, metavar="NAME=FILE",
-                   help="held-out texts (default: persuasion=.../austen_persuasion.txt cfi=.../cfi_en.txt)")
+    t.add_argument("--heldout", nargs="+", required=True, metavar="NAME=FILE",
+                   help="held-out texts, e.g. persuasion=CORPUS/heldout/austen_persuasion.txt "
+                        "cfi=CORPUS/heldout/cfi_en.txt (the shipped family's)")
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--ft-batch-size", type=int, default=32)
     t.add_argument("--ft-micro-batch-size", type=int, default=None)
@@ -89,7 +89,7 @@ def _register_pretraining(sub) -> None:
     s.set_defaults(func=_cmd_tokenizer)
     s = sub.add_parser("heldout", help="write heldout_<stem>.npy [n_seq, seq_len] token arrays")
     s.add_argument("--tokenizer", required=True)
-    s.add_argument("--text", nargs="+", default=list(DEFAULT_HELDOUT.values()))
+    s.add_argument("--text", nargs="+", required=True, help="held-out text files (one token array each)")
     s.add_argument("--out", required=True)
     s.add_argument("--n-seq", type=int, default=100)
     s.add_argument("--seq-len", type=int, default=256)
@@ -102,9 +102,7 @@ def _register_pretraining(sub) -> None:
         s.add_argument("--max-steps", type=int, default=2000)
         s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                        help="bf16 = autocast mixed precision on CPU (weights stay fp32)")
-        s.add_argument("--threads", type=int, default=2)
-        s.add_argument("--fixed-threads", action="store_true",
-                       help="do not probe 1 thread vs --threads (default: adaptive)")
+        s.add_argument("--threads", type=int, default=2, help="torch CPU threads")
         s.add_argument("--step-schedule", action="store_true",
                        help="cosine over max_steps only (default: also advanced by wall-time "
                             "fraction of --max-minutes so it completes in the budget)")
@@ -113,7 +111,8 @@ def _register_pretraining(sub) -> None:
             s.add_argument("--max-minutes", type=float, default=None)
             s.add_argument("--warmup", type=int, default=200)
             s.add_argument("--resume", action="store_true")
-            s.add_argument("--eval-text", nargs="*", default=list(DEFAULT_HELDOUT.values()))
+            s.add_argument("--eval-text", nargs="*", default=[],
+                           help="held-out text files evaluated at the end (default: none)")
             s.set_defaults(func=_cmd_pretrain)
         else:
             s.add_argument("--steps", type=int, default=8)
@@ -177,7 +176,7 @@ def _train_config(a, d_vocab: int, **over):
 
     kw = dict(seed=a.seed, max_steps=a.max_steps, max_minutes=getattr(a, "max_minutes", None),
               batch_size=a.batch_size, warmup_steps=getattr(a, "warmup", 200), bf16_autocast=(a.precision == "bf16"),
-              threads=a.threads, adaptive_threads=a.threads > 1 and not a.fixed_threads,
+              threads=a.threads,
               time_schedule=not a.step_schedule, model=zt.base_model_kwargs(d_vocab))
     kw.update(over)
     return zt.TrainConfig(**kw)
@@ -249,7 +248,7 @@ def _train(args) -> int:
     from lnfree.zoo.family import train_family
 
     record = train_family(
-        args.text, args.out, heldout_files=_heldout_arg(args.heldout) or DEFAULT_HELDOUT, minutes=args.minutes,
+        args.text, args.out, heldout_files=_heldout_arg(args.heldout), minutes=args.minutes,
         max_steps=args.max_steps, ft_steps=args.ft_steps,
         seed=args.seed, vocab_size=args.vocab_size,
         ft_batch_size=args.ft_batch_size, ft_micro_batch_size=args.ft_micro_batch_size,

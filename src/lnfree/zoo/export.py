@@ -176,7 +176,7 @@ def _as_models(models) -> dict:
 
 def _family_config(models: dict) -> dict:
     """The shared config (normalization 'LN', so every LN site exists on load); errors if architectures differ."""
-    from lnfree.tl_dir import cfg_to_json
+    from lnfree.io.tl_dir import cfg_to_json
 
     first_name, first = next(iter(models.items()))
     arch = {k: getattr(first.cfg, k) for k in ARCH_KEYS}

@@ -17,7 +17,6 @@ Run directory layout (``OUT``; the pieces are also ``lnfree zoo tokenizer | held
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import datetime as _dt
 import json
@@ -39,26 +38,21 @@ PathArg = Union[str, os.PathLike]
 
 
 def _load_base(run: Path, tokenizer):
-    from lnfree.model import LNFreeTransformer
-    from lnfree.zoo.train import load_run
+    from lnfree.io.resolve import load_tl_dir
 
-    return LNFreeTransformer.from_hooked(load_run(run / "pretrain" / "final", tokenizer=tokenizer))
+    return load_tl_dir(run / "pretrain" / "final", device="cpu", tokenizer=tokenizer)
 
 
 def _load_ft(ft_dir: Path, base_cfg, tokenizer):
     """The fine-tuned model of a finished removal run (``final_tl/``), on the base (LN) config."""
-    from safetensors.torch import load_file
-
-    from lnfree.model import LNFreeTransformer
-    from lnfree.zoo import _load_weights
+    from lnfree.io.parts import Parts, read_safetensors
+    from lnfree.io.resolve import build
 
     tl = ft_dir / "final_tl"
     modes = json.loads((tl / "config.json").read_text())["ln_modes"]
-    # a copy: marking every site removed sets normalization_type=None on the model's config
-    model = LNFreeTransformer(copy.deepcopy(base_cfg), tokenizer=tokenizer)
     state = {s: {"mode": m, "scale": 1.0 if m == "removed" else None} for s, m in modes.items()}
-    _load_weights(model, load_file(str(tl / "model.safetensors")), state, where=str(tl))
-    return model.eval()
+    weights = read_safetensors(tl / "model.safetensors", fix=f"rerun the fine-tune in {ft_dir}")
+    return build(Parts(base_cfg, weights, tokenizer, ln_state=state, source=str(tl)), device="cpu")
 
 
 def _ft_rows(tokens: np.ndarray, seq_len: int, bos: int) -> np.ndarray:
@@ -172,7 +166,7 @@ def train_family(
     model_kw = _zt().base_model_kwargs(len(tok), **dict(model_overrides or {}))
     held = _stage_heldout(rec, out, tok, heldout_files, n_heldout, model_kw["n_ctx"])
     tc = _zt().TrainConfig(seed=seed, max_steps=max_steps, max_minutes=float(minutes), seq_len=model_kw["n_ctx"],
-                           bf16_autocast=precision == "bf16", adaptive_threads=True, time_schedule=True, model=model_kw)
+                           bf16_autocast=precision == "bf16", time_schedule=True, model=model_kw)
     _stage_pretrain(rec, out, tok, held, dataclasses.replace(tc, **dict(train_overrides or {})), command, progress)
     for name, vanilla in (("ft_lnfree", False), ("ft_vanilla", True)):
         _stage_finetune(rec, out, name, tok, held, vanilla=vanilla, steps=ft_steps, seed=seed, command=command,

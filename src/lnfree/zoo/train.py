@@ -36,12 +36,12 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 import torch
 
+from lnfree.io.tl_dir import latest_run_checkpoint as latest_checkpoint  # noqa: F401  (pretrain resumes from it)
+from lnfree.io.tokenizers import EOT, load_tokenizer  # noqa: F401  (the zoo's tokenizer.json reader)
 from lnfree.training import files as _files
 from lnfree.training import optim as _optim
 from lnfree.training.checkpoints import CheckpointDir
 from lnfree.training.log import JsonlLog
-
-EOT = "<|endoftext|>"
 CHECKPOINT_FORMAT = "lnfree-zoo-pretrain-checkpoint"
 COMMON_NAMES = (
     "John Mary Elizabeth Anne Emma James Henry William Charles George Thomas "
@@ -102,30 +102,6 @@ def train_tokenizer(text_files: Sequence[str | os.PathLike], vocab_size: int = 4
     tok.save(str(tmp))
     os.replace(tmp, out)
     return str(out)
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """Load ``tokenizer.json`` as a ``transformers.PreTrainedTokenizerFast``.
-
-    bos/eos/unk/pad are all ``<|endoftext|>`` (TransformerLens needs bos and pad).
-    ``path`` may be the JSON file or a directory containing it.
-
-    >>> tok = load_tokenizer("runs/zoo/tokenizer.json")   # doctest: +SKIP
-    >>> tok.decode(tok.encode("Hello world"))             # doctest: +SKIP
-    'Hello world'
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "tokenizer.json"
-    # Like GPT-2: ``encode`` adds no BOS. ``name_or_path`` = the folder holding
-    # tokenizer.json, which TransformerLens reloads with add_bos_token=True (it needs it).
-    return PreTrainedTokenizerFast(
-        tokenizer_file=str(p), bos_token=EOT, eos_token=EOT, unk_token=EOT,
-        pad_token=EOT, model_max_length=1 << 30, add_bos_token=False,
-        name_or_path=str(p.parent),
-    )
 
 
 def _raw(tokenizer):
@@ -263,8 +239,7 @@ class TrainConfig:
     eval_every: int = 250
     eval_seqs: int = 64
     keep_ckpts: int = 2
-    threads: int = 2
-    adaptive_threads: bool = False  # probe {threads, 1} every 100 steps, keep the faster
+    threads: int = 2  # torch CPU threads (torch.set_num_threads)
     time_schedule: bool = False  # cosine progress = max(step fraction, wall-time fraction)
     bf16_autocast: bool = False  # CPU mixed precision (fp32 master weights); ~2x faster with AMX
     model: dict = field(default_factory=base_model_kwargs)
@@ -296,48 +271,6 @@ def lr_at(step: int, tc: TrainConfig, time_frac: float = 0.0) -> float:
     (True, True)
     """
     return _optim.lr_at(step, tc.optim, time_frac)
-
-
-class ThreadTuner:
-    """Choose the faster of ``n`` and 1 torch threads while the CPU is shared.
-
-    At step ``first`` (20) and every ``every`` steps it runs ``probe`` steps with the other setting and keeps
-    whichever had the lower median step time (2 threads on 2 busy cores can be
-    3x slower than 1 thread).
-    """
-
-    def __init__(self, n: int, adaptive: bool, every: int = 100, probe: int = 8, first: int = 20):
-        self.first = first
-        self.opts = sorted({n, 1}) if adaptive else [n]
-        n0 = self.opts[0]  # start single-threaded: safe when the cores are shared
-        self.cur, self.base, self.every, self.probe = n0, n0, every, probe
-        self.times: dict = {k: [] for k in self.opts}
-        self.until = -1
-        torch.set_num_threads(n0)
-
-    def before(self, step: int) -> int:
-        """Set the thread count for ``step``; return it."""
-        new = self.cur
-        if len(self.opts) > 1 and step > 0 and (step % self.every == 0 or step == self.first):
-            self.base = self.cur
-            new = [o for o in self.opts if o != self.cur][0]
-            self.times[new] = []
-            self.until = step + self.probe
-        elif step == self.until:
-            alt, base = self.times[self.cur], self.times[self.base][-self.probe:]
-            if base and np.median(alt) >= np.median(base):
-                new = self.base
-            self.until = -1
-        if new != self.cur:
-            self.cur = new
-            torch.set_num_threads(new)
-        return self.cur
-
-    def record(self, dt: float) -> None:
-        """Record the duration of the step just run."""
-        t = self.times[self.cur]
-        t.append(dt)
-        del t[:-50]
 
 
 def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
@@ -393,15 +326,6 @@ def save_checkpoint(out: Path, model, opt, gen: torch.Generator, tc: TrainConfig
     return path
 
 
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    """The latest complete checkpoint of a run dir (None if none); reads older ``ckpt/latest.json`` dirs too."""
-    found = CheckpointDir(out).latest()
-    legacy = Path(out) / "ckpt" / "latest.json"
-    if found is None and legacy.exists():
-        return Path(out) / "ckpt" / json.loads(legacy.read_text())["dir"]
-    return found
-
-
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """{'weights', 'optimizer', 'torch_rng', 'data_rng', 'step', 'elapsed_s'} of a checkpoint (either layout)."""
     from safetensors.torch import load_file
@@ -419,25 +343,21 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_run(path: str | os.PathLike, tokenizer=None):
-    """Load a pretrained zoo model (a `pretrain` run dir or one of its checkpoints) as a ``HookedTransformer``.
+    """Load a pretrained zoo model (a `pretrain` run dir or one of its checkpoints) on the CPU, through the resolver.
 
     ``path``: a run dir (uses ``final/`` if present, else the latest checkpoint) or a dir holding
-    ``model.safetensors`` + ``config.json``. (Not `lnfree.load_model`, which reads Hugging Face models.)
+    ``model.safetensors`` + ``config.json``: what ``lnfree.load(path)`` reads, with `tokenizer` attached.
 
     >>> model = load_run("runs/zoo/pretrain", load_tokenizer("runs/zoo/tokenizer.json"))  # doctest: +SKIP
     """
-    from safetensors.torch import load_file
+    from lnfree.io.resolve import load_tl_dir
+    from lnfree.io.tl_dir import run_weights_dir, tl_config
 
     p = Path(path)
-    if not (p / "model.safetensors").exists():
-        p = p / "final" if (p / "final" / "model.safetensors").exists() else latest_checkpoint(p)
-    if p is None:
+    target = p if tl_config(p) is not None else run_weights_dir(p)
+    if target is None:
         raise FileNotFoundError(f"no checkpoint under {path}")
-    conf = json.loads((p / "config.json").read_text())
-    model = build_model(conf["model"], seed=conf.get("train", {}).get("seed", 0), tokenizer=tokenizer)
-    model.load_state_dict(load_file(str(p / "model.safetensors")), strict=False)
-    model.eval()
-    return model
+    return load_tl_dir(target, device="cpu", tokenizer=tokenizer)
 
 
 def load_model(path: str | os.PathLike, tokenizer=None):
@@ -486,7 +406,7 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
     t0 = time.time()
     budget = 60 * tc.max_minutes if tc.max_minutes else None  # total, across resumes
     deadline = t0 + budget - prior if budget else None
-    tuner = ThreadTuner(tc.threads, tc.adaptive_threads)
+    torch.set_num_threads(tc.threads)
 
     def elapsed() -> float:
         return prior + time.time() - t0
@@ -504,8 +424,6 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
             break
         tf = elapsed() / budget if (budget and tc.time_schedule) else 0.0
         lr = lr_at(step, tc, tf)
-        nthr = tuner.before(step)
-        ts = time.time()
         for g in opt.param_groups:
             g["lr"] = lr
         batch = sample_batch(tokens, tc, gen, bos)
@@ -517,7 +435,6 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
         opt.step()
         step += 1
         lv = float(loss.detach())
-        tuner.record(time.time() - ts)
         history.append(lv)
         tok_count += batch.numel()
         if bar is not None:
@@ -527,7 +444,7 @@ def pretrain(tokens: np.ndarray, tc: TrainConfig, out: str | os.PathLike | None,
             now = time.time()
             _log(out, {"step": step, "loss": round(lv, 4), "lr": lr, "gnorm": round(float(gnorm), 3),
                        "tok_per_s": round(tok_count / max(1e-9, now - t_last), 1),
-                       "threads": nthr, "elapsed_s": round(elapsed(), 1)})
+                       "threads": tc.threads, "elapsed_s": round(elapsed(), 1)})
             tok_count, t_last = 0, now
         if eval_sets and tc.eval_every and step % tc.eval_every == 0:
             name, seqs = next(iter(eval_sets.items()))
