@@ -37,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from lnfree import _checks
 from lnfree._results import Result, result
 from lnfree.model import LNFreeTransformer, as_lnfree
+from lnfree.norm_algebra import NormSite, norm_site
 from lnfree.stats import Estimate, bootstrap
 
 COMPONENT_KINDS = ("heads", "layers", "neurons", "all")
@@ -418,7 +419,7 @@ def direct_logit_attribution(
     tgt, other, target_kind = _targets(model, tokens, targets, positions, n_pos, starts)
     ent = _Entries(positions, n_pos, valid, starts)
     hooks = _hook_names(model, components, layer)
-    ln = _FinalLN(model)
+    ln = _final_norm(model)
 
     # Results go straight into buffers allocated once: small per-batch tensors kept alive across
     # batches would pin heap memory between the forward passes' temporaries and grow the RSS.
@@ -507,57 +508,21 @@ def _check_model(model) -> LNFreeTransformer:
     return out
 
 
-def _centers(model) -> bool:
-    """Whether ln_final subtracts the mean (LayerNorm, LNPre) or not (RMSNorm, RMSPre; also
-    ``final_rms`` models whose blocks use LayerNorm): the module knows, the config may not."""
-    centered = getattr(getattr(model, "ln_final", None), "centered", None)
-    if centered is not None:
-        return bool(centered)
-    return not str(model.cfg.normalization_type or "").startswith("RMS")
+def _final_norm(model: LNFreeTransformer) -> NormSite:
+    """ln_final as the forward pass runs it (`lnfree.norm_algebra`: kind, mode, w, b, scale)."""
+    return norm_site(model, "ln_final")
 
 
-class _FinalLN:
-    """ln_final as the model runs it: apply it, read its scale, linearise it at that scale."""
+def _direction(ln: NormSite, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """v with DLA(c) = c . v: centering, w and 1/scale moved onto u (same number, cheaper)."""
+    return ln.input_direction(u) / scale if ln.applied else u
 
-    def __init__(self, model: LNFreeTransformer):
-        used = model.cfg.normalization_type is not None and hasattr(model, "ln_final")
-        self.module = model.ln_final if used else None
-        self.model = model
-        self.mode = model.ln_mode("ln_final") if used else "removed"
-        linear = self.module is not None and self.mode != "removed"
-        has_w = linear and getattr(model.ln_final, "has_params", hasattr(model.ln_final, "w"))
-        self.w = model.ln_final.w if has_w else None
-        self.b = getattr(model.ln_final, "b", None) if has_w else None
-        self.linear = linear
-        self.centers = _centers(model)
 
-    def __call__(self, x: torch.Tensor, want_scale: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """ln_final(x) and, if asked, the scale it used ([..., 1] from hook_scale; None for the identity)."""
-        if self.module is None:
-            return x, None
-        if not want_scale:
-            return self.module(x).to(x.dtype), None
-        seen = {}
-
-        def grab(scale, hook):
-            seen["scale"] = scale
-
-        with self.model.hooks(fwd_hooks=[("ln_final.hook_scale", grab)]):
-            out = self.module(x)
-        return out.to(x.dtype), seen["scale"].to(x.dtype)
-
-    def direction(self, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """v with DLA(c) = c . v: centering, w and 1/scale moved onto u (same number, cheaper)."""
-        if not self.linear:
-            return u
-        a = u * self.w if self.w is not None else u
-        if self.centers:  # LayerNorm centres its input; RMSNorm does not
-            a = a - a.mean(-1, keepdim=True)
-        return a / scale
-
-    def bias_logit(self, u: torch.Tensor) -> torch.Tensor:
-        """ln_final.b . u (0 when ln_final has no bias or is removed: then b lives in b_U)."""
-        return (self.b * u).sum(-1) if self.b is not None else torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+def _bias_logit(ln: NormSite, u: torch.Tensor) -> torch.Tensor:
+    """ln_final.b . u (0 when ln_final has no bias or is removed: then b lives in b_U)."""
+    if ln.bias is None:
+        return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+    return (ln.bias * u).sum(-1)
 
 
 def _check_components(model: LNFreeTransformer, components, layer) -> Optional[int]:
@@ -730,7 +695,7 @@ def _pick(ids: torch.Tensor, rows: slice, ent: _Entries) -> torch.Tensor:
     return ids[ent.b[rows]] if ids.ndim == 1 else ids[ent.b[rows], ent.j[rows]]
 
 # ---- the computation -------------------------------------------------------------------------
-def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
+def _run_batch(model, ln: NormSite, tokens, mask, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
     """One forward pass up to ln_final; DLA, DE and the logit for every component and selected token.
 
     `scratch` (a dict kept across batches) holds the buffers the hooks copy into, so that no new
@@ -758,10 +723,10 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
     if other is not None:
         u = u - W_U[:, other.to(dev)].T.to(_DTYPE)
         b_const = b_const - b_U[other.to(dev)].to(_DTYPE)
-    out, scale = ln(r, want_scale=True)
+    out, scale = ln.apply(r, want_scale=True)
     base = (out * u).sum(-1)  # ln_final(r) . u, without b_U
     logit = base + b_const
-    v = ln.direction(u, scale)
+    v = _direction(ln, u, scale)
     n, d = r.shape
     rows = max(1, _BLOCK_ELEMENTS // (n * d))
 
@@ -769,17 +734,17 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
     for block_labels, C in _component_blocks(model, components, layer, acts, rows):
         labels += block_labels
         dla.append(torch.einsum("knd,nd->kn", C, v))
-        shifted, _ = ln(r - C)  # ln_final recomputed on r - c, every component of the block at once
+        shifted, _ = ln.apply(r - C)  # ln_final recomputed on r - c, every component of the block at once
         de.append(base - torch.einsum("knd,nd->kn", shifted, u))
         total += C.sum(0)
     if components in ("layers", "all"):
         # "bias": the rest of r (b_O's for "all"; ~0 for "layers"), ln_final.b and b_U.
         rem = r - total
-        const = ln.bias_logit(u) + b_const
-        shifted, _ = ln(r - rem)
+        const = _bias_logit(ln, u) + b_const
+        shifted, _ = ln.apply(r - rem)
         labels.append("bias")
         dla.append(((rem * v).sum(-1) + const)[None])
-        de.append((logit - ((shifted * u).sum(-1) - ln.bias_logit(u)))[None])
+        de.append((logit - ((shifted * u).sum(-1) - _bias_logit(ln, u)))[None])
     to_cpu = lambda x: x.detach().float().cpu()  # noqa: E731
     return labels, to_cpu(torch.cat(dla)), to_cpu(torch.cat(de)), to_cpu(logit)
 
