@@ -130,8 +130,9 @@ def norm_site(model, site: str) -> NormSite:
     Example:
         >>> from transformer_lens import HookedTransformerConfig
         >>> from lnfree.model import LNFreeTransformer
-        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu")
-        >>> norm_site(LNFreeTransformer(cfg), "ln_final").kind is None   # no normalization_type: no final norm
+        >>> cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=4, d_head=4, d_vocab=10, act_fn="gelu",
+        ...                               normalization_type=None)
+        >>> norm_site(LNFreeTransformer(cfg), "ln_final").kind is None   # natively norm-free: no final norm
         True
     """
     if site == "ln_final" and not hasattr(model, "ln_final"):
