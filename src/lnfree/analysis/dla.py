@@ -25,6 +25,7 @@ entries of a ``pos="all"`` result are NaN and excluded from every statistic (``v
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import ClassVar, Iterator, Optional, Sequence, Union
@@ -269,20 +270,27 @@ class DLAComparison(Result):
     Attributes:
         names: display names of the two models (from the models, or ``names=``).
         a, b: the two `DLAResult`s.
-        table: NMAE (%) with CIs, overall and per layer, for each model (long format).
+        table: NMAE (%) with CIs, overall and per layer, for each model (long format; computed from
+            ``a`` and ``b`` on first use, so the result holds tensors and settings only and saves exactly).
         aggregate, n_boot, level, seed: the NMAE settings.
     """
 
     names: tuple[str, str]
     a: DLAResult
     b: DLAResult
-    table: pd.DataFrame
     aggregate: str = "pooled"
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
 
     _headline: ClassVar[tuple[str, ...]] = ("overall_difference",)
+
+    @functools.cached_property
+    def table(self) -> pd.DataFrame:
+        """NMAE (%) with CIs, overall and per layer, for each model (long format; see `to_frame`)."""
+        frames = [res.nmae_frame(by, aggregate=self.aggregate).assign(model=name)
+                  for name, res in zip(self.names, (self.a, self.b)) for by in ("overall", "layer")]
+        return pd.concat(frames, ignore_index=True)[["model", "group", "nmae", "low", "high", "n"]]
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, group ("overall" or a layer), nmae, low, high, n."""
@@ -491,12 +499,7 @@ def compare_dla(
     boot = {"n_boot": n_boot, "level": level, "seed": seed}
     a = direct_logit_attribution(model_a, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
     b = direct_logit_attribution(model_b, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
-    frames = []
-    for name, res in zip(names, (a, b)):
-        for by in ("overall", "layer"):
-            frames.append(res.nmae_frame(by, aggregate=aggregate).assign(model=name))
-    table = pd.concat(frames, ignore_index=True)[["model", "group", "nmae", "low", "high", "n"]]
-    return DLAComparison(names=names, a=a, b=b, table=table, aggregate=aggregate, **boot)
+    return DLAComparison(names=names, a=a, b=b, aggregate=aggregate, **boot)
 
 
 # ---- model / LN helpers ----------------------------------------------------------------------
