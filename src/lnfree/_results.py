@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Union
 
@@ -159,8 +160,9 @@ class Result:
 
 def save_result(res: Result, path: PathArg) -> Path:
     """`res.save(path)`: the directory `path` with ``result.json`` and ``tensors.safetensors``."""
+    from safetensors.torch import save as safetensors_bytes
+
     from lnfree import __version__
-    from lnfree.training.files import atomic_write_text, save_safetensors
 
     if not isinstance(res, Result):
         raise TypeError(f"only lnfree results can be saved this way, got {type(res).__name__}")
@@ -174,9 +176,16 @@ def save_result(res: Result, path: PathArg) -> Path:
               "lnfree_version": __version__, "result": tree}
     text = json.dumps(header, indent=1, allow_nan=False) + "\n"  # encode() leaves no NaN: strict JSON
     path.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, path / _TENSORS)  # first: result.json names these tensors
-    atomic_write_text(path / _JSON, text)
+    _replace(path / _TENSORS, safetensors_bytes(tensors))  # first: result.json names these tensors
+    _replace(path / _JSON, text.encode("utf-8"))
     return path
+
+
+def _replace(file: Path, data: bytes) -> None:
+    """Write a sibling temporary file (open()'s mode: the umask's) and rename it over `file`."""
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, file)
 
 
 def load_result(path: PathArg, expected: type = Result) -> Result:
