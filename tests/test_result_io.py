@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,13 @@ def test_every_result_type_is_covered(built):
     assert in_source == set(built), f"not covered: {sorted(in_source - set(built))}; stale: {sorted(set(built) - in_source)}"
     for name, res in built.items():
         assert type(res).__name__ == name and isinstance(res, Result)
+    seen, todo = set(), [Result]  # and every Result subclass imported so far (however it was declared)
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("lnfree."):
+                seen.add(sub.__name__)
+    assert seen <= set(built), f"Result subclasses without a round trip: {sorted(seen - set(built))}"
 
 
 @pytest.mark.parametrize("name", sorted(_result_classes_in_source() - {"Toy"}))
@@ -117,6 +125,9 @@ def test_round_trip_is_exact(built, name, tmp_path):
     res = built[name]
     out = res.save(tmp_path / name)
     assert sorted(p.name for p in out.iterdir()) == ["result.json", "tensors.safetensors"]  # no pickle anywhere
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}  # not safetensors' 0600
     header = json.loads((out / "result.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
     assert header["version"] == FORMAT_VERSION and header["type"].endswith("." + name)
     back = lnfree.load_result(out)
