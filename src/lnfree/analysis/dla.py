@@ -427,7 +427,7 @@ def direct_logit_attribution(
     tgt, other, target_kind = _targets(model, tokens, targets, positions, n_pos, starts)
     ent = _Entries(positions, n_pos, valid, starts)
     hooks = _hook_names(model, components, layer)
-    ln = _final_norm(model)
+    ln = norm_site(model, "ln_final")  # as the forward pass runs it: kind, mode, w, b, its scale
 
     # Results go straight into buffers allocated once: small per-batch tensors kept alive across
     # batches would pin heap memory between the forward passes' temporaries and grow the RSS.
@@ -509,11 +509,6 @@ def _check_model(model) -> LNFreeTransformer:
     if cap is not None and cap > 0:
         raise ValueError(f"models with output_logits_soft_cap={cap} are not supported: logits are not affine in ln_final's output")
     return out
-
-
-def _final_norm(model: LNFreeTransformer) -> NormSite:
-    """ln_final as the forward pass runs it (`lnfree.norm_algebra`: kind, mode, w, b, scale)."""
-    return norm_site(model, "ln_final")
 
 
 def _direction(ln: NormSite, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
