@@ -187,6 +187,27 @@ def test_write_report_self_contained_html_and_json(tiny_report, tmp_path):
     assert set(data["timings_s"]) == set(rd.stages)
 
 
+def test_write_report_saves_every_result_exactly(tiny_report, tmp_path):
+    """write_report saves each result object (Result.save); load_results gives them back, every field equal."""
+    from test_result_io import assert_same
+
+    from lnfree.report.saved import load_results
+
+    rd = tiny_report[0]
+    write_report(rd, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["saved_results"] == "report_results"
+    back = load_results(tmp_path / "out" / "report_results")
+    assert list(back) == list(rd.results) == list(rd.stages)
+    assert_same(rd.results, back)  # nested dicts of results: ce/a/ln, confidence/neurons, confidence/ln/ablation, ...
+    assert back["confidence"]["free"]["ablation"].references() == rd.numbers["confidence"]["neurons"]
+    write_report(rd, tmp_path / "out")  # a second write replaces the earlier save
+    (tmp_path / "mine" / "report_results").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a saved set of report results"):
+        write_report(rd, tmp_path / "mine")  # a directory lnfree did not write is never deleted
+    write_report(rd, tmp_path / "lean", results=False)
+    assert not (tmp_path / "lean" / "report_results").exists()
+
+
 def test_run_report_stage_subset_and_skips():
     model, free = make_model(), make_model(seed=2)
     toks = torch.randint(0, 61, (4, 10))

@@ -29,6 +29,7 @@ _EXPORTS = {
     "bootstrap": "lnfree.stats",
     "Estimate": "lnfree.stats",
     "Result": "lnfree._results",
+    "load_result": "lnfree._results",
     "TokenBatch": "lnfree._checks",
     "tokenize": "lnfree._checks",
     "load": "lnfree.io.resolve",

@@ -223,22 +223,14 @@ def tokenize(model, texts: Sequence[str], *, prepend_bos: Optional[bool] = None,
 # ---- models ------------------------------------------------------------------------------------
 def ln_state_label(model) -> str:
     """"LN-free" (every site removed), "LN" (every site live), "LN frozen" or "LN mixed"."""
+    from lnfree.norm_algebra import is_rms  # here: it loads TransformerLens (lnfree.layernorm)
+
     modes = set(model.ln_modes().values()) if hasattr(model, "ln_modes") else {"live"}
     if not modes or modes == {"removed"}:
-        return "norm-free" if _is_rms(model) else "LN-free"
+        return "norm-free" if is_rms(model) else "LN-free"
     if modes == {"live"}:
-        return "RMSNorm" if _is_rms(model) else "LN"
+        return "RMSNorm" if is_rms(model) else "LN"
     return "frozen" if modes == {"frozen"} else "mixed"
-
-
-def _is_rms(model) -> bool:
-    # The norm kind survives removal on the site modules (cfg.normalization_type becomes None).
-    from lnfree.layernorm import RemovableLayerNorm
-
-    kinds = {m.kind for m in model.modules() if isinstance(m, RemovableLayerNorm)}
-    if kinds:
-        return all(k.startswith("RMS") for k in kinds)
-    return str(model.cfg.normalization_type or "").startswith("RMS")
 
 
 def model_label(model) -> str:

@@ -63,6 +63,7 @@ from lnfree._checks import (
 from lnfree._results import Result, result
 from lnfree.analysis.calibration import Calibration, calibration, check_bootstrap_args, next_token_stats
 from lnfree.model import LNFreeTransformer, as_lnfree
+from lnfree.norm_algebra import norm_site
 from lnfree.stats import Estimate, bootstrap
 
 __all__ = [
@@ -94,11 +95,6 @@ def _mlp_layer(model: LNFreeTransformer, layer, name: str = "layer") -> int:
     return int(layer) % n
 
 
-def _final_norm_centers(model: LNFreeTransformer) -> bool:
-    """Whether the final norm subtracts the mean over d_model (LayerNorm) or not (RMSNorm)."""
-    return bool(model.ln_final.centered)
-
-
 def _readout(model: LNFreeTransformer) -> tuple[torch.Tensor, bool]:
     """Effective unembedding [d_model, d_vocab] and whether the readout centers its input.
 
@@ -106,17 +102,15 @@ def _readout(model: LNFreeTransformer) -> tuple[torch.Tensor, bool]:
     been folded into W_U (remove_ln: C_d diag(w) / sigma for LayerNorm, diag(w) / sigma for
     RMSNorm), which is read as is; whether the readout centers comes from the norm's kind, never
     from the weights (an RMS model's folded W_U may have centered columns by chance). No final
-    norm at all (a natively norm-free model): W_U C_V, uncentered.
+    norm at all (a natively norm-free model): W_U C_V, uncentered. The norm facts come from
+    `lnfree.norm_algebra` (one place for every analysis).
     """
     W_U = check_finite(model.W_U.detach(), "W_U").double()
-    has_norm = hasattr(model, "ln_final")
-    centered = has_norm and _final_norm_centers(model)
-    if has_norm and model.ln_mode("ln_final") != "removed":
-        if model.ln_final.has_params:
-            W_U = W_U * check_finite(model.ln_final.w.detach(), "ln_final.w").double()[:, None]
-        if centered:
-            W_U = W_U - W_U.mean(0, keepdim=True)
-    return W_U - W_U.mean(1, keepdim=True), centered
+    final = norm_site(model, "ln_final")
+    if final.weight is not None:
+        check_finite(final.weight.detach(), "ln_final.w")
+    W_U = final.input_direction(W_U, dim=0)
+    return W_U - W_U.mean(1, keepdim=True), final.centers
 
 
 def _centered_basis(d: int, centered: bool, device=None) -> torch.Tensor:
@@ -714,7 +708,7 @@ def ablate_neurons(
         means = _mean_activations(model, tokens, mask, layer, neurons, batch_size, progress)
     else:
         means = _check_means(means, len(neurons))
-    freeze = hasattr(model, "ln_final") and model.ln_mode("ln_final") != "removed"
+    freeze = norm_site(model, "ln_final").applied  # a final norm scale to hold at its clean value
     valid_all = next_token_mask(mask)
     first = torch.zeros(tokens.shape[0], dtype=torch.long) if mask is None else mask.int().argmax(1).cpu()
     n_set = len(sets)

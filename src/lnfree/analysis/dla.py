@@ -25,6 +25,7 @@ entries of a ``pos="all"`` result are NaN and excluded from every statistic (``v
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
 from typing import ClassVar, Iterator, Optional, Sequence, Union
@@ -37,6 +38,7 @@ from jaxtyping import Bool, Float, Int
 from lnfree import _checks
 from lnfree._results import Result, result
 from lnfree.model import LNFreeTransformer, as_lnfree
+from lnfree.norm_algebra import NormSite, norm_site
 from lnfree.stats import Estimate, bootstrap
 
 COMPONENT_KINDS = ("heads", "layers", "neurons", "all")
@@ -268,20 +270,27 @@ class DLAComparison(Result):
     Attributes:
         names: display names of the two models (from the models, or ``names=``).
         a, b: the two `DLAResult`s.
-        table: NMAE (%) with CIs, overall and per layer, for each model (long format).
+        table: NMAE (%) with CIs, overall and per layer, for each model (long format; computed from
+            ``a`` and ``b`` on first use, so the result holds tensors and settings only and saves exactly).
         aggregate, n_boot, level, seed: the NMAE settings.
     """
 
     names: tuple[str, str]
     a: DLAResult
     b: DLAResult
-    table: pd.DataFrame
     aggregate: str = "pooled"
     n_boot: int = 1000
     level: float = 0.95
     seed: int = 0
 
     _headline: ClassVar[tuple[str, ...]] = ("overall_difference",)
+
+    @functools.cached_property
+    def table(self) -> pd.DataFrame:
+        """NMAE (%) with CIs, overall and per layer, for each model (long format; see `to_frame`)."""
+        frames = [res.nmae_frame(by, aggregate=self.aggregate).assign(model=name)
+                  for name, res in zip(self.names, (self.a, self.b)) for by in ("overall", "layer")]
+        return pd.concat(frames, ignore_index=True)[["model", "group", "nmae", "low", "high", "n"]]
 
     def to_frame(self) -> pd.DataFrame:
         """Columns: model, group ("overall" or a layer), nmae, low, high, n."""
@@ -418,7 +427,7 @@ def direct_logit_attribution(
     tgt, other, target_kind = _targets(model, tokens, targets, positions, n_pos, starts)
     ent = _Entries(positions, n_pos, valid, starts)
     hooks = _hook_names(model, components, layer)
-    ln = _FinalLN(model)
+    ln = norm_site(model, "ln_final")  # as the forward pass runs it: kind, mode, w, b, its scale
 
     # Results go straight into buffers allocated once: small per-batch tensors kept alive across
     # batches would pin heap memory between the forward passes' temporaries and grow the RSS.
@@ -490,12 +499,7 @@ def compare_dla(
     boot = {"n_boot": n_boot, "level": level, "seed": seed}
     a = direct_logit_attribution(model_a, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
     b = direct_logit_attribution(model_b, tokens, targets=targets, attention_mask=attention_mask, **boot, **kwargs)
-    frames = []
-    for name, res in zip(names, (a, b)):
-        for by in ("overall", "layer"):
-            frames.append(res.nmae_frame(by, aggregate=aggregate).assign(model=name))
-    table = pd.concat(frames, ignore_index=True)[["model", "group", "nmae", "low", "high", "n"]]
-    return DLAComparison(names=names, a=a, b=b, table=table, aggregate=aggregate, **boot)
+    return DLAComparison(names=names, a=a, b=b, aggregate=aggregate, **boot)
 
 
 # ---- model / LN helpers ----------------------------------------------------------------------
@@ -507,64 +511,16 @@ def _check_model(model) -> LNFreeTransformer:
     return out
 
 
-def _centers(model) -> bool:
-    """Whether ln_final subtracts the mean (LayerNorm, LNPre) or not (RMSNorm, RMSPre; also
-    ``final_rms`` models whose blocks use LayerNorm): the module knows, the config may not."""
-    centered = getattr(getattr(model, "ln_final", None), "centered", None)
-    if centered is not None:
-        return bool(centered)
-    return not str(model.cfg.normalization_type or "").startswith("RMS")
+def _direction(ln: NormSite, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """v with DLA(c) = c . v: centering, w and 1/scale moved onto u (same number, cheaper)."""
+    return ln.input_direction(u) / scale if ln.applied else u
 
 
-class _FinalLN:
-    """ln_final as the model runs it: apply it, read its scale, linearise it at that scale."""
-
-    def __init__(self, model: LNFreeTransformer):
-        used = model.cfg.normalization_type is not None and hasattr(model, "ln_final")
-        self.module = model.ln_final if used else None
-        self.model = model
-        self.mode = model.ln_mode("ln_final") if used else "removed"
-        linear = self.module is not None and self.mode != "removed"
-        has_w = linear and getattr(model.ln_final, "has_params", hasattr(model.ln_final, "w"))
-        self.w = model.ln_final.w if has_w else None
-        self.b = getattr(model.ln_final, "b", None) if has_w else None
-        self.linear = linear
-        self.centers = _centers(model)
-        self.positions: Optional[torch.Tensor] = None  # [n] position of each flat entry (positional scales)
-
-    def __call__(self, x: torch.Tensor, want_scale: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """ln_final(x) and, if asked, the scale it used ([..., 1] from hook_scale; None for the identity)."""
-        if self.module is None:
-            return x, None
-        # a positional frozen scale reads each entry's position: [n] for x [n, d], [1, n] for blocks [k, n, d]
-        pos = self.positions
-        self.module.positions = None if pos is None else pos.reshape((1,) * (x.ndim - 2) + tuple(pos.shape))
-        try:
-            if not want_scale:
-                return self.module(x).to(x.dtype), None
-            seen = {}
-
-            def grab(scale, hook):
-                seen["scale"] = scale
-
-            with self.model.hooks(fwd_hooks=[("ln_final.hook_scale", grab)]):
-                out = self.module(x)
-            return out.to(x.dtype), seen["scale"].to(x.dtype)
-        finally:
-            self.module.positions = None
-
-    def direction(self, u: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """v with DLA(c) = c . v: centering, w and 1/scale moved onto u (same number, cheaper)."""
-        if not self.linear:
-            return u
-        a = u * self.w if self.w is not None else u
-        if self.centers:  # LayerNorm centres its input; RMSNorm does not
-            a = a - a.mean(-1, keepdim=True)
-        return a / scale
-
-    def bias_logit(self, u: torch.Tensor) -> torch.Tensor:
-        """ln_final.b . u (0 when ln_final has no bias or is removed: then b lives in b_U)."""
-        return (self.b * u).sum(-1) if self.b is not None else torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+def _bias_logit(ln: NormSite, u: torch.Tensor) -> torch.Tensor:
+    """ln_final.b . u (0 when ln_final has no bias or is removed: then b lives in b_U)."""
+    if ln.bias is None:
+        return torch.zeros(u.shape[:-1], dtype=u.dtype, device=u.device)
+    return (ln.bias * u).sum(-1)
 
 
 def _check_components(model: LNFreeTransformer, components, layer) -> Optional[int]:
@@ -737,7 +693,7 @@ def _pick(ids: torch.Tensor, rows: slice, ent: _Entries) -> torch.Tensor:
     return ids[ent.b[rows]] if ids.ndim == 1 else ids[ent.b[rows], ent.j[rows]]
 
 # ---- the computation -------------------------------------------------------------------------
-def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
+def _run_batch(model, ln: NormSite, tokens, mask, b_idx, p_idx, tgt, other, hooks, components, layer, scratch=None):
     """One forward pass up to ln_final; DLA, DE and the logit for every component and selected token.
 
     `scratch` (a dict kept across batches) holds the buffers the hooks copy into, so that no new
@@ -760,7 +716,7 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
     r = resid[b_idx, p_idx].to(_DTYPE)  # [n, d]: the input of ln_final
     # each entry's position within its row's real tokens (a positional ln_final scale depends on it)
     start = 0 if mask is None else mask.to(b_idx.device).int().argmax(1)[b_idx]
-    ln.positions = (p_idx - start).to(r.device)
+    pos = (p_idx - start).to(r.device)
     dev = r.device
     W_U, b_U = model.W_U, model.b_U
     u = W_U[:, tgt.to(dev)].T.to(_DTYPE)  # [n, d]: only the needed columns of W_U
@@ -768,10 +724,10 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
     if other is not None:
         u = u - W_U[:, other.to(dev)].T.to(_DTYPE)
         b_const = b_const - b_U[other.to(dev)].to(_DTYPE)
-    out, scale = ln(r, want_scale=True)
+    out, scale = ln.apply(r, want_scale=True, positions=pos)
     base = (out * u).sum(-1)  # ln_final(r) . u, without b_U
     logit = base + b_const
-    v = ln.direction(u, scale)
+    v = _direction(ln, u, scale)
     n, d = r.shape
     rows = max(1, _BLOCK_ELEMENTS // (n * d))
 
@@ -779,17 +735,17 @@ def _run_batch(model, ln: _FinalLN, tokens, mask, b_idx, p_idx, tgt, other, hook
     for block_labels, C in _component_blocks(model, components, layer, acts, rows):
         labels += block_labels
         dla.append(torch.einsum("knd,nd->kn", C, v))
-        shifted, _ = ln(r - C)  # ln_final recomputed on r - c, every component of the block at once
+        shifted, _ = ln.apply(r - C, positions=pos)  # ln_final recomputed on r - c, every component of the block at once
         de.append(base - torch.einsum("knd,nd->kn", shifted, u))
         total += C.sum(0)
     if components in ("layers", "all"):
         # "bias": the rest of r (b_O's for "all"; ~0 for "layers"), ln_final.b and b_U.
         rem = r - total
-        const = ln.bias_logit(u) + b_const
-        shifted, _ = ln(r - rem)
+        const = _bias_logit(ln, u) + b_const
+        shifted, _ = ln.apply(r - rem, positions=pos)
         labels.append("bias")
         dla.append(((rem * v).sum(-1) + const)[None])
-        de.append((logit - ((shifted * u).sum(-1) - ln.bias_logit(u)))[None])
+        de.append((logit - ((shifted * u).sum(-1) - _bias_logit(ln, u)))[None])
     to_cpu = lambda x: x.detach().float().cpu()  # noqa: E731
     return labels, to_cpu(torch.cat(dla)), to_cpu(torch.cat(de)), to_cpu(logit)
 

@@ -8,7 +8,8 @@
 
 Modules: `pipeline` (run_report, write_report, build_report, Sizes, ReportData), `stages` (the stage
 registry: one `Stage` per section), `figures` (one figure function per stage), `html` (the page),
-`cli` (``lnfree demo``, ``compare``, ``reproduce``). Names are imported lazily.
+`saved` (every result object saved and loaded exactly, `Result.save` / `lnfree.load_result`), `cli`
+(``lnfree demo``, ``compare``, ``reproduce``). Names are imported lazily.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ _EXPORTS = {
     "STAGES": "lnfree.report.stages",
     "Stage": "lnfree.report.stages",
     "Report": "lnfree.report.html",
+    "save_results": "lnfree.report.saved",
+    "load_results": "lnfree.report.saved",
 }
-_SUBMODULES = {"pipeline", "stages", "figures", "html", "cli"}
+_SUBMODULES = {"pipeline", "stages", "figures", "html", "cli", "saved"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

@@ -2,7 +2,8 @@
 
 `run_report` runs the stages below on each model (the same tokens for all) and returns a
 `ReportData` (result objects and a JSON-able dict of every number); `write_report` turns that into
-a self-contained HTML file (plotly, no network) and a JSON file. ``lnfree demo``, ``lnfree compare``
+a self-contained HTML file (plotly, no network), a JSON file and the result objects themselves
+(``{stem}_results/``, saved exactly: `lnfree.report.saved`). ``lnfree demo``, ``lnfree compare``
 and ``lnfree reproduce`` are thin wrappers around these two functions.
 
 Stages (each defined once, in `lnfree.report.stages.STAGES`):
@@ -46,6 +47,7 @@ from jaxtyping import Int
 
 from lnfree import _checks
 from lnfree.report.html import Report, jsonable, write_json
+from lnfree.report.saved import save_results
 from lnfree.report.stages import SINK_THRESHOLD, STAGES, Context, Skip
 
 __all__ = ["Sizes", "FULL", "QUICK", "ReportData", "STAGES", "SINK_THRESHOLD", "run_report", "write_report",
@@ -354,8 +356,11 @@ def build_html(rd: ReportData) -> Report:
     return r
 
 
-def write_report(report_data: ReportData, out_dir: PathArg, *, stem: str = "report") -> tuple[Path, Path]:
-    """Write ``{stem}.html`` (self-contained: plotly inlined, no network) and ``{stem}.json``.
+def write_report(report_data: ReportData, out_dir: PathArg, *, stem: str = "report",
+                 results: bool = True) -> tuple[Path, Path]:
+    """Write ``{stem}.html`` (self-contained: plotly inlined, no network), ``{stem}.json`` and, with
+    `results`, ``{stem}_results/``: every result object, saved exactly (`lnfree.report.saved`; read them
+    back with ``load_results(out_dir / f"{stem}_results")``). Returns the page's and the JSON's paths.
 
     Example:
         >>> html_path, json_path = write_report(rd, "out/demo")   # doctest: +SKIP
@@ -365,7 +370,11 @@ def write_report(report_data: ReportData, out_dir: PathArg, *, stem: str = "repo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path = build_html(report_data).write(out / f"{stem}.html")
-    json_path = write_json(report_data.to_json(), out / f"{stem}.json")
+    data = report_data.to_json()
+    if results:
+        save_results(report_data.results, out / f"{stem}_results")
+        data["saved_results"] = f"{stem}_results"
+    json_path = write_json(data, out / f"{stem}.json")
     return html_path, json_path
 
 
