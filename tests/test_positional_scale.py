@@ -145,3 +145,4 @@ def test_removal_trainer_freezes_every_site_at_a_positional_scale(tmp_path):
     bad[0, 0] = 3
     with pytest.raises(ValueError, match="bos_token_id"):
         remove_layernorm(_llama(), bad, steps=16, batch_size=4, seq_len=10, positional_sigma=1, progress=False)
+

@@ -222,7 +222,7 @@ class _Run:
             "format": CHECKPOINT_FORMAT, "version": 2, "step": self.step, "position": self.position,
             "tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "n_rollbacks": self.n_rollbacks,
             "sigma_ema": self.ema.state_dict(), "site_modes": self.model.ln_modes(),
-            "site_scales": {s: self.model.ln_scale(s) for s in self.model.ln_sites},
+            "site_scales": {s: self.model.ln_scale(s) for s in self.model.ln_sites}, "ln_state": self.model.ln_state(),
             "guard": self.guard.state_dict(), "loss_history": list(self.guard.history), "rng": _rng_state(),
             "config": self.cfg.to_dict(), "model_config": cfg_to_json(self.model.cfg),
             "data": self.data.fingerprint(), "teacher": _fingerprint(self.teacher),
