@@ -20,20 +20,53 @@ def make_cfg(n_layers=2, d_model=32, n_heads=4, d_vocab=61, n_ctx=16, seed=0, **
     )
 
 
+def spread_norms(model, *, ln_bias: bool = True, bias=0.05, blocks_only: bool = True, extra_biases=(),
+                 embed: float = 5.0):
+    """In place, in parameter order (the same random draws as the per-file copies this replaced): norm
+    weights 1 + 0.3 N(0, 1), LayerNorm biases 0.1 N(0, 1) (none on a gated MLP's ln2: nothing folds it),
+    other 1-D parameters and `extra_biases` (of the blocks only, unless not `blocks_only`) `bias` N(0, 1)
+    (None: left), W_E x `embed` (residual norms well above 1, so the scales matter). Returns the model."""
+    gated = model.cfg.gated_mlp
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ("ln" in name or "norm" in name) and name.endswith(".w"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif "ln" in name and name.endswith(".b") and ln_bias:
+                p.copy_(0 if gated and ".ln2." in name else 0.1 * torch.randn_like(p))
+            elif (bias is not None and (name.startswith("blocks") or not blocks_only)
+                  and (p.ndim == 1 or name.split(".")[-1] in extra_biases)):
+                p.copy_(bias * torch.randn_like(p))
+        model.W_E.mul_(embed)
+    return model
+
+
+def spread_hf_gpt2(hf, embed: float):
+    """The same for a transformers GPT-2 (LN weights, LN biases, other biases; wte x `embed`), in eval mode."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "ln" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif "ln" in name and name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.05 * torch.randn_like(p))
+        hf.transformer.wte.weight.mul_(embed)
+    return hf.eval()
+
+
 def make_model(seed: int = 0, **kw) -> LNFreeTransformer:
     """A random LN model with non-trivial LN weights/biases and an uneven residual scale."""
     torch.manual_seed(seed)
-    model = LNFreeTransformer(make_cfg(seed=seed, **kw))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".b") and "ln" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.startswith("blocks") and p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-        model.W_E.mul_(5.0)  # residual norms well above 1, so LN scales matter
-    return model.eval()
+    return spread_norms(LNFreeTransformer(make_cfg(seed=seed, **kw))).eval()
+
+
+def make_llama(seed: int = 0, d_mlp: int = 128, **kw) -> LNFreeTransformer:
+    """A tiny Llama-like model: RMSNorm, grouped-query attention, rotary, SwiGLU; uneven RMS weights."""
+    torch.manual_seed(seed)
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=d_mlp, d_vocab=61, n_ctx=16,
+                                  normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary",
+                                  rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True, seed=seed, **kw)
+    return spread_norms(LNFreeTransformer(cfg), bias=None).eval()
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lnfree._errors import CLIError
+
 #: The paper's results: the report stage that reproduces each, default models and data sets.
 PAPER_MODELS = ("gpt2", "schaeff/gpt2-small_LNFree300")
 PAPER_DATA = ("Skylion007/openwebtext",)
@@ -87,12 +89,6 @@ def _data_args(p) -> None:
 
 
 # ---- loading -------------------------------------------------------------------------------
-def _cli_error():
-    from lnfree.cli import CLIError
-
-    return CLIError
-
-
 def load_any(spec: str, device=None):
     """A model argument of ``compare`` / ``reproduce`` / ``demo`` -> LNFreeTransformer, through the one
     resolver `lnfree.load` (zoo names, .gguf files, removal runs, TransformerLens and HF directories,
@@ -104,7 +100,6 @@ def load_any(spec: str, device=None):
     from lnfree.loading import CheckpointError, HubUnreachableError
     from lnfree.resolve import kinds_text, load
 
-    CLIError = _cli_error()
     if not isinstance(spec, str) or not spec:
         raise CLIError(f"a model must be a zoo name, a directory or a hub id, got {spec!r}")
     try:
@@ -120,7 +115,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _seq_len(model, seq_len: Optional[int]) -> int:
-    CLIError = _cli_error()
     n = min(model.cfg.n_ctx, DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     if n < 3 or n > model.cfg.n_ctx:
         raise CLIError(f"--seq-len must lie in [3, n_ctx={model.cfg.n_ctx}], got {n}")
@@ -138,7 +132,6 @@ def load_data(specs: Sequence[str], model, seq_len: Optional[int] = None) -> dic
 
     from lnfree.removal.data import TEXT_EXT, chunk, chunk_with_bos, load_tokens
 
-    CLIError = _cli_error()
     n = _seq_len(model, seq_len)
     tok = getattr(model, "tokenizer", None)
     bos = getattr(tok, "bos_token_id", None) if tok is not None and model.cfg.default_prepend_bos else None
@@ -230,14 +223,14 @@ def _check_same_tokenizer(models: dict) -> None:
     try:
         check_same_vocabulary(models)
     except ValueError as e:
-        raise _cli_error()(str(e)) from None
+        raise CLIError(str(e)) from None
 
 
 # ---- the commands --------------------------------------------------------------------------
 def _setup(args) -> float:
     if args.threads is not None:
         if args.threads < 1:
-            raise _cli_error()(f"--threads must be >= 1, got {args.threads}")
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -293,7 +286,7 @@ def _resolve_data(specs, model, seq_len, names, default_specs=()) -> dict:
         return zoo_data
     if default_specs:
         return load_data(default_specs, model, seq_len)
-    raise _cli_error()(f"--data is needed: {', '.join(names)} do not use the zoo's tokenizer, so its held-out sets "
+    raise CLIError(f"--data is needed: {', '.join(names)} do not use the zoo's tokenizer, so its held-out sets "
                        "do not apply (pass .npy token arrays or text files)")
 
 
