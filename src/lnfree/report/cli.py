@@ -7,8 +7,10 @@
     lnfree reproduce FIGURE [--models A B ...] [--data ...] [--out DIR]
         one of the paper's results (table1, dla, atp, entropy, first-token-norm, sink-rate); the
         defaults are the paper's models and data (hub), --models/--data run it on local ones
+    lnfree report smollm2-135m [--quick | --full] [--resume] [--render] [--out docs/real_model.md]
+        every headline analysis on the real model, as a markdown page + JSON (`lnfree.report.real_stages`)
 
-Each writes one self-contained HTML file (plotly inlined, no network) and a JSON of every number,
+The first three write one self-contained HTML file (plotly inlined, no network) and a JSON of every number,
 and prints a summary table. See `lnfree.report.pipeline` for what each stage measures.
 """
 
@@ -77,6 +79,22 @@ def register(subparsers) -> None:
     _data_args(p)
     p.add_argument("--out", default=None, help="output directory (default: out/reproduce/FIGURE)")
     p.set_defaults(func=run_reproduce)
+    _register_real(subparsers, common)
+
+
+def _register_real(subparsers, common) -> None:
+    p = subparsers.add_parser("report", parents=[common], help="every analysis on a real model: a markdown page",
+                              description="Every headline analysis of lnfree on a real pretrained model (offline), "
+                                          "written as OUT (markdown) and OUT with .json (every number); the default "
+                                          "sizes fit in about 17 minutes of one CPU core.")
+    p.add_argument("model", metavar="MODEL", choices=["smollm2-135m"], help="smollm2-135m")
+    p.add_argument("--full", action="store_true", help="larger sizes (hours on a 2-core CPU)")
+    p.add_argument("--out", default="docs/real_model.md", help="the page (default: docs/real_model.md)")
+    p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run finished (same sizes)")
+    p.add_argument("--render", action="store_true", help="rewrite the page from OUT's JSON (no computing)")
+    p.add_argument("--render-partial", action="store_true", help="write the page and JSON from an interrupted "
+                                                                  "run's numbers")
+    p.set_defaults(func=run_real)
 
 
 def _data_args(p) -> None:
@@ -295,3 +313,46 @@ def run_reproduce(args) -> int:
     from lnfree.paper.reproduce import run_reproduce as run
 
     return run(args, load=load_any, names=_names, load_data=load_data, zoo_data=_zoo_data_for)
+
+
+def run_real(args) -> int:
+    """``lnfree report smollm2-135m``: `lnfree.report.real_stages.run_real_report`, then the page."""
+    import json
+    import platform
+
+    import torch
+
+    from lnfree.report.real_page import render
+    from lnfree.report.real_stages import BOOKS, DEFAULT, FULL, QUICK, run_real_report
+
+    if args.quick and args.full:
+        raise CLIError("--quick and --full are exclusive")
+    t0 = _setup(args)
+    out = Path(args.out)
+    numbers_path, partial = out.with_suffix(".json"), out.with_suffix(".partial.json")
+    if args.render or args.render_partial:
+        source = partial if args.render_partial else numbers_path
+        if not source.is_file():
+            raise CLIError(f"{source} does not exist: nothing to render (run without --render first)")
+        numbers = json.loads(source.read_text())
+        if args.render_partial:
+            numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
+            numbers.setdefault("machine", f"{platform.machine()}, torch {torch.__version__}")
+            numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+        out.write_text(render(numbers), encoding="utf-8")
+        print(f"wrote {out} from {source}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        partial.unlink(missing_ok=True)
+    sizes = QUICK if args.quick else FULL if args.full else DEFAULT
+    model = load_any(args.model, device=args.device)
+    from lnfree import zoo
+
+    books = {b: zoo.heldout(b, model=model, seq_len=sizes.seq_len) for b in BOOKS}
+    numbers = run_real_report(model, books, sizes, name=args.model, progress=not args.no_progress, partial=partial)
+    numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    out.write_text(render(numbers), encoding="utf-8")
+    partial.unlink(missing_ok=True)
+    print(f"wrote {out} and {numbers_path} ({numbers['total_s']:.0f} s; {time.perf_counter() - t0:.0f} s in all)")
+    return 0
