@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random GPT-2-shaped models, fast enough for every test."""
 
 import os
+import signal
 
 import pytest
 import torch
@@ -67,6 +68,42 @@ def make_llama(seed: int = 0, d_mlp: int = 128, **kw) -> LNFreeTransformer:
                                   normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary",
                                   rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True, seed=seed, **kw)
     return spread_norms(LNFreeTransformer(cfg), bias=None).eval()
+
+
+# ---- the tiny removal run the removal tests share ------------------------------------------------------
+def _removal_sched():
+    from lnfree.removal import Schedule
+
+    return Schedule.from_gaps(2, 12, 2, 1, 1, 2)  # 2 layers: ln2 at 2,3; ln1.qk at 4,5; ln1.v at 6,8; ln_final at 10
+
+
+REMOVAL_SCHED = _removal_sched()
+REMOVAL_RUN = dict(schedule=REMOVAL_SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3,
+                   warmup=2, checkpoint_every=4, progress=False)
+
+
+def removal_data(n: int = 48, seed: int = 5) -> torch.Tensor:
+    """[n, 16] random token rows for the tiny removal runs."""
+    return torch.randint(0, 61, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+def sigkill_mid_run(out_dir, data, make, **kwargs):
+    """The target of a forked child: `remove_layernorm(make(), data, out_dir=out_dir, **REMOVAL_RUN, **kwargs)`,
+    SIGKILLed mid-way through step 6 (after the step-4 checkpoint), as a crash would stop it."""
+    from lnfree.removal import remove_layernorm
+
+    model = make()
+    calls = [0]
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 2 * 6 + 1:  # the 13th forward with gradients (two micro-batches a step)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    model.blocks[0].register_forward_hook(hook)
+    remove_layernorm(model, data, out_dir=out_dir, **REMOVAL_RUN, **kwargs)
+    os._exit(3)  # not reached
 
 
 @pytest.fixture

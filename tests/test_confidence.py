@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
-from conftest import make_model
+from conftest import make_llama, make_model
 from lnfree import _checks
 from lnfree._checks import TokenBatch
 from lnfree.analysis.calibration import calibration
@@ -53,25 +53,6 @@ def planted_model() -> "LNFreeTransformer":  # noqa: F821
 def ln_free_copy(m, tokens):
     m.estimate_ln_scales(tokens)
     return m.remove_ln()
-
-
-def make_llama(seed: int = 0) -> "LNFreeTransformer":  # noqa: F821
-    """A tiny Llama-like model: RMSNorm, grouped-query attention, rotary, SwiGLU; uneven RMS weights."""
-    from transformer_lens import HookedTransformerConfig
-
-    from lnfree.model import LNFreeTransformer
-
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
-                                  normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary",
-                                  rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True, seed=seed)
-    m = LNFreeTransformer(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-        m.W_E.mul_(5.0)
-    return m.eval()
 
 
 def planted_llama() -> "LNFreeTransformer":  # noqa: F821

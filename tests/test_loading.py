@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lnfree.loading as L
+from conftest import spread_hf_gpt2
 from lnfree.loading import CheckpointError, HubUnreachableError, load_model, save_pretrained
 from lnfree.model import LNFreeTransformer
 
@@ -26,17 +27,7 @@ def make_hf(seed=0, vocab=VOCAB, **kw) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
                      bos_token_id=None, eos_token_id=None, **kw)
-    hf = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln" in name and name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-        hf.transformer.wte.weight.mul_(20.0)
-    return hf
+    return spread_hf_gpt2(GPT2LMHeadModel(cfg), embed=20.0)
 
 
 def hf_logits(path_or_model, tokens):

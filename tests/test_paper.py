@@ -9,6 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import paper_reference as ref
+from conftest import spread_hf_gpt2
 import lnfree.paper as P
 from lnfree.loading import load_model
 
@@ -23,17 +24,8 @@ def rel_close(a, b, rel=1e-4, abs_=0.0):
 
 def _hf(seed):
     torch.manual_seed(seed)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln_" in name and name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-        hf.transformer.wte.weight.mul_(5.0)
-    return hf.eval()
+    return spread_hf_gpt2(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
+                                                     n_positions=64)), embed=5.0)
 
 
 def _ln_stds(hf, tokens):

@@ -16,6 +16,7 @@ import torch
 from transformer_lens import HookedTransformerConfig
 from transformer_lens import patching as tlp
 
+from conftest import spread_norms
 from lnfree.analysis.patching import activation_patching, attribution_patching
 from lnfree.analysis.patching_core import hook_name, n_heads_at
 from lnfree.model import LNFreeTransformer
@@ -32,14 +33,10 @@ def arch_model(arch: str) -> LNFreeTransformer:
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
                                   seed=0, **ARCHS[arch])
-    model = LNFreeTransformer(cfg)
+    model = spread_norms(LNFreeTransformer(cfg), ln_bias=False, bias=None)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "W_Q" in name:
-                p.mul_(3.0)  # a peaked softmax: the QK fix has something to fix
-        model.W_E.mul_(5.0)
+        for block in model.blocks:
+            block.attn.W_Q.mul_(3.0)  # a peaked softmax: the QK fix has something to fix
     return model.eval()
 
 
