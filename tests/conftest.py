@@ -70,6 +70,59 @@ def make_llama(seed: int = 0, d_mlp: int = 128, **kw) -> LNFreeTransformer:
     return spread_norms(LNFreeTransformer(cfg), bias=None).eval()
 
 
+# ---- padding, HF LayerNorm scales, no network ----------------------------------------------------------
+def pad_rows(rows, side: str, *, pad_id: int = 0, width=None):
+    """Token rows of different lengths (tensors or lists) as one padded batch: (tokens, attention mask)
+    [len(rows), width], each row flush right ("left" padding) or left ("right"); width default: the longest."""
+    width = max(len(r) for r in rows) if width is None else width
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
+        tokens[i, sl], mask[i, sl] = torch.as_tensor(r), 1
+    return tokens, mask
+
+
+def hf_ln_input_stds(hf, tokens) -> dict:
+    """Mean over tokens of sqrt(var + eps) of each transformers LayerNorm's input (independent of lnfree)."""
+    stds, handles = {}, []
+    for name, mod in hf.named_modules():
+        if isinstance(mod, torch.nn.LayerNorm):
+            def hook(m, inp, out, name=name):
+                stds[name] = float((inp[0].var(-1, unbiased=False) + m.eps).sqrt().mean())
+            handles.append(mod.register_forward_hook(hook))
+    with torch.no_grad():
+        hf(tokens)
+    for h in handles:
+        h.remove()
+    return stds
+
+
+def save_released_ln_free(hf, tokens, path) -> dict:
+    """Save `hf` (a transformers GPT-2) as the paper's authors release LN-free checkpoints: each LN weight x
+    1e6 / sigma (its input's std on `tokens`), eps = 1e12. Returns the sigmas by module name."""
+    stds = hf_ln_input_stds(hf, tokens)
+    with torch.no_grad():
+        for name, mod in hf.named_modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.mul_(1e6 / stds[name])
+    hf.config.layer_norm_epsilon = 1e12
+    hf.save_pretrained(path)
+    return stds
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a socket fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
 # ---- the tiny removal run the removal tests share ------------------------------------------------------
 def _removal_sched():
     from lnfree.removal import Schedule

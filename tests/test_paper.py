@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import paper_reference as ref
-from conftest import spread_hf_gpt2
+from conftest import save_released_ln_free, spread_hf_gpt2
 import lnfree.paper as P
 from lnfree.loading import load_model
 
@@ -28,20 +28,6 @@ def _hf(seed):
                                                      n_positions=64)), embed=5.0)
 
 
-def _ln_stds(hf, tokens):
-    stds, handles = {}, []
-    for name, mod in hf.named_modules():
-        if isinstance(mod, torch.nn.LayerNorm):
-            def hook(m, inp, out, name=name):
-                stds[name] = float((inp[0].var(-1, unbiased=False) + m.eps).sqrt().mean())
-            handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        hf(tokens)
-    for h in handles:
-        h.remove()
-    return stds
-
-
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator().manual_seed(3)
@@ -53,14 +39,7 @@ def dirs(tmp_path_factory, data):
     """An LN GPT-2 and a released-format LN-free GPT-2 (LN weight * 1e6 / sigma, eps = 1e12)."""
     root = tmp_path_factory.mktemp("paper")
     _hf(0).save_pretrained(root / "ln")
-    hf = _hf(1)
-    stds = _ln_stds(hf, data)
-    with torch.no_grad():
-        for name, mod in hf.named_modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.mul_(1e6 / stds[name])
-    hf.config.layer_norm_epsilon = 1e12
-    hf.save_pretrained(root / "lnfree")
+    save_released_ln_free(_hf(1), data, root / "lnfree")
     return {"ln": root / "ln", "lnfree": root / "lnfree"}
 
 

@@ -16,7 +16,7 @@ import torch
 from transformer_lens import HookedTransformerConfig
 from transformer_lens import patching as tlp
 
-from conftest import spread_norms
+from conftest import pad_rows, spread_norms
 from lnfree.analysis.patching import activation_patching, attribution_patching
 from lnfree.analysis.patching_core import hook_name, n_heads_at
 from lnfree.model import LNFreeTransformer
@@ -185,7 +185,6 @@ def test_qk_fix_matches_the_recomputed_pattern(arch, site):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_rotary_gqa_batch_equals_each_row_alone(side):
     """Rotary positions under left padding come from the mask: a padded row equals the row alone."""
-    from test_patching import _padded
 
     from lnfree.tasks import logit_diff_metric
 
@@ -195,8 +194,8 @@ def test_padded_rotary_gqa_batch_equals_each_row_alone(side):
     cl = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     co = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     ans, wrong = torch.tensor([3, 17]), torch.tensor([9, 2])
-    clean, mask = _padded(cl, side, 8)
-    corrupt, _ = _padded(co, side, 8)
+    clean, mask = pad_rows(cl, side, width=8)
+    corrupt, _ = pad_rows(co, side, width=8)
     m = logit_diff_metric(ans, wrong, attention_mask=mask)
     for site, method in (("resid_pre", "atp"), ("k", "atp*")):
         act = activation_patching(model, clean, corrupt, m, site=site, attention_mask=mask)

@@ -196,7 +196,7 @@ def site_costs(
         costs.append(_NO_COST if frozen is None else
                      CEComparison(names=("frozen", "live"), a=frozen, b=live, **boot).difference())
         per_seq.append(torch.full_like(live.per_sequence, math.nan) if frozen is None else frozen.per_sequence)
-    finite = torch.tensor([frozen is not _NO_COST for frozen in costs])
+    finite = torch.tensor([cost is not _NO_COST for cost in costs])
     return SiteCosts(labels=tuple(chosen), cost=tuple(costs), finite=finite,
                      frozen_per_sequence=torch.stack(per_seq), live=live, scales={s: scales[s] for s in chosen},
                      n_calib=int(calib.shape[0]), batch_size=batch_size, **boot,

@@ -87,19 +87,20 @@ def _model(ctx: Context):
 
 # ---- ce: held-out CE, and the cost of freezing every norm at its average scale (no fine-tuning) ------
 def run_ce(ctx: Context) -> dict:
-    import lnfree
+    from lnfree.evaluation import cross_entropy
+    from lnfree.stats import bootstrap
 
     model, sizes, books = _model(ctx), ctx.sizes, ctx.data
     res = {}
     for b, toks in books.items():
         rows = toks[: sizes.ce_rows]
-        live = lnfree.cross_entropy(model, rows, n_boot=sizes.n_boot)
+        live = cross_entropy(model, rows, n_boot=sizes.n_boot)
         res[b] = {"ce": est(live.mean), "n_tokens": live.n_tokens, "rows": list(rows.shape)}
     calib = books["persuasion"][sizes.ce_rows: sizes.ce_rows + sizes.calib_rows]
     scales = model.estimate_ln_scales(calib, store=False)  # mean RMS of each site's input on other rows
     for b, toks in books.items():
         rows = toks[: sizes.ce_rows]
-        live = lnfree.cross_entropy(model, rows, n_boot=sizes.n_boot)
+        live = cross_entropy(model, rows, n_boot=sizes.n_boot)
         with model.ln_frozen(scales=scales), torch.no_grad():
             finite = torch.isfinite(model(rows)).all(-1)  # [row, pos]: every logit finite
         res[b]["frozen_finite_share"] = float(finite.double().mean())
@@ -107,8 +108,8 @@ def run_ce(ctx: Context) -> dict:
             res[b]["frozen_ce"] = res[b]["frozen_gap"] = None
             continue
         with model.ln_frozen(scales=scales):
-            frozen = lnfree.cross_entropy(model, rows, n_boot=sizes.n_boot)
-        gap = lnfree.bootstrap(frozen.per_sequence.double() - live.per_sequence.double(), n_boot=sizes.n_boot)
+            frozen = cross_entropy(model, rows, n_boot=sizes.n_boot)
+        gap = bootstrap(frozen.per_sequence.double() - live.per_sequence.double(), n_boot=sizes.n_boot)
         res[b]["frozen_ce"] = est(frozen.mean)
         res[b]["frozen_gap"] = est(gap)
     res["calibration_rows"] = list(calib.shape)
@@ -121,11 +122,11 @@ def run_ce(ctx: Context) -> dict:
 
 # ---- dla ------------------------------------------------------------------------------------------
 def run_dla(ctx: Context) -> dict:
-    import lnfree
+    from lnfree.analysis.dla import direct_logit_attribution
 
     sizes = ctx.sizes
     toks = ctx.primary(sizes.dla_rows, sizes.dla_len)
-    res = lnfree.direct_logit_attribution(_model(ctx), toks, components="heads", n_boot=sizes.n_boot)
+    res = direct_logit_attribution(_model(ctx), toks, components="heads", n_boot=sizes.n_boot)
     layers = res.nmae_frame("layer")
     return {"nmae": est(res.nmae()), "rows": list(toks.shape), "ln_final_mode": res.ln_final_mode,
             "per_layer": [{"layer": r.group, "nmae": r.nmae, "low": r.low, "high": r.high}
@@ -160,16 +161,16 @@ def massive(act: Float[torch.Tensor, "batch pos"]) -> dict:
 
 
 def run_entropy_neurons(ctx: Context) -> dict:
-    import lnfree
     from lnfree.analysis.calibration import calibration
+    from lnfree.analysis.confidence import ablate_neurons, find_entropy_neurons
 
     model, sizes = _model(ctx), ctx.sizes
     toks = ctx.primary(sizes.conf_rows, sizes.conf_len)
     rows = []
     for layer in sizes.layers:
-        found = lnfree.find_entropy_neurons(model, layer=layer, n_top=sizes.per_layer)
+        found = find_entropy_neurons(model, layer=layer, n_top=sizes.per_layer)
         frame = found.to_frame()
-        abl = lnfree.ablate_neurons(model, toks, found.neurons(), n_boot=sizes.n_boot)
+        abl = ablate_neurons(model, toks, found.neurons(), n_boot=sizes.n_boot)
         acts = neuron_activations(model, toks, layer)
         for i, label in enumerate(found.neurons()):
             f = frame.iloc[i]
@@ -187,22 +188,23 @@ def run_entropy_neurons(ctx: Context) -> dict:
 
 # ---- patching -------------------------------------------------------------------------------------
 def run_patching(ctx: Context) -> dict:
-    import lnfree
+    from lnfree.analysis.patching import activation_patching, attribution_patching, patching_error
+    from lnfree.tasks import ioi
 
     model, sizes = _model(ctx), ctx.sizes
-    batch = lnfree.tasks.ioi(model, sizes.ioi_prompts, seed=0)
+    batch = ioi(model, sizes.ioi_prompts, seed=0)
     metric = batch.metric("logit_diff")
     res = {"n_prompts": len(batch), "example": batch.prompts[0], "example_corrupt": batch.corrupt_prompts[0]}
     for site, by_pos in (("resid_pre", True), ("z", False)):
-        act = lnfree.activation_patching(model, batch.clean, batch.corrupt, metric, site=site, by_pos=by_pos,
+        act = activation_patching(model, batch.clean, batch.corrupt, metric, site=site, by_pos=by_pos,
                                          n_boot=sizes.n_boot)
         key = f"{site}{'_by_pos' if by_pos else ''}"
         res[key] = {"metric_clean": act.metric_clean, "metric_corrupt": act.metric_corrupt,
                     "n_components": len(act.labels)}
         for method in ("atp", "atp*"):
-            atp = lnfree.attribution_patching(model, batch.clean, batch.corrupt, metric, site=site,
+            atp = attribution_patching(model, batch.clean, batch.corrupt, metric, site=site,
                                               by_pos=by_pos, method=method, n_boot=sizes.n_boot)
-            err = lnfree.patching_error(atp, act, n_boot=sizes.n_boot)
+            err = patching_error(atp, act, n_boot=sizes.n_boot)
             res[key][method] = {"pearson": est(err.pearson), "spearman": est(err.spearman),
                                 "mean_abs_error": est(err.mean_abs), "total_error": float(err.total),
                                 "recall": est(err.recall), "k": err.k,
@@ -212,12 +214,12 @@ def run_patching(ctx: Context) -> dict:
 
 # ---- geometry -------------------------------------------------------------------------------------
 def run_geometry(ctx: Context) -> dict:
-    import lnfree
+    from lnfree.analysis.geometry import attention_sink_rate, first_token_norm
 
     model, sizes = _model(ctx), ctx.sizes
     toks = ctx.primary(sizes.geom_rows, None)
-    norms = lnfree.first_token_norm(model, toks, n_boot=sizes.n_boot)
-    sinks = lnfree.attention_sink_rate(model, toks, threshold=0.3, n_boot=sizes.n_boot)
+    norms = first_token_norm(model, toks, n_boot=sizes.n_boot)
+    sinks = attention_sink_rate(model, toks, threshold=0.3, n_boot=sizes.n_boot)
     ratio = norms.estimates()["ratio"]
     return {"rows": list(toks.shape), "sites": list(norms.labels), "ratio": [est(e) for e in ratio],
             "first": [est(e) for e in norms.estimates()["first"]],
