@@ -86,7 +86,7 @@ def _register_real(subparsers, common) -> None:
     p = subparsers.add_parser("report", parents=[common], help="every analysis on a real model: a markdown page",
                               description="Every headline analysis of lnfree on a real pretrained model (offline), "
                                           "written as OUT (markdown) and OUT with .json (every number); the default "
-                                          "sizes fit in about 17 minutes of one CPU core.")
+                                          "sizes took 830 s of one CPU core (docs/real_model.json).")
     p.add_argument("model", metavar="MODEL", choices=["smollm2-135m"], help="smollm2-135m")
     p.add_argument("--full", action="store_true", help="larger sizes (hours on a 2-core CPU)")
     p.add_argument("--out", default="docs/real_model.md", help="the page (default: docs/real_model.md)")

@@ -37,7 +37,7 @@ MASSIVE = 10.0  # first-token |activation| / the largest |activation| elsewhere 
 
 @dataclass(frozen=True)
 class RealSizes:
-    """How much data each stage reads. The default: the committed page's sizes (~17 min of one CPU core)."""
+    """How much data each stage reads. The default: the committed page's sizes (830 s of one CPU core)."""
 
     ce_rows: int = 8           # rows of each held-out set for CE (and the frozen-norm CE)
     calib_rows: int = 8        # other rows of "persuasion" on which the frozen scales are estimated
