@@ -41,18 +41,21 @@ def spread_norms(model, *, ln_bias: bool = True, bias=0.05, blocks_only: bool = 
     return model
 
 
-def spread_hf_gpt2(hf, embed: float):
-    """The same for a transformers GPT-2 (LN weights, LN biases, other biases; wte x `embed`), in eval mode."""
+def spread_hf_norms(hf, *, base: float = 1.0, bias=None, embed: float = 1.0):
+    """The same for a transformers model, in parameter order: norm weights (names with "norm", or "ln" in the
+    module name) `base` + 0.3 N(0, 1) (Gemma stores w - 1: base 0), norm biases 0.1 N(0, 1), other 1-D
+    parameters `bias` N(0, 1) (None: left), input embeddings x `embed`. Returns the model."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln" in name and name.endswith("bias"):
+            norm = "norm" in name or "ln" in name.split(".")[-2]
+            if norm and name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-        hf.transformer.wte.weight.mul_(embed)
-    return hf.eval()
+            elif norm:
+                p.copy_(base + 0.3 * torch.randn_like(p))
+            elif bias is not None and p.ndim == 1:
+                p.copy_(bias * torch.randn_like(p))
+        hf.get_input_embeddings().weight.mul_(embed)
+    return hf
 
 
 def make_model(seed: int = 0, **kw) -> LNFreeTransformer:

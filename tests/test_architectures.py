@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from conftest import spread_norms
+from conftest import spread_hf_norms, spread_norms
 from lnfree.model import LNFreeTransformer, unsupported_features
 
 D_VOCAB = 53
@@ -370,14 +370,7 @@ def _hf_pair(arch: str):
             activation_function="gelu_new"))
         tl = dict(act_fn="gelu_new", rotary_adjacent_pairs=True, **rotary_ln)
         convert = convert_gptj_weights
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln" in name.split(".")[-2]:
-                if name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn_like(p))
-                else:  # Gemma stores w - 1 (zeros by default), the others w: all get a spread
-                    p.copy_((0.0 if arch == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
-        hf.get_input_embeddings().weight.mul_(1.0 if arch == "gemma" else 50.0)
+    spread_hf_norms(hf, base=0.0 if arch == "gemma" else 1.0, embed=1.0 if arch == "gemma" else 50.0)
     model = LNFreeTransformer(HookedTransformerConfig(**TINY_HF, **tl)).eval()
     model.load_state_dict(convert(hf, model.cfg), strict=False)
     return hf.eval(), model

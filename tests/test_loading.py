@@ -15,7 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lnfree.loading as L
-from conftest import save_released_ln_free, spread_hf_gpt2
+from conftest import save_released_ln_free, spread_hf_norms
 from lnfree.loading import CheckpointError, HubUnreachableError, load_model, save_pretrained
 from lnfree.model import LNFreeTransformer
 
@@ -27,7 +27,7 @@ def make_hf(seed=0, vocab=VOCAB, **kw) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
                      bos_token_id=None, eos_token_id=None, **kw)
-    return spread_hf_gpt2(GPT2LMHeadModel(cfg), embed=20.0)
+    return spread_hf_norms(GPT2LMHeadModel(cfg), bias=0.05, embed=20.0).eval()
 
 
 def hf_logits(path_or_model, tokens):

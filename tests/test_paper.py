@@ -9,7 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import paper_reference as ref
-from conftest import save_released_ln_free, spread_hf_gpt2
+from conftest import save_released_ln_free, spread_hf_norms
 import lnfree.paper as P
 from lnfree.loading import load_model
 
@@ -24,8 +24,8 @@ def rel_close(a, b, rel=1e-4, abs_=0.0):
 
 def _hf(seed):
     torch.manual_seed(seed)
-    return spread_hf_gpt2(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB,
-                                                     n_positions=64)), embed=5.0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64))
+    return spread_hf_norms(hf, bias=0.05, embed=5.0).eval()
 
 
 @pytest.fixture(scope="module")
