@@ -16,6 +16,11 @@ BOS: what `remove_layernorm` feeds SmolLM2).
 
     PYTHONPATH=src python scripts/smollm2_site_costs.py --out docs/smollm2_site_costs.json
     # writes docs/smollm2_site_order.json too: site -> cost, for `lnfree remove-ln --site-order`
+
+The single-site cost alone, for any model, is the library's: `lnfree.removal.site_costs(model, tokens,
+calib=...)` and ``lnfree site-costs MODEL --out costs.json`` (the file `--site-order` reads). This script
+is the record of the SmolLM2 diagnosis built around it (per-token ratios, counterfactuals, the cumulative
+freeze, the blend ramp, the maximum over two kinds of rows), which produced the committed JSON files.
 """
 
 from __future__ import annotations

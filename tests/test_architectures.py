@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from conftest import spread_hf_norms, spread_norms
 from lnfree.model import LNFreeTransformer, unsupported_features
 
 D_VOCAB = 53
@@ -64,19 +65,9 @@ def make_cfg(name: str, **extra) -> HookedTransformerConfig:
 def make_hooked(name: str, **extra) -> HookedTransformer:
     """A random HookedTransformer with non-trivial norm weights, biases and residual scale."""
     torch.manual_seed(0)
-    ht = HookedTransformer(make_cfg(name, **extra)).eval()
-    gated = ht.cfg.gated_mlp
-    with torch.no_grad():
-        for n, p in ht.named_parameters():
-            if "ln" in n and n.endswith(".w") or n.endswith("norm.w"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln" in n and n.endswith(".b"):
-                # A gated MLP has no pre-activation bias to fold ln2's bias into (see test below).
-                p.copy_(0 if gated and ".ln2." in n else 0.1 * torch.randn_like(p))
-            elif p.ndim == 1 or n.split(".")[-1] in ("b_Q", "b_K", "b_V", "_b_K", "_b_V"):
-                p.copy_(0.05 * torch.randn_like(p))
-        ht.W_E.mul_(5.0)  # residual norms well above 1, so the scales matter
-    return ht
+    # a gated MLP has no pre-activation bias to fold ln2's bias into (see the test below): spread_norms leaves it 0
+    return spread_norms(HookedTransformer(make_cfg(name, **extra)).eval(), blocks_only=False,
+                        extra_biases=("b_Q", "b_K", "b_V", "_b_K", "_b_V"))
 
 
 @pytest.fixture(scope="module")
@@ -379,14 +370,7 @@ def _hf_pair(arch: str):
             activation_function="gelu_new"))
         tl = dict(act_fn="gelu_new", rotary_adjacent_pairs=True, **rotary_ln)
         convert = convert_gptj_weights
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln" in name.split(".")[-2]:
-                if name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn_like(p))
-                else:  # Gemma stores w - 1 (zeros by default), the others w: all get a spread
-                    p.copy_((0.0 if arch == "gemma" else 1.0) + 0.3 * torch.randn_like(p))
-        hf.get_input_embeddings().weight.mul_(1.0 if arch == "gemma" else 50.0)
+    spread_hf_norms(hf, base=0.0 if arch == "gemma" else 1.0, embed=1.0 if arch == "gemma" else 50.0)
     model = LNFreeTransformer(HookedTransformerConfig(**TINY_HF, **tl)).eval()
     model.load_state_dict(convert(hf, model.cfg), strict=False)
     return hf.eval(), model

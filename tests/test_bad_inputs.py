@@ -13,7 +13,6 @@ Add a case by writing a function ``def name(c)`` decorated with ``@case(Exceptio
 from __future__ import annotations
 
 import json
-import socket
 import time
 import warnings
 from types import SimpleNamespace
@@ -708,15 +707,6 @@ def zoo_unknown_name_in_shipped_family(c):
 
 
 # ---- the tests -------------------------------------------------------------------------------------
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a socket fails the case (as in test_loading.py)."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import make_model, pad_rows
 from lnfree import _checks
 from lnfree._checks import TokenBatch
 from lnfree.analysis.calibration import Calibration, calibration
@@ -86,12 +86,7 @@ def test_calibration_result_contract(model, tokens):
 def test_padded_calibration_equals_each_row_alone(model, side):
     g = torch.Generator().manual_seed(3)
     rows = [torch.randint(1, 61, (n,), generator=g) for n in (12, 4, 8, 2, 10)]
-    width = max(len(r) for r in rows)
-    toks = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(toks)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(width - len(r), width)
-        toks[i, sl], mask[i, sl] = r, 1
+    toks, mask = pad_rows(rows, side)
     cal = calibration(model, toks, attention_mask=mask, n_bins=6, batch_size=2)
     assert cal.padded and cal.n_predictions == sum(len(r) - 1 for r in rows)
     for p, r in enumerate(rows):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
-from conftest import make_model
+from conftest import make_llama, make_model, pad_rows
 from lnfree import _checks
 from lnfree._checks import TokenBatch
 from lnfree.analysis.calibration import calibration
@@ -53,25 +53,6 @@ def planted_model() -> "LNFreeTransformer":  # noqa: F821
 def ln_free_copy(m, tokens):
     m.estimate_ln_scales(tokens)
     return m.remove_ln()
-
-
-def make_llama(seed: int = 0) -> "LNFreeTransformer":  # noqa: F821
-    """A tiny Llama-like model: RMSNorm, grouped-query attention, rotary, SwiGLU; uneven RMS weights."""
-    from transformer_lens import HookedTransformerConfig
-
-    from lnfree.model import LNFreeTransformer
-
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
-                                  normalization_type="RMS", n_key_value_heads=2, positional_embedding_type="rotary",
-                                  rotary_dim=8, gated_mlp=True, act_fn="silu", final_rms=True, seed=seed)
-    m = LNFreeTransformer(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-        m.W_E.mul_(5.0)
-    return m.eval()
 
 
 def planted_llama() -> "LNFreeTransformer":  # noqa: F821
@@ -121,17 +102,6 @@ def per_token(logits, tokens):
 def per_prompt(logits, tokens):
     ent, ce = per_token(logits, tokens)
     return ent.mean(1), ce.mean(1)
-
-
-def padded(rows, side, pad_id=0):
-    """Pad token rows of different lengths to one batch: (tokens, attention mask)."""
-    n = max(len(r) for r in rows)
-    toks = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(n - len(r), n)
-        toks[i, sl], mask[i, sl] = r, 1
-    return toks, mask
 
 
 # ---- detection -------------------------------------------------------------------------------
@@ -412,7 +382,7 @@ def test_padded_ablation_equals_each_row_alone(side, arch):
     model = make_model() if arch == "gpt2" else make_llama()
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(1, 61, (n,), generator=g) for n in (12, 5, 9, 2)]
-    toks, mask = padded(rows, side)
+    toks, mask = pad_rows(rows, side)
     neurons = ["L0N3", "L0N50"]
     abl = ablate_neurons(model, toks, neurons, attention_mask=mask, cumulative=True, batch_size=3)
     assert abl.padded and abl.n_tokens == sum(len(r) - 1 for r in rows)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformerConfig
 
+from conftest import spread_norms
 from lnfree.analysis.dla import direct_logit_attribution
 from lnfree.analysis.geometry import attention_sink_rate, first_token_norm
 from lnfree.evaluation import cross_entropy
@@ -24,17 +25,7 @@ CONFIGS = {
 
 def _model(name: str) -> LNFreeTransformer:
     torch.manual_seed(0)
-    m = LNFreeTransformer(HookedTransformerConfig(**BASE, **CONFIGS[name])).eval()
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if n.endswith(".w") and ("ln" in n or "norm" in n):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif n.endswith(".b") and "ln" in n and not m.cfg.gated_mlp:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-        m.W_E.mul_(5.0)  # residual norms well above 1, so the final scale varies and matters
-    return m
+    return spread_norms(LNFreeTransformer(HookedTransformerConfig(**BASE, **CONFIGS[name])).eval(), blocks_only=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
+from conftest import spread_hf_norms
 from lnfree import gguf_file
 from lnfree.loading import CheckpointError, load_model
 
@@ -30,12 +31,7 @@ def hf_llama(d_model=64, n_layers=2, n_heads=4, n_kv=2, d_mlp=128, seed=0):
                       num_key_value_heads=n_kv, intermediate_size=d_mlp, vocab_size=vocab, max_position_embeddings=64,
                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=vocab - 1,
                       eos_token_id=vocab - 1)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:  # norm weights away from 1, so a wrong norm mapping shows
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-    return model
+    return spread_hf_norms(LlamaForCausalLM(cfg).eval())  # norm weights away from 1: a wrong mapping shows
 
 
 def hf_qwen2(seed=0):
@@ -46,12 +42,7 @@ def hf_qwen2(seed=0):
     cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, vocab_size=vocab, max_position_embeddings=64, rms_norm_eps=1e-6,
                       rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:  # norm weights and the q/k/v biases away from their defaults
-                p.copy_((1 if "norm" in name else 0) + 0.3 * torch.randn_like(p))
-    return model
+    return spread_hf_norms(Qwen2ForCausalLM(cfg).eval(), bias=0.3)  # norm weights and q/k/v biases moved
 
 
 def llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:

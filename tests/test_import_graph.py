@@ -11,7 +11,9 @@ the wiring of the model's upward calls (`lnfree._hooks`).
 """
 
 import ast
+import fnmatch
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +163,102 @@ def test_model_methods_implemented_above_the_model_work_from_a_bare_model_import
                          env={**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "tiny-ln"
+
+
+# ---- the layers of docs/architecture.md ------------------------------------------------------------------
+DOC = SRC.parent / "docs" / "architecture.md"
+
+
+def _top_level_split(text: str) -> list[str]:
+    """Comma-separated entries, parenthesised comments dropped (their commas included)."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        if depth == 0 and ch == ",":
+            out.append(cur)
+            cur = ""
+        elif depth == 0:
+            cur += ch
+        depth -= ch == ")"
+    return [e.strip() for e in out + [cur] if e.strip()]
+
+
+def doc_layers(text: str) -> dict[str, int]:
+    """entry -> layer number from the code block under "## Import direction" (see the doc for the format)."""
+    section = text.split("## Import direction", 1)[1]
+    block = section.split("```", 2)[1]
+    layers, joined = {}, {}
+    for line in block.splitlines():
+        head = re.match(r"^(\d+)\s+[\w-]+:\s*(.*)$", line)
+        if head:
+            current = int(head.group(1))
+            joined[current] = head.group(2)
+        elif line.strip():
+            joined[current] += " " + line.strip()
+    for layer, text in joined.items():
+        for entry in _top_level_split(text):
+            layers[entry] = layer
+    return layers
+
+
+def _module_path(mod: str, modules) -> str:
+    """lnfree.removal.costs -> removal/costs.py; a package is its __init__.py (lnfree -> __init__.py)."""
+    rel = modules[mod].relative_to(SRC / "lnfree")
+    return rel.as_posix()
+
+
+def _match(entry: str, path: str):
+    """How specifically `entry` names `path` (higher wins), or None."""
+    if entry.endswith("/"):
+        return (1, entry.count("/")) if path.startswith(entry) else None
+    if "*" in entry:
+        return (2, len(entry)) if fnmatch.fnmatch(path, entry) else None
+    name = entry if entry.endswith(".py") else entry + ".py"
+    return (3, 0) if path == name else None
+
+
+def place(layers: dict[str, int], paths) -> tuple[dict[str, int], list[str], list[str]]:
+    """(path -> layer, paths no entry places, entries that place nothing)."""
+    placed, unplaced, used = {}, [], set()
+    for path in paths:
+        hits = [(m, e) for e in layers if (m := _match(e, path)) is not None]
+        if not hits:
+            unplaced.append(path)
+            continue
+        best = max(hits)[1]
+        used.add(best)
+        placed[path] = layers[best]
+    return placed, unplaced, [e for e in layers if e not in used]
+
+
+def upward_imports(graph: dict[str, set[str]], layer_of: dict[str, int]) -> list[str]:
+    return sorted(f"{a} (layer {layer_of[a]}) imports {b} (layer {layer_of[b]})"
+                  for a, targets in graph.items() for b in targets if layer_of[b] > layer_of[a])
+
+
+def test_layer_table_parser_and_the_rule_on_a_known_case():
+    text = ("## Import direction\n\n```\n0  base:   _errors, training/ (files, log), removal/data.py\n"
+            "1  model:  model.py (LNFreeTransformer, as_lnfree)\n3  analyses: removal/ (the trainer,\n"
+            "              costs), paper/\n4  top:    cli.py, */cli.py\n```\n")
+    layers = doc_layers(text)
+    assert layers == {"_errors": 0, "training/": 0, "removal/data.py": 0, "model.py": 1, "removal/": 3,
+                      "paper/": 3, "cli.py": 4, "*/cli.py": 4}
+    paths = ["_errors.py", "training/log.py", "removal/data.py", "removal/trainer.py", "removal/cli.py",
+             "model.py", "cli.py", "paper/reproduce.py", "stray.py"]
+    placed, unplaced, unused = place(layers, paths)
+    assert placed["removal/data.py"] == 0 and placed["removal/trainer.py"] == 3 and placed["removal/cli.py"] == 4
+    assert unplaced == ["stray.py"] and unused == []
+    graph = {"paper/reproduce.py": {"cli.py", "model.py"}, "cli.py": {"removal/cli.py"}, "model.py": set()}
+    assert upward_imports(graph, placed) == ["paper/reproduce.py (layer 3) imports cli.py (layer 4)"]
+
+
+def test_imports_point_down_the_layers_of_architecture_md():
+    """Every module is placed by docs/architecture.md's layer table, every entry places one, no import goes up."""
+    modules = _modules()
+    paths = {m: _module_path(m, modules) for m in modules}
+    placed, unplaced, unused = place(doc_layers(DOC.read_text(encoding="utf-8")), sorted(paths.values()))
+    assert not unplaced, f"modules missing from the layer table of docs/architecture.md: {unplaced}"
+    assert not unused, f"entries of docs/architecture.md's layer table that name no module: {unused}"
+    graph = {paths[a]: {paths[b] for b in targets} for a, targets in import_graph().items()}
+    bad = upward_imports(graph, placed)
+    assert not bad, "imports against the layers of docs/architecture.md: " + "; ".join(bad)

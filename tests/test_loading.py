@@ -15,6 +15,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import lnfree.io.hf as L
+from conftest import save_released_ln_free, spread_hf_norms
 from lnfree.loading import CheckpointError, HubUnreachableError, load_model, save_pretrained
 from lnfree.model import LNFreeTransformer
 
@@ -26,17 +27,7 @@ def make_hf(seed=0, vocab=VOCAB, **kw) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab, n_positions=32,
                      bos_token_id=None, eos_token_id=None, **kw)
-    hf = GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "ln" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln" in name and name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.05 * torch.randn_like(p))
-        hf.transformer.wte.weight.mul_(20.0)
-    return hf
+    return spread_hf_norms(GPT2LMHeadModel(cfg), bias=0.05, embed=20.0).eval()
 
 
 def hf_logits(path_or_model, tokens):
@@ -59,16 +50,6 @@ def close(a, b, rel=1e-4):
 @pytest.fixture
 def tokens():
     return torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a socket fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.fixture
@@ -161,33 +142,12 @@ def test_untied_lm_head(tmp_path, tokens):
 
 
 # ---- the released LN-free format -------------------------------------------------------------
-def _ln_input_stds(hf, tokens) -> dict[str, float]:
-    """Mean over tokens of sqrt(var + eps) of each HF LayerNorm's input (independent of lnfree)."""
-    stds, handles = {}, []
-    for name, mod in hf.named_modules():
-        if isinstance(mod, torch.nn.LayerNorm):
-            def hook(m, inp, out, name=name):
-                x = inp[0]
-                stds[name] = float((x.var(-1, unbiased=False) + m.eps).sqrt().mean())
-            handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        hf(tokens)
-    for h in handles:
-        h.remove()
-    return stds
 
 
 def make_released_ln_free(path, tokens, seed=4):
     """A checkpoint as the paper's authors release them: LN weight * 1e6 / sigma, eps = 1e12."""
     hf = make_hf(seed=seed)
-    stds = _ln_input_stds(hf, tokens)
-    with torch.no_grad():
-        for name, mod in hf.named_modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.mul_(1e6 / stds[name])
-    hf.config.layer_norm_epsilon = 1e12
-    hf.save_pretrained(path)
-    return hf, stds
+    return hf, save_released_ln_free(hf, tokens, path)
 
 
 def test_released_ln_free_format(tmp_path, tokens, no_network):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import pad_rows
 from lnfree import TokenBatch
 from lnfree.analysis.dla import compare_dla, direct_logit_attribution
 from lnfree.analysis.geometry import attention_sink_rate, first_token_norm
@@ -24,16 +25,6 @@ def _rows(lengths=LENGTHS, vocab=61, seed=3):
     return rows
 
 
-def _pad(rows, side):
-    seq = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), seq), PAD, dtype=torch.long)
-    mask = torch.zeros(len(rows), seq, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(seq - len(r), seq)
-        tokens[i, sl], mask[i, sl] = r, 1
-    return tokens, mask
-
-
 SIDES = ("right", "left")
 
 
@@ -42,7 +33,7 @@ SIDES = ("right", "left")
 @pytest.mark.parametrize("components,layer", [("heads", None), ("layers", None), ("neurons", 1)])
 def test_dla_next_token_every_position_equals_each_row_alone(model, side, components, layer):
     rows = _rows()
-    tokens, mask = _pad(rows, side)
+    tokens, mask = pad_rows(rows, side, pad_id=PAD)
     res = direct_logit_attribution(model, tokens, attention_mask=mask, components=components, layer=layer)
     assert res.dla.shape[2] == max(LENGTHS) - 1
     errs, effects = [], []
@@ -66,7 +57,7 @@ def test_dla_next_token_every_position_equals_each_row_alone(model, side, compon
 @pytest.mark.parametrize("side", SIDES)
 def test_dla_last_real_token_logit_diff_and_positions(model, side):
     rows = _rows()
-    tokens, mask = _pad(rows, side)
+    tokens, mask = pad_rows(rows, side, pad_id=PAD)
     t, o = torch.tensor([1, 2, 3, 4]), torch.tensor([9, 8, 7, 6])
     res = direct_logit_attribution(model, tokens, attention_mask=mask, targets=(t, o), components="all")
     assert res.positions.tolist() == [n - 1 for n in LENGTHS]  # pos=-1: each row's last real token
@@ -83,7 +74,7 @@ def test_dla_last_real_token_logit_diff_and_positions(model, side):
 
 @pytest.mark.parametrize("side", SIDES)
 def test_dla_ln_free_padded_components_still_sum_to_the_logit(ln_free_model, side):
-    tokens, mask = _pad(_rows(), side)
+    tokens, mask = pad_rows(_rows(), side, pad_id=PAD)
     res = direct_logit_attribution(ln_free_model, tokens, attention_mask=mask, components="layers")
     with torch.no_grad():
         logits = ln_free_model(tokens, attention_mask=mask)
@@ -95,19 +86,19 @@ def test_dla_ln_free_padded_components_still_sum_to_the_logit(ln_free_model, sid
 
 
 def test_compare_dla_with_a_mask(model, ln_free_model):
-    tokens, mask = _pad(_rows(), "left")
+    tokens, mask = pad_rows(_rows(), "left", pad_id=PAD)
     cmp = compare_dla(model, ln_free_model, tokens, attention_mask=mask, n_boot=100)
     alone = direct_logit_attribution(model, tokens, attention_mask=mask, n_boot=100)
     assert cmp.a.nmae().value == pytest.approx(alone.nmae().value) and cmp.b.nmae().value < 1e-5
 
 
 def test_dla_padding_errors(model):
-    tokens, mask = _pad(_rows(), "left")
+    tokens, mask = pad_rows(_rows(), "left", pad_id=PAD)
     with pytest.raises(ValueError, match="row 2 has n=3"):
         direct_logit_attribution(model, tokens, attention_mask=mask, targets=0, pos=4)
     with pytest.raises(ValueError, match="has no label"):
         direct_logit_attribution(model, tokens, attention_mask=mask, pos=2)  # row 2's last real token
-    short, short_mask = _pad(_rows((4, 1)), "right")
+    short, short_mask = pad_rows(_rows((4, 1)), "right", pad_id=PAD)
     with pytest.raises(ValueError, match="at least 2 tokens"):
         direct_logit_attribution(model, short, attention_mask=short_mask)
     with pytest.raises(ValueError, match="attention_mask must have the tokens' shape"):
@@ -121,7 +112,7 @@ def test_dla_padding_errors(model):
 @pytest.mark.parametrize("exclude", [False, True])
 def test_cross_entropy_equals_each_row_alone(model, side, exclude):
     rows = _rows()
-    tokens, mask = _pad(rows, side)
+    tokens, mask = pad_rows(rows, side, pad_id=PAD)
     res = cross_entropy(model, tokens, attention_mask=mask, exclude_position_0=exclude, batch_size=3)
     alone = [cross_entropy(model, r[None], exclude_position_0=exclude) for r in rows]
     torch.testing.assert_close(res.per_sequence, torch.tensor([a.value for a in alone], dtype=torch.float64),
@@ -136,7 +127,7 @@ def test_cross_entropy_equals_each_row_alone(model, side, exclude):
 
 
 def test_cross_entropy_padding_errors(model):
-    tokens, mask = _pad(_rows((4, 2)), "right")
+    tokens, mask = pad_rows(_rows((4, 2)), "right", pad_id=PAD)
     with pytest.raises(ValueError, match=r"rows \[1\] have too few real tokens"):
         cross_entropy(model, tokens, attention_mask=mask, exclude_position_0=True)
     with pytest.raises(ValueError, match="only 0 .padding. and 1"):
@@ -149,7 +140,7 @@ def test_cross_entropy_padding_errors(model):
 @pytest.mark.parametrize("side", SIDES)
 def test_first_token_norm_equals_each_row_alone(model, side):
     rows = _rows()
-    tokens, mask = _pad(rows, side)
+    tokens, mask = pad_rows(rows, side, pad_id=PAD)
     res = first_token_norm(model, tokens, attention_mask=mask, batch_size=3)
     for i, row in enumerate(rows):
         alone = first_token_norm(model, row[None])
@@ -160,7 +151,7 @@ def test_first_token_norm_equals_each_row_alone(model, side):
 @pytest.mark.parametrize("side", SIDES)
 def test_attention_sink_rate_equals_each_row_alone(model, side):
     rows = _rows()
-    tokens, mask = _pad(rows, side)
+    tokens, mask = pad_rows(rows, side, pad_id=PAD)
     res = attention_sink_rate(model, TokenBatch(tokens, mask), threshold=0.2, batch_size=3)
     alone = torch.cat([attention_sink_rate(model, r[None], threshold=0.2).per_prompt for r in rows])
     torch.testing.assert_close(res.per_prompt, alone, atol=1e-5, rtol=1e-5)
@@ -169,7 +160,7 @@ def test_attention_sink_rate_equals_each_row_alone(model, side):
 
 
 def test_geometry_padding_errors(model):
-    tokens, mask = _pad(_rows((4, 1)), "left")
+    tokens, mask = pad_rows(_rows((4, 1)), "left", pad_id=PAD)
     with pytest.raises(ValueError, match=r"rows \[1\] have fewer than 2 real tokens"):
         first_token_norm(model, tokens, attention_mask=mask)
     with pytest.raises(ValueError, match=r"rows \[1\] have fewer than 2 real tokens"):

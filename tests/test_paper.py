@@ -9,6 +9,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import paper_reference as ref
+from conftest import save_released_ln_free, spread_hf_norms
 import lnfree.paper as P
 from lnfree.loading import load_model
 
@@ -24,30 +25,7 @@ def rel_close(a, b, rel=1e-4, abs_=0.0):
 def _hf(seed):
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64))
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "ln_" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "ln_" in name and name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-        hf.transformer.wte.weight.mul_(5.0)
-    return hf.eval()
-
-
-def _ln_stds(hf, tokens):
-    stds, handles = {}, []
-    for name, mod in hf.named_modules():
-        if isinstance(mod, torch.nn.LayerNorm):
-            def hook(m, inp, out, name=name):
-                stds[name] = float((inp[0].var(-1, unbiased=False) + m.eps).sqrt().mean())
-            handles.append(mod.register_forward_hook(hook))
-    with torch.no_grad():
-        hf(tokens)
-    for h in handles:
-        h.remove()
-    return stds
+    return spread_hf_norms(hf, bias=0.05, embed=5.0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +39,7 @@ def dirs(tmp_path_factory, data):
     """An LN GPT-2 and a released-format LN-free GPT-2 (LN weight * 1e6 / sigma, eps = 1e12)."""
     root = tmp_path_factory.mktemp("paper")
     _hf(0).save_pretrained(root / "ln")
-    hf = _hf(1)
-    stds = _ln_stds(hf, data)
-    with torch.no_grad():
-        for name, mod in hf.named_modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.mul_(1e6 / stds[name])
-    hf.config.layer_norm_epsilon = 1e12
-    hf.save_pretrained(root / "lnfree")
+    save_released_ln_free(_hf(1), data, root / "lnfree")
     return {"ln": root / "ln", "lnfree": root / "lnfree"}
 
 

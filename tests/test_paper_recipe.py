@@ -7,18 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
-from lnfree.removal import PAPER_RECIPES, PRESETS, Schedule, load_checkpoint, remove_layernorm
+from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data
+from lnfree.removal import PAPER_RECIPES, PRESETS, load_checkpoint, remove_layernorm
 from lnfree.removal.data import TokenData
 from lnfree.training import OptimConfig, lr_at, make_optimizer
 
-SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 2)
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=1e-30, min_lr=1e-30, warmup=2,
-           checkpoint_every=100, progress=False)
-
-
-def _data(n=48, seed=5):
-    return torch.randint(0, 61, (n, 16), generator=torch.Generator().manual_seed(seed))
+SCHED = REMOVAL_SCHED
+RUN = {**REMOVAL_RUN, "lr": 1e-30, "min_lr": 1e-30, "checkpoint_every": 100}  # no learning: the recipe's own numbers
+_data = removal_data
 
 
 def test_paper_recipes_transcribe_its_configs():

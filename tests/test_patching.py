@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from conftest import make_model
+from conftest import make_model, pad_rows
 from lnfree.analysis.patching import (
     PatchingComparison,
     PatchingError,
@@ -230,7 +230,6 @@ def _avg_rank(x):
     return ((ends - counts + 1 + ends) / 2)[inv]
 
 
-
 # ---- the result contract (issue 12) ----------------------------------------------------------
 def test_result_objects(model, pair):
     clean, corrupt = pair
@@ -351,13 +350,6 @@ def test_patching_error_refuses_mixed_results(model, pair):
 
 
 # ---- padding (issue 13) ----------------------------------------------------------------------------
-def _padded(rows, side, P):
-    tokens = torch.zeros(len(rows), P, dtype=torch.long)
-    mask = torch.zeros(len(rows), P, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(P - len(r), P)
-        tokens[i, sl], mask[i, sl] = torch.tensor(r), 1
-    return tokens, mask
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -372,8 +364,8 @@ def test_padded_batch_equals_each_row_alone(side, site, method):
     cl = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     co = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     ans, wrong = torch.tensor([3, 17, 40]), torch.tensor([9, 2, 55])
-    clean, mask = _padded(cl, side, 9)
-    corrupt, _ = _padded(co, side, 9)
+    clean, mask = pad_rows(cl, side, width=9)
+    corrupt, _ = pad_rows(co, side, width=9)
     m = logit_diff_metric(ans, wrong, attention_mask=mask)
     act = activation_patching(model, TokenBatch(clean, mask), TokenBatch(corrupt, mask), m, site=site, batch_size=7)
     atp = attribution_patching(model, clean, corrupt, m, site=site, method=method, attention_mask=mask)
@@ -400,8 +392,8 @@ def test_padding_all_positions_and_refusals(model):
     from lnfree.tasks import logit_diff_metric
 
     rows = [[5, 6, 7, 8, 9], [10, 11, 12]]
-    clean, mask = _padded(rows, "right", 5)
-    corrupt, _ = _padded([[1, 2, 3, 4, 9], [13, 14, 15]], "right", 5)
+    clean, mask = pad_rows(rows, "right", width=5)
+    corrupt, _ = pad_rows([[1, 2, 3, 4, 9], [13, 14, 15]], "right", width=5)
     m = logit_diff_metric(torch.tensor([3, 4]), torch.tensor([9, 2]), attention_mask=mask)
     act = activation_patching(model, clean, corrupt, m, site="resid_pre", by_pos=False, attention_mask=mask)
     one = activation_patching(model, torch.tensor([rows[1]]), torch.tensor([[13, 14, 15]]),

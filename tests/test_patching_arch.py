@@ -16,6 +16,7 @@ import torch
 from transformer_lens import HookedTransformerConfig
 from transformer_lens import patching as tlp
 
+from conftest import pad_rows, spread_norms
 from lnfree.analysis.patching import activation_patching, attribution_patching
 from lnfree.analysis.patching_core import hook_name, n_heads_at
 from lnfree.model import LNFreeTransformer
@@ -32,14 +33,10 @@ def arch_model(arch: str) -> LNFreeTransformer:
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
                                   seed=0, **ARCHS[arch])
-    model = LNFreeTransformer(cfg)
+    model = spread_norms(LNFreeTransformer(cfg), ln_bias=False, bias=None)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif "W_Q" in name:
-                p.mul_(3.0)  # a peaked softmax: the QK fix has something to fix
-        model.W_E.mul_(5.0)
+        for block in model.blocks:
+            block.attn.W_Q.mul_(3.0)  # a peaked softmax: the QK fix has something to fix
     return model.eval()
 
 
@@ -188,7 +185,6 @@ def test_qk_fix_matches_the_recomputed_pattern(arch, site):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_rotary_gqa_batch_equals_each_row_alone(side):
     """Rotary positions under left padding come from the mask: a padded row equals the row alone."""
-    from test_patching import _padded
 
     from lnfree.tasks import logit_diff_metric
 
@@ -198,8 +194,8 @@ def test_padded_rotary_gqa_batch_equals_each_row_alone(side):
     cl = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     co = [torch.randint(0, 61, (n,), generator=g).tolist() for n in lengths]
     ans, wrong = torch.tensor([3, 17]), torch.tensor([9, 2])
-    clean, mask = _padded(cl, side, 8)
-    corrupt, _ = _padded(co, side, 8)
+    clean, mask = pad_rows(cl, side, width=8)
+    corrupt, _ = pad_rows(co, side, width=8)
     m = logit_diff_metric(ans, wrong, attention_mask=mask)
     for site, method in (("resid_pre", "atp"), ("k", "atp*")):
         act = activation_patching(model, clean, corrupt, m, site=site, attention_mask=mask)

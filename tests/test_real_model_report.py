@@ -1,31 +1,28 @@
-"""scripts/real_model_report.py: the committed docs/real_model.md is exactly what the script renders from
-docs/real_model.json (no hand edits, no stale page), every section is computed, and every headline number
-carries a CI. The numbers themselves are computed by the library functions tested elsewhere."""
+"""``lnfree report smollm2-135m`` (`lnfree.report.real_stages`, `lnfree.report.real_page`): the committed
+docs/real_model.md is exactly what `render` writes from docs/real_model.json (no hand edits, no stale page),
+every section is computed, every headline number carries a CI; the stages run on a tiny model, ``--resume``
+reuses exactly the stages whose sizes are unchanged, and the command writes page == render(JSON). The numbers
+themselves are computed by the library functions tested elsewhere."""
 
-import importlib.util
+import dataclasses
 import json
-import sys
 from pathlib import Path
+
+import pytest
+
+from lnfree.report import real_stages as rs
+from lnfree.report.real_page import _finding_entropy, command_for, render
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("real_model_report", REPO / "scripts" / "real_model_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_committed_page_is_rendered_from_the_committed_numbers():
-    rm = _script()
     numbers = json.loads((REPO / "docs" / "real_model.json").read_text())
-    assert set(rm.STAGE_SIZES) <= set(numbers), f"stages missing: {set(rm.STAGE_SIZES) - set(numbers)}"
-    command = "PYTHONPATH=src python scripts/real_model_report.py" + rm._flag(numbers["sizes"])
+    assert set(rs.REAL_STAGES) <= set(numbers), f"stages missing: {set(rs.REAL_STAGES) - set(numbers)}"
     page = (REPO / "docs" / "real_model.md").read_text()
-    assert page == rm.render(numbers, command), "rerun `python scripts/real_model_report.py --render`"
+    assert page == render(numbers), "rerun `lnfree report smollm2-135m --render`"
     assert "Partial run" not in page and "not computed" not in page
+    assert "```bash\nlnfree report smollm2-135m\n```" in page  # the committed sizes are the default preset
 
 
 def test_every_headline_number_has_a_ci():
@@ -42,29 +39,89 @@ def test_every_headline_number_has_a_ci():
 
 
 def test_size_presets_map_back_to_their_flags():
-    rm = _script()
-    as_dict = lambda s: s.__dict__ | {"layers": list(s.layers)}  # noqa: E731
-    assert rm._flag(as_dict(rm.Sizes())) == ""
-    assert rm._flag(as_dict(rm.QUICK)) == " --quick" and rm._flag(as_dict(rm.FULL)) == " --full"
-    assert "custom" in rm._flag(as_dict(rm.Sizes(n_boot=7)))
-    assert set().union(*rm.STAGE_SIZES.values()) == set(rm.Sizes().__dict__)  # every size is read by a stage
+    assert command_for(rs.DEFAULT.to_dict()) == "lnfree report smollm2-135m"
+    assert command_for(rs.QUICK.to_dict()).endswith(" --quick") and command_for(rs.FULL.to_dict()).endswith(" --full")
+    assert "custom" in command_for(rs.RealSizes(n_boot=7).to_dict())
+    every_size = {f.name for f in dataclasses.fields(rs.RealSizes)}
+    assert set().union(*(s.sizes for s in rs.REAL_STAGES.values())) == every_size  # every size is read by a stage
 
 
 def test_massive_activation_neurons_are_flagged_and_kept_out_of_the_verdict():
     import torch
 
-    rm = _script()
     act = torch.full((2, 8, 3), 0.5)
     act[:, 0, 1] = 400.0  # neuron 1: huge on the first token only (an attention-sink writer)
-    assert rm._massive(act[..., 1])["massive"] and rm._massive(act[..., 1])["first_token_ratio"] == 800.0
+    assert rs.massive(act[..., 1])["massive"] and rs.massive(act[..., 1])["first_token_ratio"] == 800.0
     act[1, 5, 0] = 3.0  # a large activation elsewhere: not massive however small the rest
-    assert rm._massive(act[..., 0])["first_token_ratio"] == 0.5 / 3.0
-    assert not rm._massive(act[..., 0])["massive"]
+    assert rs.massive(act[..., 0])["first_token_ratio"] == 0.5 / 3.0
+    assert not rs.massive(act[..., 0])["massive"]
     e = lambda v, lo, hi: {"value": v, "low": lo, "high": hi, "n": 8}  # noqa: E731
     big = {"neuron": "L28N1", "dH_total_%": e(47, 30, 70), "dH_direct_%": e(56, 52, 64),
-           "ln_mediated_fraction": e(-0.2, -0.8, 0.1), **rm._massive(act[..., 1])}
+           "ln_mediated_fraction": e(-0.2, -0.8, 0.1), **rs.massive(act[..., 1])}
     small = {"neuron": "L29N0", "dH_total_%": e(-0.3, -0.35, -0.2), "dH_direct_%": e(-0.06, -0.1, -0.02),
-             "ln_mediated_fraction": e(0.8, 0.6, 0.9), **rm._massive(act[..., 0])}
-    text = rm._finding_entropy({"candidates": [big, small], "rows": [4, 32]})
+             "ln_mediated_fraction": e(0.8, 0.6, 0.9), **rs.massive(act[..., 0])}
+    text = _finding_entropy({"candidates": [big, small], "rows": [4, 32]})
     assert "L28N1 is a massive-activation neuron" in text
     assert "matches GPT-2" in text and "L29N0, acts mostly through the final norm" in text
+
+
+# ---- the stages on a tiny model --------------------------------------------------------------------------
+TINY = rs.RealSizes(ce_rows=2, calib_rows=2, seq_len=16, dla_rows=2, dla_len=8, conf_rows=2, conf_len=8,
+                    geom_rows=2, ioi_prompts=2, layers=(3,), per_layer=1, n_boot=20)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from lnfree import zoo
+
+    model = zoo.load("tiny-ln")
+    return model, {b: zoo.heldout(b, model=model, seq_len=TINY.seq_len) for b in rs.BOOKS}
+
+
+def test_stages_run_on_a_tiny_model_and_leave_it_as_it_was(tiny):
+    model, books = tiny
+    state = model.ln_state()
+    numbers = rs.run_real_report(model, books, TINY, name="tiny-ln", progress=False)
+    assert model.ln_state() == state  # the frozen-norm CE freezes for the call only
+    assert numbers["sizes"] == TINY.to_dict() and numbers["data"] == {b: list(t.shape) for b, t in books.items()}
+    ce = numbers["ce"]["persuasion"]
+    assert ce["rows"] == [2, 16] and ce["frozen_gap"]["value"] == pytest.approx(
+        ce["frozen_ce"]["value"] - ce["ce"]["value"], abs=1e-9)  # equal rows: the paired gap = difference of means
+    assert numbers["dla"]["rows"] == [2, 8] and len(numbers["dla"]["per_layer"]) == model.cfg.n_layers
+    assert [c["neuron"][:2] for c in numbers["entropy_neurons"]["candidates"]] == ["L3"]
+    assert numbers["patching"]["n_prompts"] == 2 and numbers["geometry"]["rows"] == [2, 16]
+    page = render(json.loads(json.dumps(numbers)))
+    assert "not computed" not in page and "# custom sizes" in page
+
+
+def test_resume_reuses_exactly_the_stages_whose_sizes_are_unchanged(tiny, tmp_path, monkeypatch):
+    model, books = tiny
+    partial = tmp_path / "real_model.partial.json"
+    first = rs.run_real_report(model, books, TINY, progress=False, partial=partial)
+    ran = []
+    for name, stage in list(rs.REAL_STAGES.items()):  # record which stages run again
+        monkeypatch.setitem(rs.REAL_STAGES, name, dataclasses.replace(
+            stage, run=lambda ctx, name=name, run=stage.run: ran.append(name) or run(ctx)))
+    again = rs.run_real_report(model, books, TINY, progress=False, partial=partial)
+    assert ran == [] and all(again[k] == first[k] for k in rs.REAL_STAGES)
+    rs.run_real_report(model, books, dataclasses.replace(TINY, ioi_prompts=3), progress=False, partial=partial)
+    assert ran == ["patching"]  # only the stage that reads ioi_prompts
+
+
+def test_the_command_writes_page_equal_to_render_of_its_json(tiny, tmp_path, monkeypatch):
+    """`lnfree report` end to end (the real model swapped for tiny-ln and the quick sizes for TINY), --render."""
+    from lnfree import zoo
+    from lnfree.cli import main
+    from lnfree.report import cli as report_cli
+
+    monkeypatch.setattr(report_cli, "load_any", lambda spec, device=None: zoo.load("tiny-ln"))
+    monkeypatch.setattr(rs, "QUICK", TINY)
+    out = tmp_path / "page.md"
+    assert main(["report", "smollm2-135m", "--quick", "--no-progress", "--out", str(out)]) == 0
+    numbers = json.loads(out.with_suffix(".json").read_text())
+    assert out.read_text() == render(numbers) and numbers["sizes"] == TINY.to_dict()
+    assert not out.with_suffix(".partial.json").exists()
+    out.write_text("stale")
+    assert main(["report", "smollm2-135m", "--render", "--out", str(out)]) == 0
+    assert out.read_text() == render(numbers)
+    assert main(["report", "smollm2-135m", "--render-partial", "--out", str(out)]) == 2  # no interrupted run

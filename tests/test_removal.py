@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import multiprocessing as mp
-import os
 import signal
 import warnings
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from _ddp import run_two_ranks
-from conftest import make_model
+from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data, sigkill_mid_run
 from lnfree.removal import (
     PRESETS, Schedule, SigmaEMA, SpikeDetector, TokenData, aux_norm_loss, latest_checkpoint, load_checkpoint,
     load_tokens, lr_at, remove_layernorm,
@@ -25,14 +24,7 @@ from lnfree.removal.trainer import RemovalConfig, load_tl_dir, cfg_to_json, read
 from lnfree.training import OptimConfig
 
 # a 12-step schedule for the 2-layer test model: ln2 at 2,3; ln1.qk at 4,5; ln1.v at 6,8; ln_final at 10
-SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 2)
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2,
-           checkpoint_every=4, progress=False)
-
-
-def _data(n=48, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 61, (n, 16), generator=g)
+SCHED, RUN, _data = REMOVAL_SCHED, REMOVAL_RUN, removal_data
 
 
 # ---- schedule ----------------------------------------------------------------------------------
@@ -360,27 +352,11 @@ def test_gives_up_after_max_rollbacks_keeping_good_checkpoint(tmp_path):
     assert all(bool(torch.isfinite(v).all()) for k, v in ck["weights"].items() if k in params)
 
 
-def _sigkill_child(out_dir, data):
-    """Run the fine-tune and SIGKILL this process mid-way through step 6 (after the step-4 checkpoint)."""
-    model = make_model()
-    calls = [0]
-
-    def hook(module, inputs, output):
-        if torch.is_grad_enabled():
-            calls[0] += 1
-            if calls[0] == 2 * 6 + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    model.blocks[0].register_forward_hook(hook)
-    remove_layernorm(model, data, out_dir=out_dir, **RUN)
-    os._exit(3)  # not reached
-
-
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     data = _data().numpy()
     killed = tmp_path / "killed"
     # a forked child: a separate process (killed for real) without re-importing torch and TransformerLens
-    proc = mp.get_context("fork").Process(target=_sigkill_child, args=(killed, data))
+    proc = mp.get_context("fork").Process(target=sigkill_mid_run, args=(killed, data, make_model))
     proc.start()
     proc.join(timeout=300)
     assert proc.exitcode == -signal.SIGKILL

@@ -6,18 +6,14 @@ import warnings
 import pytest
 import torch
 
-from conftest import make_model
+from conftest import REMOVAL_RUN, make_model, removal_data
 from lnfree.layernorm import RemovableLayerNorm
 from lnfree.removal import DivergedError, Schedule, remove_layernorm
 from lnfree.removal.schedule import ordered_sites
 
 SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 1)  # ln2 2,3; qk 4,5; v 6,7; ln_final 8
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2,
-           checkpoint_every=4, progress=False)
-
-
-def _data(n=48, seed=5):
-    return torch.randint(0, 61, (n, 16), generator=torch.Generator().manual_seed(seed))
+RUN = {**REMOVAL_RUN, "schedule": SCHED}
+_data = removal_data
 
 
 @pytest.mark.parametrize("kind", ["LN", "RMS"])

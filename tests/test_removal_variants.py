@@ -6,46 +6,30 @@ import copy
 import json
 import math
 import multiprocessing as mp
-import os
 import signal
 
 import pytest
 import torch
-from transformer_lens import HookedTransformerConfig
 
 from _ddp import run_two_ranks
+import conftest
 from conftest import make_model
 from lnfree.model import LNFreeTransformer
-from lnfree.removal import Schedule, apply_lora, distill_kl, latest_checkpoint, load_checkpoint, merge_lora, remove_layernorm
+from lnfree.removal import apply_lora, distill_kl, latest_checkpoint, load_checkpoint, merge_lora, remove_layernorm
 from lnfree.removal.lora import adapter_parameters, is_lora
 from lnfree.removal.loss import aux_norm_loss
 
-SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 2)
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2,
-           checkpoint_every=4, progress=False)
+SCHED, RUN = conftest.REMOVAL_SCHED, conftest.REMOVAL_RUN
 
 
 def make_llama(seed=0) -> LNFreeTransformer:
-    torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=61, n_ctx=16,
-                                  seed=seed, normalization_type="RMS", n_key_value_heads=2,
-                                  positional_embedding_type="rotary", rotary_dim=8, gated_mlp=True, act_fn="silu",
-                                  final_rms=True)
-    model = LNFreeTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-        model.W_E.mul_(5.0)
-    return model.eval()
+    return conftest.make_llama(seed, d_mlp=64)
 
 
 MAKERS = {"gpt2": make_model, "llama": make_llama}
 
 
-def _data(n=48, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 61, (n, 16), generator=g)
+_data = conftest.removal_data
 
 
 def _tokens():
@@ -209,26 +193,12 @@ def test_rms_model_aux_loss_and_sigma_use_the_rms():
 VARIANT = dict(lora_rank=4, distill=0.5)
 
 
-def _sigkill_child(out_dir, data, arch):
-    model = MAKERS[arch]()
-    calls = [0]
-
-    def hook(module, inputs, output):
-        if torch.is_grad_enabled():
-            calls[0] += 1
-            if calls[0] == 2 * 6 + 1:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    model.blocks[0].register_forward_hook(hook)
-    remove_layernorm(model, data, out_dir=out_dir, **RUN, **VARIANT)
-    os._exit(3)
-
-
 @pytest.mark.parametrize("arch", ["llama"])  # (GPT-2's full-variant resume: test_removal.py)
 def test_lora_distill_resume_after_sigkill_is_bit_identical(tmp_path, arch):
     data = _data().numpy()
     killed = tmp_path / "killed"
-    proc = mp.get_context("fork").Process(target=_sigkill_child, args=(killed, data, arch))
+    proc = mp.get_context("fork").Process(target=conftest.sigkill_mid_run, args=(killed, data, MAKERS[arch]),
+                                          kwargs=VARIANT)
     proc.start()
     proc.join(timeout=300)
     assert proc.exitcode == -signal.SIGKILL and latest_checkpoint(killed).name == "step_000004"

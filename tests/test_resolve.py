@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lnfree
-from conftest import make_model
+from conftest import REMOVAL_RUN, make_model, removal_data
 from lnfree import zoo
 from lnfree.loading import HubUnreachableError
 from lnfree.model import LNFreeTransformer
@@ -18,14 +18,10 @@ def logits(model, tokens):
 @pytest.fixture(scope="module")
 def removal_run(tmp_path_factory):
     """A finished 12-step removal run of the tiny test model (checkpoints/, final_tl/, final/, summary.json)."""
-    from lnfree.removal import Schedule, remove_layernorm
+    from lnfree.removal import remove_layernorm
 
     out = tmp_path_factory.mktemp("run")
-    data = torch.randint(0, 61, (48, 16), generator=torch.Generator().manual_seed(5))
-    model = remove_layernorm(make_model(), data, schedule=Schedule.from_gaps(2, 12, 2, 1, 1, 2), batch_size=4,
-                             micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2, checkpoint_every=4,
-                             progress=False, out_dir=out)
-    return out, model
+    return out, remove_layernorm(make_model(), removal_data(), **REMOVAL_RUN, out_dir=out)
 
 
 def test_zoo_name(tokens):

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import pad_rows
 from lnfree import TokenBatch, tokenize
 from lnfree.analysis.dla import direct_logit_attribution
 from lnfree.analysis.geometry import attention_sink_rate, first_token_norm
@@ -51,16 +52,6 @@ def alone(smol, rows):
     return out
 
 
-def _pad(rows, side, pad_id):
-    seq = max(len(r) for r in rows)
-    tokens = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(tokens)
-    for i, r in enumerate(rows):
-        sl = slice(0, len(r)) if side == "right" else slice(seq - len(r), seq)
-        tokens[i, sl], mask[i, sl] = r, 1
-    return tokens, mask
-
-
 def test_smollm2_is_the_real_model(smol, rows):
     assert smol.cfg.n_layers == 30 and smol.cfg.n_heads == 9 and smol.cfg.n_key_value_heads == 3
     assert smol.ln_final.kind == "RMS" and not smol.ln_final.centered
@@ -99,7 +90,7 @@ def test_head_direct_effect_equals_brute_force_and_dla_is_rms_linearisation(smol
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padded_batch_equals_each_row_alone(smol, rows, alone, side):
-    tokens, mask = _pad(rows, side, smol.tokenizer.pad_token_id)
+    tokens, mask = pad_rows(rows, side, pad_id=smol.tokenizer.pad_token_id)
     batch = TokenBatch(tokens, mask)
     dla = direct_logit_attribution(smol, batch, components="layers")
     ce = cross_entropy(smol, batch)

@@ -37,7 +37,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from conftest import make_model
+from conftest import make_model, spread_norms
 from lnfree.model import LNFreeTransformer
 
 
@@ -59,17 +59,7 @@ def _arch_model(arch: str) -> LNFreeTransformer:
     torch.manual_seed(0)
     cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, d_vocab=61, n_ctx=16,
                                   seed=0, **{"normalization_type": "LN", **ARCHS[arch]})
-    model = LNFreeTransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".w") and "ln" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif name.endswith(".b") and "ln" in name:
-                p.copy_(0.1 * torch.randn_like(p))
-            elif name.startswith("blocks") and (p.ndim == 1 or name.split(".")[-1] in ("b_Q", "_b_K", "_b_V")):
-                p.copy_(0.05 * torch.randn_like(p))
-        model.W_E.mul_(5.0)
-    return model.eval()
+    return spread_norms(LNFreeTransformer(cfg), extra_biases=("b_Q", "_b_K", "_b_V")).eval()
 
 
 @pytest.fixture(params=list(ARCHS))

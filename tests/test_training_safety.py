@@ -10,18 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_model
-from lnfree.removal import DivergedError, Schedule, latest_checkpoint, read_checkpoint, remove_layernorm
+from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data
+from lnfree.removal import DivergedError, latest_checkpoint, read_checkpoint, remove_layernorm
 from lnfree.training import CheckpointDir, DivergenceGuard, JsonlLog, sigma_problem
 
-SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 2)
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2,
-           checkpoint_every=4, progress=False)
-
-
-def _data(n=48, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 61, (n, 16), generator=g)
+SCHED, RUN, _data = REMOVAL_SCHED, REMOVAL_RUN, removal_data
 
 
 def _finite(weights):

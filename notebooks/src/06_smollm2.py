@@ -8,7 +8,7 @@
 # the earlier tutorials works on it unchanged. The sizes here are kept small (a few rows of 32 tokens,
 # two IOI prompts, activation patching of the last layers only) so the notebook runs in about a minute
 # on 2 CPU cores; `docs/real_model.md` has the same analyses at larger sizes
-# (`scripts/real_model_report.py`).
+# (`lnfree report smollm2-135m`).
 
 # %%
 import torch

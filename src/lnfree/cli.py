@@ -12,16 +12,15 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from lnfree._errors import CLIError  # noqa: F401  (defined below every layer; commands import it from there)
+
 # module path of each subcommand group; a module that fails to import disables only itself
 SUBCOMMAND_MODULES = [
     "lnfree.removal.cli",
     "lnfree.zoo.cli",
     "lnfree.report.cli",
+    "lnfree.removal.costs_cli",
 ]
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

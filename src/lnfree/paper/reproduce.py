@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from lnfree._errors import CLIError
+
 SMALL = ("gpt2", "schaeff/gpt2-small_vanilla300", "schaeff/gpt2-small_LNFree300")
 #: figure -> what it is, the paper's data set, the paper's sample count (quick: a smoke-run count).
 FIGURES = {
@@ -37,9 +39,7 @@ STAGE = {"table1": "ce", "dla": "dla", "atp": "atp", "entropy": "confidence", "f
          "sink-rate": "sink_rate"}
 
 
-def _err(msg: str):
-    from lnfree.cli import CLIError
-
+def _err(msg: str) -> CLIError:
     return CLIError(msg)
 
 

@@ -7,8 +7,10 @@
     lnfree reproduce FIGURE [--models A B ...] [--data ...] [--out DIR]
         one of the paper's results (table1, dla, atp, entropy, first-token-norm, sink-rate); the
         defaults are the paper's models and data (hub), --models/--data run it on local ones
+    lnfree report smollm2-135m [--quick | --full] [--resume] [--render] [--out docs/real_model.md]
+        every headline analysis on the real model, as a markdown page + JSON (`lnfree.report.real_stages`)
 
-Each writes one self-contained HTML file (plotly inlined, no network) and a JSON of every number,
+The first three write one self-contained HTML file (plotly inlined, no network) and a JSON of every number,
 and prints a summary table. See `lnfree.report.pipeline` for what each stage measures.
 """
 
@@ -20,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+
+from lnfree._errors import CLIError
 
 #: The paper's results: the report stage that reproduces each, default models and data sets.
 PAPER_MODELS = ("gpt2", "schaeff/gpt2-small_LNFree300")
@@ -75,6 +79,22 @@ def register(subparsers) -> None:
     _data_args(p)
     p.add_argument("--out", default=None, help="output directory (default: out/reproduce/FIGURE)")
     p.set_defaults(func=run_reproduce)
+    _register_real(subparsers, common)
+
+
+def _register_real(subparsers, common) -> None:
+    p = subparsers.add_parser("report", parents=[common], help="every analysis on a real model: a markdown page",
+                              description="Every headline analysis of lnfree on a real pretrained model (offline), "
+                                          "written as OUT (markdown) and OUT with .json (every number); the default "
+                                          "sizes took 830 s of one CPU core (docs/real_model.json).")
+    p.add_argument("model", metavar="MODEL", choices=["smollm2-135m"], help="smollm2-135m")
+    p.add_argument("--full", action="store_true", help="larger sizes (hours on a 2-core CPU)")
+    p.add_argument("--out", default="docs/real_model.md", help="the page (default: docs/real_model.md)")
+    p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run finished (same sizes)")
+    p.add_argument("--render", action="store_true", help="rewrite the page from OUT's JSON (no computing)")
+    p.add_argument("--render-partial", action="store_true", help="write the page and JSON from an interrupted "
+                                                                  "run's numbers")
+    p.set_defaults(func=run_real)
 
 
 def _data_args(p) -> None:
@@ -87,12 +107,6 @@ def _data_args(p) -> None:
 
 
 # ---- loading -------------------------------------------------------------------------------
-def _cli_error():
-    from lnfree.cli import CLIError
-
-    return CLIError
-
-
 def load_any(spec: str, device=None):
     """A model argument of ``compare`` / ``reproduce`` / ``demo`` -> LNFreeTransformer, through the one
     resolver `lnfree.load` (zoo names, .gguf files, removal runs, TransformerLens and HF directories,
@@ -105,7 +119,6 @@ def load_any(spec: str, device=None):
     from lnfree.io.hf import HubUnreachableError
     from lnfree.io.resolve import kinds_text, load
 
-    CLIError = _cli_error()
     if not isinstance(spec, str) or not spec:
         raise CLIError(f"a model must be a zoo name, a directory or a hub id, got {spec!r}")
     try:
@@ -121,7 +134,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _seq_len(model, seq_len: Optional[int]) -> int:
-    CLIError = _cli_error()
     n = min(model.cfg.n_ctx, DEFAULT_SEQ_LEN) if seq_len is None else seq_len
     if n < 3 or n > model.cfg.n_ctx:
         raise CLIError(f"--seq-len must lie in [3, n_ctx={model.cfg.n_ctx}], got {n}")
@@ -139,7 +151,6 @@ def load_data(specs: Sequence[str], model, seq_len: Optional[int] = None) -> dic
 
     from lnfree.removal.data import TEXT_EXT, chunk, chunk_with_bos, load_tokens
 
-    CLIError = _cli_error()
     n = _seq_len(model, seq_len)
     tok = getattr(model, "tokenizer", None)
     bos = getattr(tok, "bos_token_id", None) if tok is not None and model.cfg.default_prepend_bos else None
@@ -231,14 +242,14 @@ def _check_same_tokenizer(models: dict) -> None:
     try:
         check_same_vocabulary(models)
     except ValueError as e:
-        raise _cli_error()(str(e)) from None
+        raise CLIError(str(e)) from None
 
 
 # ---- the commands --------------------------------------------------------------------------
 def _setup(args) -> float:
     if args.threads is not None:
         if args.threads < 1:
-            raise _cli_error()(f"--threads must be >= 1, got {args.threads}")
+            raise CLIError(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -294,7 +305,7 @@ def _resolve_data(specs, model, seq_len, names, default_specs=()) -> dict:
         return zoo_data
     if default_specs:
         return load_data(default_specs, model, seq_len)
-    raise _cli_error()(f"--data is needed: {', '.join(names)} do not use the zoo's tokenizer, so its held-out sets "
+    raise CLIError(f"--data is needed: {', '.join(names)} do not use the zoo's tokenizer, so its held-out sets "
                        "do not apply (pass .npy token arrays or text files)")
 
 
@@ -303,3 +314,46 @@ def run_reproduce(args) -> int:
     from lnfree.paper.reproduce import run_reproduce as run
 
     return run(args, load=load_any, names=_names, load_data=load_data, zoo_data=_zoo_data_for)
+
+
+def run_real(args) -> int:
+    """``lnfree report smollm2-135m``: `lnfree.report.real_stages.run_real_report`, then the page."""
+    import json
+    import platform
+
+    import torch
+
+    from lnfree.report.real_page import render
+    from lnfree.report.real_stages import BOOKS, DEFAULT, FULL, QUICK, run_real_report
+
+    if args.quick and args.full:
+        raise CLIError("--quick and --full are exclusive")
+    t0 = _setup(args)
+    out = Path(args.out)
+    numbers_path, partial = out.with_suffix(".json"), out.with_suffix(".partial.json")
+    if args.render or args.render_partial:
+        source = partial if args.render_partial else numbers_path
+        if not source.is_file():
+            raise CLIError(f"{source} does not exist: nothing to render (run without --render first)")
+        numbers = json.loads(source.read_text())
+        if args.render_partial:
+            numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
+            numbers.setdefault("machine", f"{platform.machine()}, torch {torch.__version__}")
+            numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+        out.write_text(render(numbers), encoding="utf-8")
+        print(f"wrote {out} from {source}")
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        partial.unlink(missing_ok=True)
+    sizes = QUICK if args.quick else FULL if args.full else DEFAULT
+    model = load_any(args.model, device=args.device)
+    from lnfree import zoo
+
+    books = {b: zoo.heldout(b, model=model, seq_len=sizes.seq_len) for b in BOOKS}
+    numbers = run_real_report(model, books, sizes, name=args.model, progress=not args.no_progress, partial=partial)
+    numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    out.write_text(render(numbers), encoding="utf-8")
+    partial.unlink(missing_ok=True)
+    print(f"wrote {out} and {numbers_path} ({numbers['total_s']:.0f} s; {time.perf_counter() - t0:.0f} s in all)")
+    return 0
