@@ -207,6 +207,7 @@ def test_corrupt_removal_checkpoint_names_its_file_and_the_fix(tmp_path):
     path = store.write(4, weights=model.state_dict(), state=state, tensors={"optimizer": {}})
     store.mark_good(path)
     _same_model(model, lnfree.load(tmp_path / "run", device="cpu"))
+    _same_model(model, lnfree.load_model(tmp_path / "run", device="cpu"))  # today: "not a hub id"
     (path / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=r"(?s)step_000004/model.safetensors.*corrupt.*earlier"):
         lnfree.load(tmp_path / "run", device="cpu")
