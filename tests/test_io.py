@@ -82,6 +82,26 @@ def test_save_gpt2_shaped_model_still_writes_hf(tmp_path):
         assert torch.allclose(hf, model(TOKENS), atol=1e-4)
 
 
+def test_live_llama_shaped_model_writes_hf_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = _arch_model("llama")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1].lstrip("_").startswith("b_"):
+                p.zero_()  # Llama has no biases
+    assert save_pretrained(model, tmp_path / "m") == "hf"
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "m").eval()
+    back = lnfree.load(tmp_path / "m", device="cpu", tokenizer=False)
+    with torch.no_grad():
+        ref = model(TOKENS)
+        assert (hf(TOKENS).logits - ref).abs().max() < 1e-4 * ref.abs().max()
+        assert (back(TOKENS) - ref).abs().max() < 1e-4 * ref.abs().max()
+    model.freeze_ln("ln_final", scales=2.0)  # RMSNorm in HF has no fixed-scale form
+    with pytest.raises(ValueError, match="nor a live Llama's.*'modes'.*format='lnfree'"):
+        save_pretrained(model, tmp_path / "x", format="hf")
+
+
 # ---- derived directories --------------------------------------------------------------------------
 @pytest.fixture
 def base_dir(tmp_path):
@@ -175,7 +195,7 @@ def test_meta_device_refused(load):
 
 def test_names_are_the_directory_or_file_name(tmp_path):
     save_pretrained(make_model(), tmp_path / "my-gpt2", format="hf")
-    assert lnfree.load(str(tmp_path / "my-gpt2") + "/", device="cpu").cfg.model_name == "my-gpt2"
+    assert lnfree.load(str(tmp_path / "my-gpt2") + "/", device="cpu", tokenizer=False).cfg.model_name == "my-gpt2"
     save_pretrained(_in_mode("llama", "live"), tmp_path / "my-llama")
     assert lnfree.load(tmp_path / "my-llama", device="cpu").cfg.model_name == "my-llama"
 
@@ -207,6 +227,7 @@ def test_corrupt_removal_checkpoint_names_its_file_and_the_fix(tmp_path):
     path = store.write(4, weights=model.state_dict(), state=state, tensors={"optimizer": {}})
     store.mark_good(path)
     _same_model(model, lnfree.load(tmp_path / "run", device="cpu"))
+    _same_model(model, lnfree.load_model(tmp_path / "run", device="cpu"))  # today: "not a hub id"
     (path / "model.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=r"(?s)step_000004/model.safetensors.*corrupt.*earlier"):
         lnfree.load(tmp_path / "run", device="cpu")

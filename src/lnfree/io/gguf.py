@@ -9,7 +9,6 @@ written only costs the speed-up.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -18,7 +17,6 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 

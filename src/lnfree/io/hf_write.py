@@ -1,4 +1,5 @@
-"""Writing the Hugging Face GPT-2 format: what `save_pretrained(..., format="hf")` writes.
+"""Writing Hugging Face formats: what `save_pretrained(..., format="hf")` writes (GPT-2, and live Llama-shaped
+models as HF Llama, the inverse of TransformerLens's Llama converter).
 
 ``transformers.GPT2LMHeadModel.from_pretrained(path)`` runs the written model with the same logits
 (to float rounding) and `lnfree.load(path)` reads it back with the same site modes. Representable:
@@ -48,18 +49,112 @@ def write_hf_gpt2(model, out: Path) -> None:
 
 
 def hf_problem(model) -> str | None:
-    """Why `model` cannot be written as HF GPT-2 (one sentence), or None when it can."""
+    """Why `model` cannot be written in a Hugging Face format (one sentence), or None when it can."""
     problems = hf_gpt2_problems(model.cfg)
-    if problems:
-        bad = {k: v for k, (v, _) in problems.items()}
-        wants = {k: want for k, (_, want) in problems.items()}
-        return f"its architecture is not GPT-2's: {bad} (GPT-2 needs {wants})"
+    if not problems:
+        return _gpt2_mode_problem(model)
+    llama = hf_llama_problems(model)
+    if not llama:
+        return None
+    bad = {k: v for k, (v, _) in problems.items()}
+    wants = {k: want for k, (_, want) in problems.items()}
+    return (f"its architecture is not GPT-2's: {bad} (GPT-2 needs {wants}), nor a live Llama's: "
+            f"{ {k: v for k, (v, _) in llama.items()} } (Llama needs { {k: w for k, (_, w) in llama.items()} })")
+
+
+def write_hf(model, out: Path) -> None:
+    """Write `model` (with no `hf_problem`) to `out` as HF GPT-2 or, for a Llama-shaped model, HF Llama."""
+    (write_hf_gpt2 if not hf_gpt2_problems(model.cfg) else write_hf_llama)(model, out)
+
+
+def _gpt2_mode_problem(model) -> str | None:
     modes = model.ln_modes()
     if set(modes.values()) not in ({"live"}, {"removed"}):
         bad = {s: m for s, m in modes.items() if m != "live"}
         return (f"the HF GPT-2 format has no fixed-scale LayerNorm and no partly removed model, and this model has "
                 f"{dict(list(bad.items())[:4])}{' ...' if len(bad) > 4 else ''}")
     return _uncentered_site(model) if model.is_ln_free else None
+
+
+# ---- Llama ---------------------------------------------------------------------------------------
+_BIASES = ("b_Q", "b_K", "b_V", "_b_K", "_b_V", "b_O", "b_in", "b_out", "b_U")
+
+
+def hf_llama_problems(model) -> dict:
+    """What keeps `model` from being written as HF Llama: {what: (value, wanted)}, empty if nothing.
+
+    HF Llama's RMSNorm has no fixed-scale or identity form, so every site must be live.
+
+    Example:
+        >>> from lnfree import zoo
+        >>> sorted(hf_llama_problems(zoo.load("tiny-ln", device="cpu")))[:2]
+        ['act_fn', 'final_rms']
+    """
+    cfg = model.cfg
+    want = {
+        "normalization_type": (cfg.normalization_type, "RMS"), "final_rms": (cfg.final_rms, True),
+        "gated_mlp": (cfg.gated_mlp, True), "act_fn": (cfg.act_fn, "silu"),
+        "positional_embedding_type": (cfg.positional_embedding_type, "rotary"),
+        "rotary_dim": (cfg.rotary_dim, cfg.d_head), "rotary_adjacent_pairs": (cfg.rotary_adjacent_pairs, False),
+        "use_NTK_by_parts_rope": (cfg.use_NTK_by_parts_rope, False), "parallel_attn_mlp": (cfg.parallel_attn_mlp, False),
+        "attn_only": (cfg.attn_only, False), "use_local_attn": (cfg.use_local_attn, False),
+        "attention_dir": (cfg.attention_dir, "causal"), "d_vocab_out": (cfg.d_vocab_out, cfg.d_vocab),
+        "use_qk_norm": (getattr(cfg, "use_qk_norm", False), False),
+        "attn_scores_soft_cap": (cfg.attn_scores_soft_cap > 0, False),
+        "output_logits_soft_cap": (cfg.output_logits_soft_cap > 0, False),
+        "use_attn_scale": (cfg.use_attn_scale and math.isclose(cfg.attn_scale, math.sqrt(cfg.d_head), rel_tol=1e-6),
+                           True),
+        "modes": (sorted(set(model.ln_modes().values())), ["live"]),
+    }
+    out = {k: (v, w) for k, (v, w) in want.items() if v != w}
+    nonzero = [n for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in _BIASES and bool(p.detach().any())]
+    if nonzero:
+        out["biases"] = (nonzero[:3], "all zero (Llama has none)")
+    return out
+
+
+def write_hf_llama(model, out: Path) -> None:
+    """Write a live Llama-shaped `model` as HF Llama: the inverse of TransformerLens's `convert_llama_weights`.
+
+    Example:
+        >>> write_hf_llama(llama_like_model, Path("/tmp/lnfree-doc-llama"))   # doctest: +SKIP
+    """
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    cfg = model.cfg
+    kv = cfg.n_key_value_heads or cfg.n_heads
+    cpu = lambda t: t.detach().cpu()  # noqa: E731
+    sd = {"model.embed_tokens.weight": cpu(model.W_E), "model.norm.weight": cpu(model.ln_final.w),
+          "lm_head.weight": cpu(model.W_U).T}
+    for i, block in enumerate(model.blocks):
+        p, a = f"model.layers.{i}.", block.attn
+        sd[p + "input_layernorm.weight"] = cpu(block.ln1.w)
+        sd[p + "post_attention_layernorm.weight"] = cpu(block.ln2.w)
+        sd[p + "self_attn.q_proj.weight"] = einops.rearrange(cpu(a.W_Q), "n m h -> (n h) m")
+        for name, W in (("k_proj", a._W_K if cfg.n_key_value_heads else a.W_K),
+                        ("v_proj", a._W_V if cfg.n_key_value_heads else a.W_V)):
+            sd[p + f"self_attn.{name}.weight"] = einops.rearrange(cpu(W), "n m h -> (n h) m")
+        sd[p + "self_attn.o_proj.weight"] = einops.rearrange(cpu(a.W_O), "n h m -> m (n h)")
+        sd[p + "mlp.up_proj.weight"] = cpu(block.mlp.W_in).T
+        sd[p + "mlp.gate_proj.weight"] = cpu(block.mlp.W_gate).T
+        sd[p + "mlp.down_proj.weight"] = cpu(block.mlp.W_out).T
+    tok = model.tokenizer
+    config = LlamaConfig(
+        vocab_size=cfg.d_vocab, hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=kv, head_dim=cfg.d_head, hidden_act="silu",
+        max_position_embeddings=cfg.n_ctx, rms_norm_eps=cfg.eps, rope_theta=cfg.rotary_base,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False, architectures=["LlamaForCausalLM"],
+        bos_token_id=getattr(tok, "bos_token_id", None), eos_token_id=getattr(tok, "eos_token_id", None),
+    )
+    config.dtype = str(model.W_E.dtype).removeprefix("torch.")
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    fix_mode(out / "model.safetensors")
+    config.save_pretrained(str(out))
+    if tok is not None:
+        save_plain_tokenizer(tok, out)
 
 
 # ---- writing -------------------------------------------------------------------------------

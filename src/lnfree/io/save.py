@@ -29,9 +29,10 @@ def save_pretrained(model, path: PathLike, *, format: str = "auto") -> str:
       (`LNFreeTransformer.ln_state`) and the tokenizer (`lnfree.io.tl_dir`): read back bit for bit (every
       weight, mode, scale and logit equal), for every architecture and every mix of live, frozen and
       removed sites;
-    - ``"hf"``: Hugging Face GPT-2 (`lnfree.io.hf_write`), which ``transformers.GPT2LMHeadModel`` runs with
-      the same logits to float rounding: GPT-2-shaped models with every site live, or every site removed
-      and centered readers (the released LN-free format); anything else is refused, saying why;
+    - ``"hf"``: a Hugging Face format (`lnfree.io.hf_write`) that transformers runs with the same logits to
+      float rounding: GPT-2 for GPT-2-shaped models with every site live, or every site removed and
+      centered readers (the released LN-free format); Llama for Llama-shaped models (RMSNorm, rotary,
+      SwiGLU, no biases) with every site live; anything else is refused, saying why;
     - ``"auto"`` (default): ``"hf"`` where the model can be written so, else ``"lnfree"``.
 
     Example:
@@ -51,12 +52,12 @@ def save_pretrained(model, path: PathLike, *, format: str = "auto") -> str:
     out = _out_dir(path)
     problem = hf_write.hf_problem(model) if format != "lnfree" else None
     if format == "hf" and problem is not None:
-        raise ValueError(f"this model cannot be written as HF GPT-2: {problem}. Save it with format='lnfree' (or "
-                         "the default format='auto'), which lnfree.load reads back exactly")
+        raise ValueError(f"this model cannot be written in a Hugging Face format: {problem}. Save it with "
+                         "format='lnfree' (or the default format='auto'), which lnfree.load reads back exactly")
     if format == "lnfree" or problem is not None:
         tl_dir.write_tl_dir(model, out)
         return "lnfree"
-    hf_write.write_hf_gpt2(model, out)
+    hf_write.write_hf(model, out)
     return "hf"
 
 

@@ -9,7 +9,6 @@ import copy
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
 
 EOT = "<|endoftext|>"
 
@@ -143,9 +142,3 @@ def save_plain_tokenizer(tokenizer, out: Path) -> None:
             else:
                 tokenizer.init_kwargs["add_bos_token"] = saved_kwarg
 
-
-def attach(found, given: Optional[object]):
-    """`given` when it is a tokenizer, none for False, else `found` (what the source holds)."""
-    if given is False:
-        return None
-    return with_bos(given) if given is not None else found

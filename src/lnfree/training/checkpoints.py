@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Mapping, Optional
@@ -78,6 +79,8 @@ class CheckpointDir:
             tensors = torch.load(file, map_location="cpu", weights_only=True)
             file = path / "model.safetensors"
             weights = load_file(str(file))
+        except pickle.UnpicklingError as e:  # not corrupt but unsafe: refused, never run
+            raise pickle.UnpicklingError(f"refused to load {file}: it needs more than tensors. {e}") from e
         except Exception as e:  # any failure to read names the file: the library's own error does not
             raise CheckpointError(
                 f"cannot read checkpoint file {file}: {type(e).__name__}: {e}. The checkpoint is corrupt or "

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
