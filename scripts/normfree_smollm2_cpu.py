@@ -29,8 +29,8 @@ def first_token(tokenizer) -> int:
     """The token every row starts with: ``<|endoftext|>`` (SmolLM2's document separator, id 0) when the vocabulary
     has it, as `lnfree.zoo.heldout` cuts rows, else the tokenizer's BOS. SmolLM2's ``<|im_start|>`` (its BOS
     id 1) at position 0 leaves position 1 a second, token-dependent sink (86x the median RMS at layer 20)."""
-    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    return eot if isinstance(eot, int) and eot != tokenizer.unk_token_id else tokenizer.bos_token_id
+    eot = tokenizer.get_vocab().get("<|endoftext|>")
+    return eot if eot is not None else tokenizer.bos_token_id
 
 
 def _rows(model, files, seq_len: int, n_tokens: int):
