@@ -37,7 +37,7 @@ from jaxtyping import Bool, Float, Int
 from lnfree import _checks
 from lnfree._results import Result, result
 from lnfree.model import LNFreeTransformer, as_lnfree
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 COMPONENT_KINDS = ("heads", "layers", "neurons", "all")
 # Elements of one [components x tokens x d_model] block when re-applying ln_final (bounds memory).
@@ -408,8 +408,7 @@ def direct_logit_attribution(
     model = _check_model(model)
     tokens, mask = _checks.resolve_batch(model, tokens, attention_mask)
     batch_size = _checks.positive_int(batch_size, "batch_size")
-    n_boot = _checks.positive_int(n_boot, "n_boot")
-    level = _checks.check_level(level)
+    n_boot, level, seed = check_bootstrap_args(n_boot, level, seed)
     layer = _check_components(model, components, layer)
     n_prompts, seq = tokens.shape
     starts, lengths = _row_spans(mask, n_prompts, seq)

@@ -30,9 +30,8 @@ from lnfree.analysis.patching_core import (
     METHOD_NAMES,
     Metric,
     PatchingResult,
-    check_bootstrap_args,
 )
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 
 def _pearson(x: np.ndarray) -> float:
