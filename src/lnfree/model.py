@@ -621,8 +621,9 @@ class LNFreeTransformer(HookedTransformer):
             raise ValueError(f"cannot remove {site}: its frozen scale is still being phased in (blend {a:.3g} < 1, "
                              f"the removal trainer's freeze_ramp); set its blend to 1 first")
         sigma = module.get_sigma(path)
-        w = module.w.detach().float() if module.has_params else None
-        b = module.b.detach().float() if module.has_bias else None
+        acc = torch.promote_types(self.W_E.dtype, torch.float32)  # float64 models fold in float64
+        w = module.w.detach().to(acc) if module.has_params else None
+        b = module.b.detach().to(acc) if module.has_bias else None
         has_b = b is not None and bool(b.abs().max() > 0)
         readers = self.site_readers(site)
         if has_b and any(bias is None for _, bias, _ in readers):
@@ -631,7 +632,7 @@ class LNFreeTransformer(HookedTransformer):
                 "bias to fold it into (a gated MLP adds b_in after the gate product); freeze it instead"
             )
         for weight, bias, reads_dim in readers:
-            W = weight.detach().float()
+            W = weight.detach().to(acc)
             shape = [1] * W.ndim
             shape[reads_dim] = -1
             M = W * w.view(shape) if w is not None else W
@@ -639,7 +640,7 @@ class LNFreeTransformer(HookedTransformer):
                 M = M - M.mean(reads_dim, keepdim=True)
             M = M / sigma
             if has_b:
-                self._set_param(bias, bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim])))
+                self._set_param(bias, bias.detach().to(acc) + torch.tensordot(b, W, dims=([0], [reads_dim])))
             self._set_param(weight, M)
         module.set_mode(path, "removed")
         module.sigma[module._index(path)] = 1.0
