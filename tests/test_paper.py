@@ -332,6 +332,12 @@ def test_reproduce_needs_hub_or_local_inputs(dirs, monkeypatch, capsys):
     rc = main(["reproduce", "dla"])  # the paper's models need the hub: fail fast, one line
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "gpt2" in err[0]
+    # each figure defaults to the models the paper's code ran it on: Medium for the norms and the sink rate
+    for figure, first in (("first-token-norm", "'gpt2-medium'"), ("sink-rate", "'schaeff/gpt-2medium_vanilla500'"),
+                          ("entropy", "'gpt2'")):
+        rc = main(["reproduce", figure])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and first in err[0], err
     # local models without --data (not the zoo's tokenizer): the paper's data sets need the hub
     rc = main(["reproduce", "sink-rate", "--models", str(dirs["ln"]), str(dirs["lnfree"]), "--quick"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -67,7 +67,7 @@ def paper_processed(model, name: str = "model"):
     Example:
         >>> import lnfree
         >>> model = lnfree.load("tiny-ln", device="cpu")
-        >>> float(paper_processed(model).W_E.mean(-1).abs().max()) < 1e-5   # LayerNorm readers: centred
+        >>> float(paper_processed(model).W_E.detach().mean(-1).abs().max()) < 1e-5   # LayerNorm readers: centred
         True
     """
     model = as_lnfree(model, name)
