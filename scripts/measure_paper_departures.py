@@ -105,10 +105,10 @@ def _summarise(results: dict, variants: dict, mbs: int, seeds) -> None:
         d = np.array([results["runs"][k]["minus_lnfree"]["value"] for k in results["runs"]
                       if k.startswith(f"{name} | micro {mbs} |")])
         mean = float(d.mean())
-        half = _T95.get(len(d) - 1, 1.96) * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-        results["summary"][f"{name} | micro {mbs}"] = {"mean_minus_lnfree": mean, "low": mean - half,
-                                                        "high": mean + half, "n_seeds": int(len(d)),
-                                                        "per_seed": d.tolist()}
+        half = _T95.get(len(d) - 1, 1.96) * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else None
+        results["summary"][f"{name} | micro {mbs}"] = {  # one seed: no interval (None)
+            "mean_minus_lnfree": mean, "low": None if half is None else mean - half,
+            "high": None if half is None else mean + half, "n_seeds": int(len(d)), "per_seed": d.tolist()}
 
 if __name__ == "__main__":
     main()
