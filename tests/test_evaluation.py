@@ -22,6 +22,12 @@ def test_matches_transformer_lens_loss(model, tokens):
     torch.testing.assert_close(res.per_sequence.double(), per_tok.mean(1), rtol=1e-5, atol=1e-6)
     assert res.n_tokens == per_tok.numel() and res.labels[0] == "seq0" and res.mean.n == tokens.shape[0]
     assert res.mean.low <= res.value <= res.mean.high
+    # the CI is the cluster bootstrap of the pooled per-token losses, sequences as clusters
+    from lnfree.stats import bootstrap
+
+    seq = torch.arange(tokens.shape[0]).repeat_interleave(per_tok.shape[1])
+    ref = bootstrap(per_tok.flatten(), clusters=seq, n_boot=res.n_boot, seed=res.seed)
+    assert (res.mean.low, res.mean.high) == pytest.approx((ref.low, ref.high), rel=1e-6)
 
 
 def test_brute_force_and_exclude_position_0(model, tokens):

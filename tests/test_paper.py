@@ -12,6 +12,7 @@ import paper_reference as ref
 from conftest import save_released_ln_free, spread_hf_norms
 import lnfree.paper as P
 from lnfree.loading import load_model
+from lnfree.stats import bootstrap
 
 VOCAB = 50257  # GPT-2's, so the IOI prompts tokenize with its tokenizer
 
@@ -124,6 +125,11 @@ def test_first_token_norm_matches_paper(models, dirs, data, kind):
     assert list(wide.columns) == ["site", "first", "first_std", "rest", "rest_std"]
     rel_close(wide[["first", "first_std", "rest", "rest_std"]].to_numpy(), got)
     assert res.final_first().value == pytest.approx(float(res.first_mean[-1]), rel=1e-6)
+    # the other tokens' CI resamples sequences (their 19 tokens together), not 11 x 19 independent tokens:
+    # with equal lengths it is the bootstrap of the per-sequence means with the same draws
+    rest, per_seq = res.final_rest(), res.rest[:, -1].double().reshape(11, 19).mean(1)
+    same = bootstrap(per_seq, n_boot=res.n_boot, seed=res.seed)
+    assert rest.n == 11 and (rest.value, rest.low, rest.high) == pytest.approx((same.value, same.low, same.high))
 
 
 # ---- IOI ------------------------------------------------------------------------------------
@@ -209,6 +215,12 @@ def test_entropy_neuron_ablation_matches_paper(models64, dirs, data, kind):
         rel_close(res.entropy_direct[0], direct["entropy"], abs_=4e-6)
         t = res.entropy_total[0].abs()
         assert f.value == pytest.approx(1 - float(res.entropy_direct[0].abs().mean() / t.mean()))
+        # CI over the 4 sequences: equal lengths, so the same draws of per-sequence means give it exactly
+        seq = res.token_sequence.numpy()
+        means = [np.bincount(seq, x.numpy()) / np.bincount(seq) for x in (res.entropy_direct[0].abs(), t)]
+        same = bootstrap(means[0], lambda a, b: 1 - a.mean() / b.mean(), paired=means[1], n_boot=res.n_boot)
+        assert f.n == 4 and (f.low, f.high) == pytest.approx((same.low, same.high))
+        assert "no reliable CI: n=4 < 5" in str(f)  # not 76 tokens' confident bracket
         assert not torch.allclose(res.loss_direct, res.loss_total) and len(res.lnfree_fraction) == 2
 
 
@@ -291,6 +303,12 @@ def test_reproduce_needs_hub_or_local_inputs(dirs, monkeypatch, capsys):
     rc = main(["reproduce", "dla"])  # the paper's models need the hub: fail fast, one line
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "gpt2" in err[0]
+    # each figure defaults to the models the paper's code ran it on: Medium for the norms and the sink rate
+    for figure, first in (("first-token-norm", "'gpt2-medium'"), ("sink-rate", "'schaeff/gpt-2medium_vanilla500'"),
+                          ("entropy", "'gpt2'")):
+        rc = main(["reproduce", figure])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc != 0 and len(err) == 1 and first in err[0], err
     # local models without --data (not the zoo's tokenizer): the paper's data sets need the hub
     rc = main(["reproduce", "sink-rate", "--models", str(dirs["ln"]), str(dirs["lnfree"]), "--quick"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -30,6 +30,8 @@ def test_paper_recipes_transcribe_its_configs():
         assert PRESETS[name].steps == released[name] <= r["horizon"]
         assert r["share_ln1_sigma"] and r["mask_eot_labels"] and r["no_decay"] == "bias" and r["vanilla_aux"]
         assert r["ln1_momentum_power"] == 3 and r["weight_decay"] == 0.01
+        # HF GPT-2 in train mode: GPT2Config's resid/embd/attn_pdrop 0.1; lm_head tied to wte
+        assert r["dropout"] == 0.1 and r["tie_embeddings"] == "auto"
 
 
 @pytest.mark.parametrize("warmup,lr,min_lr,max_steps,run_steps", [(25, 6e-4, 3e-4, 300, 300), (15, 3e-4, 4e-5, 1200, 600)])
@@ -147,8 +149,66 @@ def test_recipe_paper_resolves_the_presets_settings(tmp_path):
     assert (cfg["batch_size"], cfg["micro_batch_size"], cfg["seq_len"]) == (512, 32, 16)
     assert cfg["optim"]["horizon"] == 300 and cfg["optim"]["warmup_from_zero"] and cfg["optim"]["no_decay"] == "bias"
     assert cfg["share_ln1_sigma"] and cfg["mask_eot_labels"] and cfg["ln1_momentum_power"] == 3
+    assert cfg["dropout"] == 0.1 and cfg["tie_embeddings"] is False  # a random W_U: this config does not tie
     with pytest.raises(ValueError, match="needs a preset"):
         remove_layernorm(make_model(), _data(), steps=12, recipe="paper", progress=False)
     with pytest.raises(ValueError, match="unknown"):
         remove_layernorm(make_model(), _data(), steps=12, recipe={"bogus": 1}, progress=False)
     assert math.isfinite(PAPER_RECIPES["gpt2-xl"]["momentum"])
+
+
+# ---- HF GPT-2's train mode: dropout and tied embeddings (issue 22.4) ------------------------------
+LEARN = dict(RUN, lr=1e-3, min_lr=1e-4, weight_decay=0.0)
+
+
+def test_dropout_only_in_training_forwards():
+    from lnfree.removal.hf_training import dropout, dropout_sites
+
+    model = make_model().eval()
+    t = _data(2)
+    assert len(dropout_sites(model)) == 1 + 3 * model.cfg.n_layers
+    seen = []
+    torch.manual_seed(0)
+    with dropout(model, 0.5):  # a hook registered after the dropout's sees the dropped pattern
+        h = model.hook_dict["blocks.1.attn.hook_pattern"].register_forward_hook(lambda m, i, o: seen.append(o))
+        a, b = model(t), model(t)
+    h.remove()
+    assert not torch.allclose(a, b)
+    causal = torch.tril(torch.ones(16, 16, dtype=torch.bool)).expand_as(seen[0])  # the rest is 0 anyway
+    assert abs(float((seen[0][causal] == 0).double().mean()) - 0.5) < 0.05
+    kept = seen[0][causal & (seen[0] != 0)]
+    assert torch.allclose(seen[0].sum(-1).mean(), torch.tensor(1.0), atol=0.1) and bool((kept > 0).all())
+    assert torch.equal(model(t), model(t))  # hooks gone
+    # in a run: the recipe key changes the training (same seed, data and order), not the returned model
+    runs = {p: remove_layernorm(make_model(), _data(), **LEARN, vanilla=True, recipe={"dropout": p}) for p in (0.0, 0.3)}
+    assert runs[0.3].removal_summary["config"]["dropout"] == 0.3
+    assert not torch.allclose(runs[0.0].W_E, runs[0.3].W_E)
+    assert torch.equal(runs[0.3](t), runs[0.3](t)) and not any(hp._forward_hooks for hp in runs[0.3].hook_dict.values())
+
+
+def test_tied_embeddings_stay_tied_and_train_as_one_matrix(tmp_path):
+    from lnfree.removal import latest_checkpoint, read_checkpoint
+
+    def tied_model():
+        m = make_model()
+        m.unembed.W_U.data = m.embed.W_E.detach().T.clone()  # as a tying HF config loads it
+        return m
+
+    data = _data() % 40  # tokens 40..60 never appear: only the unembedding moves their W_E rows
+    before = tied_model().W_E.detach().clone()
+    out = remove_layernorm(tied_model(), data, **dict(LEARN, checkpoint_every=4), vanilla=True, out_dir=tmp_path,
+                           recipe={"tie_embeddings": True})
+    assert torch.equal(out.W_U, out.W_E.T) and out.removal_summary["config"]["tie_embeddings"] is True
+    assert not torch.allclose(out.W_E[40:], before[40:])  # W_U's gradient reached W_E
+    weights = read_checkpoint(latest_checkpoint(tmp_path))["weights"]
+    assert "unembed.W_U" not in weights and "embed.W_E" in weights  # one matrix during training
+    untied = remove_layernorm(tied_model(), data, **LEARN, vanilla=True, recipe={"tie_embeddings": False})
+    assert torch.equal(untied.W_E[40:], before[40:]) and not torch.equal(untied.W_U, untied.W_E.T)
+    # "auto" (the paper's recipe) ties only a model whose embeddings are tied; True refuses an untied one
+    auto = remove_layernorm(make_model(), _data(), **LEARN, vanilla=True, recipe={"tie_embeddings": "auto"})
+    assert auto.removal_summary["config"]["tie_embeddings"] is False
+    with pytest.raises(ValueError, match="W_U is not W_E"):
+        remove_layernorm(make_model(), _data(), **LEARN, vanilla=True, recipe={"tie_embeddings": True})
+    # a removal run unties at the end so that ln_final folds into a W_U of its own
+    free = remove_layernorm(tied_model(), data, **LEARN, recipe={"tie_embeddings": True})
+    assert free.is_ln_free and "unembed.W_U" in dict(free.named_parameters())

@@ -1,11 +1,14 @@
 """Activation patching vs TransformerLens; AtP exactness where linear; AtP* QK fix and GradDrop; errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformer_lens import patching as tlp
 
 from conftest import make_model, pad_rows
+from lnfree.stats import bootstrap
 from lnfree.analysis.patching import (
     PatchingComparison,
     PatchingError,
@@ -287,11 +290,25 @@ def test_patching_error_values_and_ranking(model, pair):
     atp = attribution_patching(model, clean, corrupt, metric, site="z", by_pos=True)
     err = patching_error(atp, act, n_boot=200, k=4)
     diff = (atp.scores - act.scores).abs()
-    assert torch.allclose(err.per_layer, diff.sum((1, 2)))
-    assert err.total == pytest.approx(float(diff.sum()), rel=1e-5)
+    per_prompt = (atp.per_prompt - act.per_prompt).abs()  # [prompt, layer, head, pos]
+    # the paper's per-layer error: mean over prompts of each prompt's sum; the error of the means apart
+    assert torch.allclose(err.per_layer, per_prompt.sum((2, 3)).mean(0))
+    assert torch.allclose(err.per_layer_of_means, diff.sum((1, 2)))
+    assert err.total == pytest.approx(float(per_prompt.sum() / 3), rel=1e-5)
     r = np.corrcoef(atp.scores.flatten().numpy(), act.scores.flatten().numpy())[0, 1]
     assert err.pearson.value == pytest.approx(r, abs=1e-6)
     assert err.pearson.low <= err.pearson.value <= err.pearson.high
+    # every CI resamples prompts and recomputes from the drawn prompts (brute force, same draws)
+    draws = np.random.default_rng(0).integers(0, 3, size=(200, 3))
+    e_pp, t_pp = (x.per_prompt.reshape(3, -1).double().numpy() for x in (atp, act))
+    boots = {"pearson": [], "mean_abs": []}
+    for d in draws:
+        boots["pearson"].append(np.corrcoef(e_pp[d].mean(0), t_pp[d].mean(0))[0, 1])
+        boots["mean_abs"].append(np.abs(e_pp[d] - t_pp[d]).mean())
+    for name, b in boots.items():
+        est = getattr(err, name)
+        assert est.n == 3 and (est.low, est.high) == pytest.approx(tuple(np.quantile(b, [0.025, 0.975])), rel=1e-9)
+    assert err.mean_abs.value == pytest.approx(float(per_prompt.mean()), rel=1e-5)
     rho = np.corrcoef(_avg_rank(atp.scores), _avg_rank(act.scores))[0, 1]
     assert err.spearman.value == pytest.approx(rho, abs=1e-6)
     # ranking, brute force per prompt: verify in order of |AtP|, find the true top-4 by |act|
@@ -306,7 +323,7 @@ def test_patching_error_values_and_ranking(model, pair):
     assert float(err.recall_at(10)) >= float(err.recall) and err.cost_curve[-1] == 1.0
     assert err.cost_curve.shape == (64,) and (np.diff(err.cost_curve.numpy()) >= 0).all()
     assert len(err.to_frame()) == 64 and len(err.per_layer_frame()) == 2 and len(err.cost_frame()) == 64
-    assert err.top(3)["abs_error"].iloc[0] == pytest.approx(float(diff.max()))
+    assert err.top(3)["abs_error"].iloc[0] == pytest.approx(float(per_prompt.mean(0).max()))
     fig = err.plot()
     assert len(fig.data) >= 4 and all(fig.layout[a].title.text for a in ("xaxis", "xaxis2", "xaxis3", "yaxis"))
     assert "\n" not in repr(err) and len(repr(err)) <= 240 and "recall=" in repr(err)
@@ -410,6 +427,62 @@ def test_padding_all_positions_and_refusals(model):
 
 
 # ---- comparison --------------------------------------------------------------------------------
+def _four_prompts(model, site="z"):
+    clean, corrupt = torch.arange(32).reshape(4, 8) % 61, (torch.arange(32).reshape(4, 8) * 7 + 3) % 61
+    four = lambda lg: lg[:, -1, 3] - lg[:, -1, 9]  # noqa: E731
+    return activation_patching(model, clean, corrupt, four, site=site, by_pos=False)
+
+
+def _estimate(act, per_prompt):
+    """An attribution result of `act`'s sweep with the given per-prompt estimates."""
+    from lnfree.analysis.patching_core import masked_mean
+
+    return dataclasses.replace(act, method="atp", per_prompt=per_prompt, scores=masked_mean(per_prompt), values=None)
+
+
+def _shifted(act, d):
+    """Estimate = truth + (-1)^prompt * d per prompt: the mean over prompts is exact."""
+    sign = torch.tensor([(-1.0) ** b for b in range(act.per_prompt.shape[0])]).reshape(-1, 1, 1)
+    return _estimate(act, act.per_prompt + sign * d)
+
+
+def test_per_layer_error_is_the_mean_of_per_prompt_errors(model):
+    """Errors of opposite sign on different prompts cancel in the error of the means, not in the paper's."""
+    act = _four_prompts(model)
+    err = patching_error(_shifted(act, 0.25), act, n_boot=50)
+    n_heads = act.scores.shape[1]
+    assert torch.allclose(err.per_layer, torch.full((2,), 0.25 * n_heads), atol=1e-6)  # d per component
+    assert torch.allclose(err.per_layer_of_means, torch.zeros(2), atol=1e-6)  # what per_layer used to be
+    assert err.mean_abs.value == pytest.approx(0.25, abs=1e-6) and err.total == pytest.approx(0.5 * n_heads, abs=1e-5)
+
+
+def test_improvement_ci_resamples_prompts_not_layers(model):
+    """Duplicating every layer adds no information: the CI must not narrow (it did by ~sqrt 2 over layers)."""
+    from lnfree.analysis.patching_metrics import improvement_over_prompts
+
+    act = _four_prompts(model)
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(act.per_prompt.shape, generator=g) * s for s in (0.3, 0.1)]
+    errs = [patching_error(_estimate(act, act.per_prompt + n), act, n_boot=20) for n in noise]
+    act2 = _stack_layers(act)
+    doubled = [patching_error(_estimate(act2, _stack_layers(act, act.per_prompt + n).per_prompt), act2, n_boot=20)
+               for n in noise]
+    assert doubled[0].per_layer.shape == (4,)
+    one = improvement_over_prompts(*errs, n_boot=300)
+    two = improvement_over_prompts(*doubled, n_boot=300)
+    assert (two.value, two.low, two.high, two.n) == pytest.approx((one.value, one.low, one.high, one.n), rel=1e-6)
+    assert one.n == 4 and one.high > one.low
+
+
+def _stack_layers(res, per_prompt=None):
+    """`res` with every layer repeated once more (per_prompt [prompt, layer, head] -> [prompt, 2 layer, head])."""
+    from lnfree.analysis.patching_core import masked_mean
+
+    per_prompt = res.per_prompt if per_prompt is None else per_prompt
+    pp = torch.cat([per_prompt, per_prompt], 1)
+    return dataclasses.replace(res, per_prompt=pp, scores=masked_mean(pp), values=None, labels=res.labels * 2)
+
+
 def test_compare_patching(model, ln_free_model, pair):
     clean, corrupt = pair
     cmp = compare_patching(model, ln_free_model, clean, corrupt, metric, site="z", by_pos=False, n_boot=100)
@@ -419,7 +492,12 @@ def test_compare_patching(model, ln_free_model, pair):
     assert torch.allclose(cmp.improvement, a.per_layer - b.per_layer)
     imp = (a.per_layer - b.per_layer).double().numpy()
     assert cmp.improvement_mean == pytest.approx(imp.mean()) and cmp.improvement_sd == pytest.approx(imp.std(ddof=1))
-    assert float(cmp.improvement_ci) == pytest.approx(imp.mean())
+    assert float(cmp.improvement_ci) == pytest.approx(imp.mean(), rel=1e-5)
+    # its CI resamples the 3 prompts: each prompt's mean over layers of its own error difference
+    per_prompt = [(e.atp.per_prompt - e.act.per_prompt).abs().sum(2).double() for e in (a, b)]  # [prompt, layer]
+    ref = bootstrap((per_prompt[0] - per_prompt[1]).mean(1).numpy(), n_boot=100)
+    assert cmp.improvement_ci.n == 3 and (cmp.improvement_ci.low, cmp.improvement_ci.high) == pytest.approx(
+        (ref.low, ref.high), rel=1e-5)
     # names come from the models' norm state, not the argument order
     assert cmp.names == ("custom (LN)", "custom (LN-free)")
     flipped = compare_patching(ln_free_model, model, clean, corrupt, metric, site="z", by_pos=False, n_boot=20)

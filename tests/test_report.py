@@ -155,7 +155,8 @@ def test_report_patching_matches_brute_force_patch(tiny_report):
         act = res[m].act.scores
         assert act.shape == (2, 4)
         assert float(act[1, 2]) == pytest.approx(brute_head_patch(model, ioi, metric, 1, 2), abs=1e-4)
-        err = (res[m].atp.scores - act).abs().sum(1)
+        # the paper's per-layer error: mean over prompts of each prompt's sum over the layer's heads
+        err = (res[m].atp.per_prompt - res[m].act.per_prompt).abs().sum(-1).mean(0)
         assert np.allclose(n[m]["per_layer_error"], err.numpy(), atol=1e-6)
         imp = np.array(n["ln"]["per_layer_error"]) - np.array(n[m]["per_layer_error"])
         assert np.allclose(n[m]["improvement_vs_baseline"]["per_layer"], imp)

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 
 from lnfree import _checks
 from lnfree._results import Result, result
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 
 def _token_mean(nll_sums: np.ndarray, counts: np.ndarray) -> float:
@@ -199,7 +199,7 @@ def cross_entropy(
     model = _check_model(model)
     tokens, mask = _checks.resolve_batch(model, tokens, attention_mask)
     batch_size = _checks.positive_int(batch_size, "batch_size")
-    n_boot, level = _checks.positive_int(n_boot, "n_boot"), _checks.check_level(level)
+    n_boot, level, seed = check_bootstrap_args(n_boot, level, seed)
     counted = _counted(tokens, mask, bool(exclude_position_0))
     device = _device(model)
     was_training = model.training

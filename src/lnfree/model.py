@@ -762,8 +762,9 @@ class LNFreeTransformer(HookedTransformer):
                              "position), which no weight shared by all positions can hold. A frozen site is already "
                              "norm-free (a fixed linear map per position): keep it frozen, and remove the others "
                              "(model.remove_ln([s for s in model.ln_sites if not model.is_positional(s)]))")
-        w = module.w.detach().float() if module.has_params else None
-        b = module.b.detach().float() if module.has_bias else None
+        acc = torch.promote_types(self.W_E.dtype, torch.float32)  # float64 models fold in float64
+        w = module.w.detach().to(acc) if module.has_params else None
+        b = module.b.detach().to(acc) if module.has_bias else None
         has_b = b is not None and bool(b.abs().max() > 0)
         readers = self.site_readers(site)
         if has_b and any(bias is None for _, bias, _ in readers):
@@ -772,7 +773,7 @@ class LNFreeTransformer(HookedTransformer):
                 "bias to fold it into (a gated MLP adds b_in after the gate product); freeze it instead"
             )
         for weight, bias, reads_dim in readers:
-            W = weight.detach().float()
+            W = weight.detach().to(acc)
             shape = [1] * W.ndim
             shape[reads_dim] = -1
             M = W * w.view(shape) if w is not None else W
@@ -780,7 +781,7 @@ class LNFreeTransformer(HookedTransformer):
                 M = M - M.mean(reads_dim, keepdim=True)
             M = M / sigma
             if has_b:
-                self._set_param(bias, bias.detach().float() + torch.tensordot(b, W, dims=([0], [reads_dim])))
+                self._set_param(bias, bias.detach().to(acc) + torch.tensordot(b, W, dims=([0], [reads_dim])))
             self._set_param(weight, M)
         module.set_mode(path, "removed")
         module.store_sigma(path, 1.0)

@@ -21,7 +21,6 @@ from jaxtyping import Bool, Float, Int
 
 from lnfree._checks import (
     batches,
-    check_level,
     forward_kwargs,
     model_id,
     model_label,
@@ -30,7 +29,7 @@ from lnfree._checks import (
     resolve_batch,
 )
 from lnfree._results import Result, result
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 __all__ = ["Calibration", "calibration", "next_token_stats"]
 
@@ -61,11 +60,6 @@ def next_token_stats(
     if not bool(ok.all()):
         raise ValueError("the model produced non-finite logits at real token positions; entropy / CE are undefined")
     return entropy, ce, 1.0 / Z, pred[..., 0] == labels
-
-
-def check_bootstrap_args(n_boot, level, seed) -> tuple[int, float, int]:
-    """Validated bootstrap settings (stored on every result that reports a mean)."""
-    return positive_int(n_boot, "n_boot"), check_level(level), positive_int(seed, "seed", allow_zero=True)
 
 
 @result

@@ -61,10 +61,10 @@ from lnfree._checks import (
     resolve_batch,
 )
 from lnfree._results import Result, result
-from lnfree.analysis.calibration import Calibration, calibration, check_bootstrap_args, next_token_stats
+from lnfree.analysis.calibration import Calibration, calibration, next_token_stats
 from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.norm_algebra import norm_site
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 __all__ = [
     "EntropyNeurons",

@@ -39,7 +39,7 @@ from lnfree import _checks
 from lnfree._results import Result, result
 from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.norm_algebra import NormSite, norm_site
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 COMPONENT_KINDS = ("heads", "layers", "neurons", "all")
 # Elements of one [components x tokens x d_model] block when re-applying ln_final (bounds memory).
@@ -417,8 +417,7 @@ def direct_logit_attribution(
     model = _check_model(model)
     tokens, mask = _checks.resolve_batch(model, tokens, attention_mask)
     batch_size = _checks.positive_int(batch_size, "batch_size")
-    n_boot = _checks.positive_int(n_boot, "n_boot")
-    level = _checks.check_level(level)
+    n_boot, level, seed = check_bootstrap_args(n_boot, level, seed)
     layer = _check_components(model, components, layer)
     n_prompts, seq = tokens.shape
     starts, lengths = _row_spans(mask, n_prompts, seq)

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 
 from lnfree import _checks
 from lnfree._results import Result, result
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 __all__ = ["ResidNorms", "SinkRate", "first_token_norm", "attention_sink_rate"]
 
@@ -29,8 +29,8 @@ def _ratio(a: np.ndarray, b: np.ndarray) -> float:
     return float(a.mean() / b.mean())
 
 
-def _prepare(model, tokens, attention_mask, batch_size, n_boot, level):
-    """(model, tokens, mask, batch_size, n_boot, level) checked; every row needs 2 real tokens."""
+def _prepare(model, tokens, attention_mask, batch_size, n_boot, level, seed):
+    """(model, tokens, mask, batch_size, n_boot, level, seed) checked; every row needs 2 real tokens."""
     from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
 
     model = as_lnfree(model)
@@ -41,7 +41,7 @@ def _prepare(model, tokens, attention_mask, batch_size, n_boot, level):
         rows = torch.nonzero(mask.sum(1) < 2).flatten().tolist()
         raise ValueError(f"attention_mask: rows {rows} have fewer than 2 real tokens (position 0 vs the rest)")
     return (model, tokens, mask, _checks.positive_int(batch_size, "batch_size"),
-            _checks.positive_int(n_boot, "n_boot"), _checks.check_level(level))
+            *check_bootstrap_args(n_boot, level, seed))
 
 
 def _real(mask: Optional[torch.Tensor], sl: slice, n: int, seq: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +168,8 @@ def first_token_norm(
         >>> res.max_ratio(), res.top(3)                    # doctest: +SKIP
         >>> res.plot()                                     # doctest: +SKIP
     """
-    model, tokens, mask, batch_size, n_boot, level = _prepare(model, tokens, attention_mask, batch_size, n_boot, level)
+    model, tokens, mask, batch_size, n_boot, level, seed = _prepare(model, tokens, attention_mask, batch_size, n_boot,
+                                                                     level, seed)
     n = model.cfg.n_layers
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
     labels = tuple(f"{i}_resid_pre" for i in range(n)) + (f"{n - 1}_resid_post",)
@@ -282,7 +283,8 @@ def attention_sink_rate(
         >>> sinks = attention_sink_rate(model, tokens, threshold=0.3)     # doctest: +SKIP
         >>> print(sinks.rate); sinks.top(3)                              # doctest: +SKIP
     """
-    model, tokens, mask, batch_size, n_boot, level = _prepare(model, tokens, attention_mask, batch_size, n_boot, level)
+    model, tokens, mask, batch_size, n_boot, level, seed = _prepare(model, tokens, attention_mask, batch_size, n_boot,
+                                                                     level, seed)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise ValueError(f"threshold must be a number in (0, 1], got {threshold!r}")
     n, H = model.cfg.n_layers, model.cfg.n_heads

@@ -26,7 +26,7 @@ from lnfree._checks import (
     resolve_batch,
 )
 from lnfree._results import Result, result
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -490,13 +490,3 @@ def make_result(model, spec: Spec, *, per_prompt, clean_pp, corrupt_pp, clean, c
         padded=mask is not None and not bool(mask.all()),
         values=None if values_pp is None else masked_mean(values_pp), n_boot=n_boot, level=level, seed=seed, **extra,
     )
-
-
-def check_bootstrap_args(n_boot, level, seed) -> None:
-    from lnfree._checks import check_level, positive_int
-
-    positive_int(n_boot, "n_boot")
-    check_level(level)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-

@@ -30,9 +30,8 @@ from lnfree.analysis.patching_core import (
     METHOD_NAMES,
     Metric,
     PatchingResult,
-    check_bootstrap_args,
 )
-from lnfree.stats import Estimate, bootstrap
+from lnfree.stats import Estimate, bootstrap, check_bootstrap_args
 
 
 def _pearson(x: np.ndarray) -> float:
@@ -75,6 +74,55 @@ def _check_pair(atp, act) -> None:
                              f"values differ: {a[:3].tolist()} vs {b[:3].tolist()}); use the same metric for both")
 
 
+class _PerPrompt:
+    """Per-prompt estimates and truths [prompt, component] (NaN: padded or not patched), and the
+    statistics recomputed from any multiset of prompts (a bootstrap resample)."""
+
+    def __init__(self, est_pp: torch.Tensor, truth_pp: torch.Tensor):
+        B = est_pp.shape[0]
+        self.est = est_pp.reshape(B, -1).double().numpy()
+        self.truth = truth_pp.reshape(B, -1).double().numpy()
+        self.err = np.abs(self.est - self.truth)
+
+    @staticmethod
+    def _mean(x: np.ndarray) -> np.ndarray:
+        """Mean over prompts skipping NaN; NaN where every drawn prompt is NaN."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(x, 0)
+
+    def _pairs(self, rows) -> np.ndarray:
+        e, t = self._mean(self.est[rows]), self._mean(self.truth[rows])
+        ok = np.isfinite(e) & np.isfinite(t)
+        return np.stack([e[ok], t[ok]], 1)
+
+    def pearson(self, rows) -> float:
+        return _pearson(self._pairs(rows))
+
+    def spearman(self, rows) -> float:
+        return _spearman(self._pairs(rows))
+
+    def mean_abs(self, rows) -> float:
+        """Mean over components of each component's mean over prompts of |estimate - truth|."""
+        m = self._mean(self.err[rows])
+        return float(m[np.isfinite(m)].mean())
+
+
+def _prompt_bootstrap(n_prompts: int, statistic, **kw) -> Estimate:
+    """Bootstrap over prompts of a statistic of the drawn prompts' indices (NaN entries stay inside it)."""
+    with warnings.catch_warnings():  # constant scores (e.g. 1 component per layer): nan correlations
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return bootstrap(np.arange(n_prompts), lambda r: statistic(r.astype(np.int64)), **kw)
+
+
+def per_prompt_layer_error(est_pp: torch.Tensor, truth_pp: torch.Tensor) -> Float[torch.Tensor, "prompt layer"]:
+    """Each prompt's sum over a layer's components of |estimate - truth| (the paper's per-prompt error,
+    final_patching_analysis_new_version.py:491-497); NaN where the layer has no real entry for the prompt."""
+    err = (est_pp - truth_pp).abs()
+    flat = err.reshape(err.shape[0], err.shape[1], -1)
+    return torch.where(torch.isnan(flat).all(-1), torch.nan, torch.nansum(flat, -1))
+
+
 def _ranking(est_pp: np.ndarray, truth_pp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per prompt: recall of the true top-k at every budget [prompt, n], and the cost to find all k."""
     n_prompts, n = est_pp.shape
@@ -98,11 +146,16 @@ class PatchingError(Result):
     """How far an attribution-patching estimate is from activation patching of the same sweep.
 
     Attributes:
-        estimate, truth: what was compared, shaped like the scores (``vs_magnitude``: mean over
-            prompts of |estimate| and of |activation patching| per prompt).
-        abs_error: |estimate - truth|; per_layer: its sum over each layer's components (the
-            paper's per-layer error); total: its sum; mean_abs: its mean with a CI over components.
-        pearson, spearman: correlation of estimate and truth over components, bootstrap CIs.
+        estimate, truth: what was compared, shaped like the scores: means over prompts (``vs_magnitude``:
+            of per-prompt |estimate| and |activation patching|).
+        per_prompt_error: [prompt, layer] each prompt's sum over the layer's components of
+            |estimate - truth|; per_layer: its mean over prompts (the paper's per-layer error; per-prompt
+            errors do not cancel); per_layer_of_means: sum over the layer of |mean estimate - mean truth|
+            (errors of opposite sign on different prompts cancel in it); total: the sum of per_layer.
+        abs_error: per component, the mean over prompts of |estimate - truth|; mean_abs: its mean over
+            components. pearson, spearman: correlation over components of the mean estimate and the
+            mean truth. Every CI resamples prompts and recomputes the statistic from the drawn
+            prompts' values.
         recall: fraction of each prompt's true top-k components (by |activation patching|) among
             the k with the largest |estimate|, mean over prompts with a CI; cost: verifications
             needed to find all k (k at best); cost_curve: Float[budget] mean recall after verifying
@@ -114,6 +167,8 @@ class PatchingError(Result):
     truth: torch.Tensor
     abs_error: torch.Tensor
     per_layer: Float[torch.Tensor, "layer"]
+    per_layer_of_means: Float[torch.Tensor, "layer"]
+    per_prompt_error: Float[torch.Tensor, "prompt layer"]
     total: float
     mean_abs: Estimate
     pearson: Estimate
@@ -151,10 +206,12 @@ class PatchingError(Result):
         return df
 
     def per_layer_frame(self):
-        """One row per layer: the per-layer error sum |estimate - truth|."""
+        """One row per layer: the paper's error (mean over prompts of sum |estimate - truth|) and the
+        error of the prompt means."""
         import pandas as pd
 
         return pd.DataFrame({"layer": np.arange(len(self.per_layer)), "error": self.per_layer.double().numpy(),
+                             "error_of_means": self.per_layer_of_means.double().numpy(),
                              "method": self.method, "site": self.site, "model": self.model_name})
 
     def cost_frame(self):
@@ -230,23 +287,24 @@ def patching_error(atp: PatchingResult, act: PatchingResult, *, magnitude: Optio
         from lnfree.analysis.patching_core import masked_mean
 
         est, truth = masked_mean(est_pp), masked_mean(truth_pp)
+        pp = _PerPrompt(est_pp, truth_pp)
+        per_prompt = per_prompt_layer_error(est_pp, truth_pp)
     else:
         est, truth = atp.scores, act.scores
-    err = (est - truth).abs()
-    flat = err.reshape(err.shape[0], -1)
-    per_layer = torch.where(torch.isnan(flat).all(1), torch.nan, torch.nansum(flat, 1))  # NaN: layer not patched
-    ok = ~torch.isnan(err.flatten())
-    pairs = np.stack([est.flatten()[ok].double().numpy(), truth.flatten()[ok].double().numpy()], 1)
-    kw = dict(n_boot=n_boot, level=level, seed=seed)
-    with warnings.catch_warnings():  # constant scores (e.g. 1 component per layer): nan correlations
-        warnings.simplefilter("ignore", RuntimeWarning)
-        pearson, spearman = bootstrap(pairs, _pearson, **kw), bootstrap(pairs, _spearman, **kw)
+        pp = _PerPrompt(atp.per_prompt, act.per_prompt)
+        per_prompt = per_prompt_layer_error(atp.per_prompt, act.per_prompt)
     B = est_pp.shape[0]
+    of_means = per_prompt_layer_error(est[None], truth[None])[0]  # NaN: layer not patched
+    per_layer = torch.from_numpy(_PerPrompt._mean(per_prompt.double().numpy())).to(per_prompt.dtype)
+    abs_error = torch.from_numpy(_PerPrompt._mean(pp.err)).to(est.dtype).reshape(est.shape)
+    kw = dict(n_boot=n_boot, level=level, seed=seed)
     curves, costs = _ranking(est_pp.reshape(B, -1).double().numpy(), truth_pp.reshape(B, -1).double().numpy(), k)
     kk = min(k, curves.shape[1])
     return PatchingError(
-        estimate=est, truth=truth, abs_error=err, per_layer=per_layer, total=float(torch.nansum(err)),
-        mean_abs=bootstrap(err.flatten()[ok], **kw), pearson=pearson, spearman=spearman,
+        estimate=est, truth=truth, abs_error=abs_error, per_layer=per_layer, per_layer_of_means=of_means,
+        per_prompt_error=per_prompt, total=float(torch.nansum(per_layer)),
+        mean_abs=_prompt_bootstrap(B, pp.mean_abs, **kw), pearson=_prompt_bootstrap(B, pp.pearson, **kw),
+        spearman=_prompt_bootstrap(B, pp.spearman, **kw),
         recall=bootstrap(curves[:, kk - 1], **kw), cost=bootstrap(costs, **kw),
         cost_curve=torch.from_numpy(curves.mean(0)), recall_per_prompt=torch.from_numpy(curves), k=k,
         labels=atp.labels, atp=atp, act=act, site=atp.site, method=atp.method, model_name=atp.model_name,
@@ -262,8 +320,10 @@ class PatchingComparison(Result):
         names: the two models' labels (from the models, or ``names=``).
         a, b: each model's `PatchingError` (which holds its ``atp`` and ``act`` results).
         improvement: Float[n_layers] per-layer error of model a minus model b (positive: b's
-            attribution patching is more accurate there); improvement_ci: its mean over layers
-            with a bootstrap CI; improvement_mean / improvement_sd: over layers (sd with ddof=1).
+            attribution patching is more accurate there); improvement_ci: its mean over layers with a
+            bootstrap CI over prompts (both models saw the same prompts: each prompt's mean over
+            layers of its own error difference is resampled, so layers are never treated as samples);
+            improvement_mean / improvement_sd: over layers (sd with ddof=1, a spread, not a CI).
     """
 
     names: tuple[str, str]
@@ -337,6 +397,28 @@ class PatchingComparison(Result):
         return fig
 
 
+def improvement_over_prompts(a: PatchingError, b: PatchingError, *, n_boot: int = 1000, level: float = 0.95,
+                             seed: int = 0) -> Estimate:
+    """Mean over layers of a's per-layer error minus b's, with a bootstrap CI over prompts.
+
+    Each prompt's mean over (patched) layers of its own error difference is resampled; its mean
+    over prompts is the mean over layers of `a.per_layer - b.per_layer` (no padding-dependent NaNs).
+
+    Example:
+        >>> improvement_over_prompts(err_ln, err_free)      # doctest: +SKIP
+    """
+    if a.per_prompt_error.shape != b.per_prompt_error.shape:
+        raise ValueError(f"a and b must come from the same prompts and layers: per-prompt errors "
+                         f"{tuple(a.per_prompt_error.shape)} vs {tuple(b.per_prompt_error.shape)}")
+    diff = (a.per_prompt_error - b.per_prompt_error).double().numpy()
+    patched = ~np.isnan(diff).all(0)
+    d = diff[:, patched]
+    if np.isnan(d).any():  # a layer real on some prompts only: the per-layer means weight prompts unevenly
+        raise ValueError("per-prompt errors are NaN for some prompts of a patched layer; compare on unpadded "
+                         "components (by_pos=False) or prompts of one length")
+    return bootstrap(d.mean(1), n_boot=n_boot, level=level, seed=seed)
+
+
 def compare_patching(
     model_a,
     model_b,
@@ -393,7 +475,8 @@ def compare_patching(
     imp = improvement.double().numpy()
     return PatchingComparison(
         names=names, a=errs[0], b=errs[1], improvement=improvement,
-        improvement_ci=bootstrap(imp, n_boot=n_boot, level=level, seed=seed), improvement_mean=float(imp.mean()),
+        improvement_ci=improvement_over_prompts(errs[0], errs[1], n_boot=n_boot, level=level, seed=seed),
+        improvement_mean=float(imp.mean()),
         improvement_sd=float(imp.std(ddof=1)) if len(imp) > 1 else float("nan"),
         labels=tuple(f"layer {l}" for l in range(len(imp))), site=site, method=errs[0].method,
         n_boot=n_boot, level=level, seed=seed,

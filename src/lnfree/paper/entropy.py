@@ -54,7 +54,8 @@ class PaperEntropyAblation(Result):
     loss_effect, entropy_effect: [neuron, token] |CE_clean - CE_ablated| and |H_clean - H_ablated|
     (final LN recomputed: the total effect); loss_direct, entropy_direct: [neuron, token] signed
     changes with the final LN scale frozen at the clean token's value; loss_total, entropy_total:
-    the signed total changes. Tokens: every position but the last of every sequence.
+    the signed total changes. Tokens: every position but the last of every sequence;
+    token_sequence: [token] the sequence each token comes from (the bootstrap's resampling unit).
     """
 
     layer: int
@@ -68,6 +69,7 @@ class PaperEntropyAblation(Result):
     loss_direct: Float[torch.Tensor, "neuron token"]
     entropy_direct: Float[torch.Tensor, "neuron token"]
     lnfree_fraction: tuple[Estimate, ...]
+    token_sequence: Int[torch.Tensor, "token"]
     n_boot: int
     level: float
     seed: int
@@ -90,12 +92,13 @@ class PaperEntropyAblation(Result):
 
     def stolfo_fraction(self, neuron, metric: str = "loss") -> Estimate:
         """Stolfo et al.'s LN-mediated share, 1 - mean|direct| / mean|total| over tokens (bootstrap
-        CI over tokens). 0 for an LN-free model, whose direct and total effects coincide."""
+        CI over sequences: a sequence's tokens are resampled together). 0 for an LN-free model,
+        whose direct and total effects coincide."""
         d = {"loss": (self.loss_direct, self.loss_total), "entropy": (self.entropy_direct, self.entropy_total)}
         if metric not in d:
             raise ValueError(f"metric must be 'loss' or 'entropy', got {metric!r}")
         direct, total = (x[self._i(neuron)].abs() for x in d[metric])
-        return bootstrap(direct, lambda a, b: 1.0 - a.mean() / b.mean(), paired=total,
+        return bootstrap(direct, lambda a, b: 1.0 - a.mean() / b.mean(), paired=total, clusters=self.token_sequence,
                          n_boot=self.n_boot, level=self.level, seed=self.seed)
 
     def to_frame(self) -> pd.DataFrame:
@@ -169,6 +172,7 @@ def entropy_neuron_ablation(model, tokens: Int[torch.Tensor, "sample pos"], *, n
     return PaperEntropyAblation(
         layer=layer, neurons=neurons, labels=tuple(f"L{layer}N{n}" for n in neurons), mean_activation=means.cpu(),
         loss_effect=cat["lt"].abs(), entropy_effect=cat["ht"].abs(), loss_total=cat["lt"], entropy_total=cat["ht"],
-        loss_direct=cat["ld"], entropy_direct=cat["hd"], lnfree_fraction=fractions, n_boot=n_boot, level=level,
+        loss_direct=cat["ld"], entropy_direct=cat["hd"], lnfree_fraction=fractions,
+        token_sequence=abl.token_prompt.cpu(), n_boot=n_boot, level=level,
         seed=seed, model_name=model_label(model), model_id=model_id(model),
     )

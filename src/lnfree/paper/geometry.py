@@ -93,7 +93,9 @@ class PaperNorms(Result):
     """Mean (and std) L2 norm per site at position 0 ("first") and at positions 1.. pooled ("rest").
 
     first_mean, first_std, rest_mean, rest_std: [site]; std is torch's unbiased std of the
-    per-token norms (residual_norms.py:362-364). first, rest: the per-token norms.
+    per-token norms (residual_norms.py:362-364). first: [sample, site] the norms at position 0;
+    rest: [token, site] the norms at positions 1.., sample by sample (each sample's pos - 1 tokens
+    in a row: `rest_sequence`, the bootstrap's resampling unit).
     """
 
     labels: tuple[str, ...]
@@ -126,9 +128,17 @@ class PaperNorms(Result):
         """Mean first-token norm at the last site (ln_final), bootstrap CI over samples."""
         return bootstrap(self.first[:, -1], n_boot=self.n_boot, level=self.level, seed=self.seed)
 
+    @property
+    def rest_sequence(self) -> torch.Tensor:
+        """[token] the sample each row of `rest` comes from."""
+        n = self.first.shape[0]
+        return torch.arange(n).repeat_interleave(self.rest.shape[0] // n)
+
     def final_rest(self) -> Estimate:
-        """Mean norm of the other tokens at the last site, bootstrap CI over tokens."""
-        return bootstrap(self.rest[:, -1], n_boot=self.n_boot, level=self.level, seed=self.seed)
+        """Mean norm of the other tokens at the last site, bootstrap CI over samples (a sample's
+        tokens are resampled together: they are correlated)."""
+        return bootstrap(self.rest[:, -1], clusters=self.rest_sequence, n_boot=self.n_boot, level=self.level,
+                         seed=self.seed)
 
     def table(self) -> pd.DataFrame:
         """One row per site: first, first_std, rest, rest_std (the paper's plotted means and spreads)."""

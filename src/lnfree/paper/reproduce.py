@@ -1,7 +1,8 @@
 """``lnfree reproduce FIGURE``: the paper's numbers via `lnfree.paper`, written as FIGURE.json + FIGURE.html.
 
-Defaults are the paper's models (GPT-2 Small, its vanilla fine-tune, the released LN-free
-checkpoint) and data sets (Hugging Face hub, the optional `datasets` package). Offline, pass
+Defaults are the paper's models for each figure (`PAPER_MODELS`: GPT-2 Small, its vanilla
+fine-tune and the released LN-free checkpoint; GPT-2 Medium where the paper's code used Medium) and
+data sets (Hugging Face hub, the optional `datasets` package). Offline, pass
 ``--models`` (zoo names, local checkpoint directories) and ``--data`` (.npy token arrays, text);
 zoo models default to the zoo's held-out sets. Without the hub and without them the command fails
 within seconds saying so.
@@ -18,7 +19,18 @@ import torch
 
 from lnfree._errors import CLIError
 
-SMALL = ("gpt2", "schaeff/gpt2-small_vanilla300", "schaeff/gpt2-small_LNFree300")
+SMALL = ("gpt2", "schaeff/gpt2-small_vanilla300", "schaeff/gpt2-small_LNFree300")  # load_models.py:219-223
+MEDIUM = ("gpt2-medium", "schaeff/gpt2-medium_vanilla500", "schaeff/gpt2-medium_LNFree500")  # :224-228
+#: figure -> the models the paper's code ran it on (the file and line that choose them).
+PAPER_MODELS = {
+    "table1": SMALL,  # Table 1 lists every size; Small is its first block
+    "dla": SMALL,  # attention_head_attribution/run_analysis.py:425, model_str = 'small'
+    "atp": SMALL,  # attribution_patching/attr_vs_act_patching_(per_prompt).py:113, model_size="small"
+    "entropy": SMALL,  # entropy_neurons/ablate_all_models.py:504-507 (the Small neurons, model_size = 'small')
+    "first-token-norm": MEDIUM,  # residual_stream/residual_norms.py:667, model_str = 'medium'
+    # sink_rate.py:166-167: Medium, the vanilla fine-tune and the LN-free checkpoint exactly as named there
+    "sink-rate": ("schaeff/gpt-2medium_vanilla500", "submarat/gpt2-medium-noln-aux"),
+}
 #: figure -> what it is, the paper's data set, the paper's sample count (quick: a smoke-run count).
 FIGURES = {
     "table1": {"what": "held-out cross-entropy (Table 1)", "data": ("pile-apollo-luca", "openwebtext", "pile-10k"),
@@ -251,7 +263,7 @@ def run_reproduce(args, *, load=None, names=None, load_data=None, zoo_data=None)
     fig = args.figure
     if fig not in FIGURES:
         raise _err(f"FIGURE must be one of {', '.join(FIGURES)}, got {fig!r}")
-    specs = list(args.models or SMALL)
+    specs = list(args.models or PAPER_MODELS[fig])
     models = _load_models(specs, args.device, load or _default_load, names or _default_names)
     base = next(iter(models.values()))
     data = {} if fig == "atp" else _data(args, fig, base, load_data or _default_load_data, zoo_data)

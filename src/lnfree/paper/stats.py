@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lnfree._checks import check_level, positive_int
-from lnfree.stats import Estimate
+from lnfree._checks import check_level
+from lnfree.stats import Estimate, check_bootstrap_args
 
 #: run_analysis.py:217 adds this to NMAE's denominator.
 NMAE_EPS = 1e-10
@@ -24,8 +24,7 @@ def crossed_bootstrap_nmae(dla, de, *, n_boot: int = 1000, level: float = 0.95, 
     seeded ``default_rng(seed)``, so the interval is reproducible (its endpoints differ from any
     one run of the paper's code by resampling noise only).
     """
-    n_boot = positive_int(n_boot, "n_boot")
-    level = check_level(level)
+    n_boot, level, seed = check_bootstrap_args(n_boot, level, seed)
     dla, de = np.asarray(dla, dtype=np.float64), np.asarray(de, dtype=np.float64)
     if dla.ndim != 2 or dla.shape != de.shape:
         raise ValueError(f"dla and de must both be [head, sample]; got {dla.shape} and {de.shape}")

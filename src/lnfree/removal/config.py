@@ -26,7 +26,9 @@ class RemovalConfig:
     and v paths share one sigma that keeps tracking while the v path is live), ``mask_eot_labels``
     (no CE on end-of-text labels), ``vanilla_aux`` (the vanilla control keeps the aux loss),
     ``ln1_momentum_power`` (ln1's EMA momentum is ``momentum ** k`` per micro-batch: the paper's code
-    updates it on each of its k = 3 calls per forward).
+    updates it on each of its k = 3 calls per forward), ``dropout`` (HF GPT-2's train-mode dropout rate on
+    embeddings, attention patterns and residual writes, training forwards only) and ``tie_embeddings``
+    (W_U is W_E^T throughout training; `lnfree.removal.hf_training`).
     ``freeze_ramp`` = R > 0 phases each freeze in over R steps: from its removal step s, a site's
     per-token scale is ``live ** (1 - a) * sigma ** a`` with ``a = (step - s + 1) / (R + 1)``, fully
     frozen (a = 1) from step s + R on (for models whose sites cost too much to freeze at once: SmolLM2).
@@ -60,6 +62,8 @@ class RemovalConfig:
     ln1_momentum_power: int = 1
     mask_eot_labels: bool = False
     vanilla_aux: bool = False
+    dropout: float = 0.0
+    tie_embeddings: bool = False
     freeze_ramp: int = 0
     positional_sigma: int = 0
     checkpoint_every: int = 50
@@ -94,6 +98,10 @@ class RemovalConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if self.distill > 1:
             raise ValueError(f"distill is the KL weight in [0, 1] (1: KL only), got {self.distill}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a rate in [0, 1), e.g. 0.1 (HF GPT-2's), got {self.dropout!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if self.lora_rank is not None and (isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int)

@@ -416,14 +416,18 @@ def get_preset(name: str) -> Preset:
 # transformers 4.48), where they depart from lnfree's recipe; docs/removal.md, "The recipe as the paper
 # ran it", explains each key. Used by remove_layernorm(recipe="paper").
 RECIPE_KEYS = ("batch_size", "micro_batch_size", "momentum", "ln1_momentum_power", "share_ln1_sigma",
-               "mask_eot_labels", "no_decay", "weight_decay", "horizon", "warmup_from_zero", "vanilla_aux")
+               "mask_eot_labels", "no_decay", "weight_decay", "horizon", "warmup_from_zero", "vanilla_aux",
+               "dropout", "tie_embeddings")
 
 
 def _paper(micro: int, momentum: float, horizon: int) -> dict:
     # gradient_accumulation_steps = int(512 // micro): 512 / 506 / 504 / 504 sequences per step
     return {"batch_size": micro * (512 // micro), "micro_batch_size": micro, "momentum": momentum,
             "ln1_momentum_power": 3, "share_ln1_sigma": True, "mask_eot_labels": True, "no_decay": "bias",
-            "weight_decay": 0.01, "horizon": horizon, "warmup_from_zero": True, "vanilla_aux": True}
+            "weight_decay": 0.01, "horizon": horizon, "warmup_from_zero": True, "vanilla_aux": True,
+            # HF GPT-2 trained in train mode (GPT2Config's 0.1 dropouts) with W_E and W_U tied ("auto": tied
+            # when the model's are as loaded, as GPT-2's and any model's whose HF config ties them)
+            "dropout": 0.1, "tie_embeddings": "auto"}
 
 
 PAPER_RECIPES: dict[str, dict] = {

@@ -44,6 +44,7 @@ from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the histori
 )
 from lnfree.removal.config import RESUME_FREE_KEYS, RemovalConfig  # noqa: F401
 from lnfree.removal.data import TokenData, as_token_source, load_tokens
+from lnfree.removal.hf_training import dropout, resolve_tie, tie_embeddings, untie_embeddings
 from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce
 from lnfree.removal.schedule import PRESETS, Preset, Schedule, get_preset
 from lnfree.removal.sigma import SigmaEMA, global_micro_batch_means, stats_tensor
@@ -181,6 +182,8 @@ class _Run:
                                      cfg.spike_window, cfg.spike_min_history)
         if cfg.lora_rank:
             apply_lora(model, cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
+        if cfg.tie_embeddings:  # before the optimizer: W_E is then the one parameter for both
+            tie_embeddings(model)
         self.optimizer = make_optimizer(model, cfg.optim)
         self.ckpts = _Checkpoints(out_dir, cfg.keep_checkpoints, dist)
         self.log = JsonlLog(out_dir / "log.jsonl" if out_dir is not None and dist.rank == 0 else None)
@@ -409,6 +412,7 @@ class _Run:
                 if not sync:
                     stack.enter_context(self.ddp.no_sync())
                 rec = stack.enter_context(model.recording_ln_std(positional=cfg.positional_sigma)) if track else None
+                stack.enter_context(dropout(model, cfg.dropout))  # training forwards only
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = forward(tokens, return_type="logits")
                     ce = next_token_ce(logits, tokens, ignore_label=self._ignore())
@@ -825,6 +829,8 @@ def remove_layernorm(
                             ln1_momentum_power=rec.get("ln1_momentum_power", 1),
                             mask_eot_labels=rec.get("mask_eot_labels", False),
                             vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
+                            dropout=rec.get("dropout", 0.0),
+                            tie_embeddings=resolve_tie(rec.get("tie_embeddings", False), model),
                             freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks)
@@ -926,6 +932,7 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
     from lnfree.removal.lora import is_lora, merge_lora
 
     run.end_ramp()
+    untie_embeddings(model)  # remove_ln folds ln_final into a W_U of its own
     frozen_sigma = {s: model.ln_scale(s) for s in model.ln_sites if model.ln_mode(s) == "frozen"}
     if is_lora(model):
         merge_lora(model)

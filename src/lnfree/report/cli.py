@@ -26,7 +26,6 @@ from typing import Optional, Sequence
 from lnfree._errors import CLIError
 
 #: The paper's results: the report stage that reproduces each, default models and data sets.
-PAPER_MODELS = ("gpt2", "schaeff/gpt2-small_LNFree300")
 PAPER_DATA = ("Skylion007/openwebtext",)
 FIGURES = {
     "table1": {"stage": "ce", "data": ("Skylion007/openwebtext", "NeelNanda/pile-10k"),
@@ -70,12 +69,13 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("reproduce", parents=[common], help="reproduce one of the paper's results",
                               description="FIGURE: " + "; ".join(f"{k}: {v['what']}" for k, v in FIGURES.items())
-                              + f". Defaults: models {' '.join(PAPER_MODELS)} (hub) and the paper's data sets "
-                              "(Hugging Face datasets); --models/--data run the same figure on local models "
+                              + ". Defaults: the models the paper's code ran each figure on (GPT-2 Small; Medium "
+                              "for first-token-norm and sink-rate: lnfree.paper.reproduce.PAPER_MODELS, hub) and "
+                              "its data sets (Hugging Face datasets); --models/--data run the same figure on local models "
                               "(directories or zoo names) and token files, offline.")
     p.add_argument("figure", metavar="FIGURE", choices=sorted(FIGURES), help=" | ".join(FIGURES))
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                   help=f"models to compare, the first is the baseline (default: {' '.join(PAPER_MODELS)})")
+                   help="models to compare, the first is the baseline (default: the paper's models for FIGURE)")
     _data_args(p)
     p.add_argument("--out", default=None, help="output directory (default: out/reproduce/FIGURE)")
     p.set_defaults(func=run_reproduce)
