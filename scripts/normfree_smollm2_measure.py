@@ -3,8 +3,9 @@
     python scripts/normfree_smollm2_measure.py --twin smollm2-135m-normfree --run runs/smollm2-normfree/run \
         --out docs/normfree_smollm2.json [--rows 1024 --cfi-rows 512 --threads 2]
 
-Every number is on text no run trained on (the package's held-out Persuasion and cfi rows, ``[BOS] + 63``
-tokens each). CIs resample sequences (prompts for the entropy-neuron ablation): the unit that varies
+Every number is on text no run trained on (the package's held-out Persuasion and cfi, rows of
+``[<|endoftext|>] + 63`` tokens), cut two ways: "word" (the first text token begins a word, as the training
+rows) and "any" (`zoo.heldout`'s cut, anywhere: position 1 may be a newline or punctuation). CIs resample sequences (prompts for the entropy-neuron ablation): the unit that varies
 independently. Sections: held-out CE (paired per-sequence difference twin - original), DLA vs the exact
 direct effect (NMAE over every head), the entropy neuron L29N371 (total vs direct entropy change), the
 first-token norm ratio and the attention-sink rate, and the run's loss curve (from its log.jsonl).
@@ -22,6 +23,23 @@ def _est(e) -> dict:
     return {"value": float(e.value), "low": float(e.low), "high": float(e.high), "n": int(e.n)}
 
 
+def heldout_word_rows(model, name: str):
+    """The package's held-out book as ``[<|endoftext|>] + 63``-token rows whose first text token begins a word:
+    how the twin's training rows were cut (`normfree_smollm2_cpu.word_rows`)."""
+    import sys
+
+    import torch
+
+    from lnfree import zoo
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from normfree_smollm2_cpu import first_token, word_rows, word_starts
+
+    stream = model.tokenizer(zoo.heldout_text(name), add_special_tokens=False)["input_ids"]
+    rows = word_rows(torch.tensor(stream).numpy(), 64, first_token(model.tokenizer), word_starts(model.tokenizer))
+    return torch.as_tensor(rows)
+
+
 def measure(models: dict, rows: int, cfi_rows: int, small: int) -> dict:
     import lnfree
     from lnfree import zoo
@@ -29,13 +47,21 @@ def measure(models: dict, rows: int, cfi_rows: int, small: int) -> dict:
     first = next(iter(models.values()))
     out: dict = {"settings": {"rows": rows, "cfi_rows": cfi_rows, "seq_len": 64, "small_rows": small}}
     for name, n in (("persuasion", rows), ("cfi", cfi_rows)):
-        tokens = zoo.heldout(name, model=first, seq_len=64)[:n]
-        cmp = lnfree.compare_cross_entropy(models["twin"], models["original"], tokens, names=("twin", "original"))
-        out[f"ce_{name}"] = {"twin": _est(cmp.a.mean), "original": _est(cmp.b.mean),
-                             "difference": _est(cmp.difference()), "tokens": int(tokens.numel())}
-        print(name, out[f"ce_{name}"], flush=True)
-    tokens = zoo.heldout("persuasion", model=first, seq_len=64)[:small]
+        for cut, tokens in (("word", heldout_word_rows(first, name)[:n]),
+                            ("any", zoo.heldout(name, model=first, seq_len=64)[:n])):
+            ce = {k: lnfree.compare_cross_entropy(m, models["original"], tokens, names=(k, "original"))
+                  for k, m in models.items() if k != "original"}
+            key = f"ce_{name}_{cut}"
+            out[key] = {"original": _est(next(iter(ce.values())).b.mean), "tokens": int(tokens.numel()),
+                        **{k: {"ce": _est(c.a.mean), "minus_original": _est(c.difference())} for k, c in ce.items()}}
+            if "vanilla" in ce:  # paired per sequence: twin - vanilla
+                out[key]["twin_minus_vanilla"] = _est(lnfree.compare_cross_entropy(
+                    models["twin"], models["vanilla"], tokens, names=("twin", "vanilla")).difference())
+            print(key, out[key], flush=True)
+    tokens = heldout_word_rows(first, "persuasion")[:small]
     for key, model in models.items():
+        if key == "vanilla":
+            continue
         t0 = time.time()
         dla = lnfree.direct_logit_attribution(model, tokens, components="heads")
         abl = lnfree.ablate_neurons(model, tokens, ["L29N371"])
@@ -65,6 +91,7 @@ def loss_curve(run: Path) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--twin", default="smollm2-135m-normfree", help="the norm-free model (zoo name or directory)")
+    ap.add_argument("--vanilla", default=None, help="the vanilla control (a removal run dir of --vanilla)")
     ap.add_argument("--run", default=None, help="the removal run directory (its log.jsonl gives the loss curve)")
     ap.add_argument("--out", default="docs/normfree_smollm2.json")
     ap.add_argument("--rows", type=int, default=1024, help="held-out Persuasion rows of 64 tokens for CE")
@@ -79,6 +106,8 @@ def main(argv=None) -> None:
     import lnfree
 
     models = {"original": lnfree.load("smollm2-135m"), "twin": lnfree.load(args.twin)}
+    if args.vanilla:
+        models["vanilla"] = lnfree.load(args.vanilla)
     result = {"twin": args.twin, "date": time.strftime("%Y-%m-%d"), **measure(models, args.rows, args.cfi_rows,
                                                                              args.small_rows)}
     if args.run:
