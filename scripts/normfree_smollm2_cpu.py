@@ -66,11 +66,31 @@ def word_starts(tokenizer) -> "np.ndarray":
     return out
 
 
-def _rows(model, files, seq_len: int, n_tokens: int):
+def sink_tokens(model, start: int, layers=(8, 16, 24), factor: float = 8.0, batch: int = 2048) -> "np.ndarray":
+    """[vocab] bool: the tokens t for which position 1 of ``[start, t]`` is a second attention sink (its residual
+    RMS at one of `layers` above `factor` x the median over t). Position 1's residual depends on tokens 0 and 1
+    only (causal attention), so this is exact for every row that starts ``[start, t, ...]``."""
+    import numpy as np
+    import torch
+
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    rms = []
+    with torch.no_grad():
+        for lo in range(0, model.cfg.d_vocab, batch):
+            t = torch.arange(lo, min(lo + batch, model.cfg.d_vocab))
+            toks = torch.stack([torch.full_like(t, start), t], 1)
+            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names, stop_at_layer=max(layers) + 1)
+            rms.append(torch.stack([cache[n][:, 1].pow(2).mean(-1).sqrt() for n in names], 1))
+    rms = torch.cat(rms)  # [vocab, layer]
+    return (rms > factor * rms.median(0).values).any(1).numpy()
+
+
+def _rows(model, files, seq_len: int, n_tokens: int, skip=None):
     from lnfree.removal import load_tokens
 
     stream = load_tokens(files, seq_len=1024, tokenizer=model.tokenizer, max_tokens=int(n_tokens * 1.1) + 1024)
-    return word_rows(stream.reshape(-1), seq_len, first_token(model.tokenizer), word_starts(model.tokenizer))
+    ok = word_starts(model.tokenizer) if skip is None else ~skip
+    return word_rows(stream.reshape(-1), seq_len, first_token(model.tokenizer), ok)
 
 
 def site_costs(model, calib, measure) -> dict:
@@ -128,11 +148,21 @@ def main(argv=None) -> None:
     model = lnfree.load("smollm2-135m", device="cpu")
     print(f"loaded in {time.time() - t0:.0f} s", flush=True)
     need = args.steps * args.batch_size * args.seq_len
-    rows = _rows(model, files, args.seq_len, int(need * 1.05) + args.seq_len)
+    sinks_file = out / "sink_tokens.json"
+    if not sinks_file.exists():
+        sinks = sink_tokens(model, first_token(model.tokenizer))
+        sinks_file.write_text(json.dumps({"start": first_token(model.tokenizer), "layers": [8, 16, 24], "factor": 8.0,
+                                          "tokens": [int(i) for i in sinks.nonzero()[0]]}))
+    import numpy as np
+
+    skip = np.zeros(model.cfg.d_vocab, dtype=bool)
+    skip[json.loads(sinks_file.read_text())["tokens"]] = True
+    print(f"{int(skip.sum())} tokens make position 1 a second sink: rows never start with them", flush=True)
+    rows = _rows(model, files, args.seq_len, int(need * 1.05) + args.seq_len, skip)
     costs_file = out / "site_costs.json"
     if not costs_file.exists():
         # calibration rows from the far end of the stream: the run's first batches are not reused here
-        calib = _rows(model, files, args.seq_len, 10**7)[-16:]
+        calib = _rows(model, files, args.seq_len, 10**7, skip)[-16:]
         result = site_costs(model, calib[:8], calib[8:])
         costs_file.write_text(json.dumps(result, indent=1))
         model.unfreeze_ln()

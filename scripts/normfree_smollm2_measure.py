@@ -23,42 +23,50 @@ def _est(e) -> dict:
     return {"value": float(e.value), "low": float(e.low), "high": float(e.high), "n": int(e.n)}
 
 
-def heldout_word_rows(model, name: str):
-    """The package's held-out book as ``[<|endoftext|>] + 63``-token rows whose first text token begins a word:
-    how the twin's training rows were cut (`normfree_smollm2_cpu.word_rows`)."""
+BOOKS = {"persuasion": "austen_persuasion.txt", "cfi": "cfi_en.txt"}
+
+
+def heldout_rows(model, name: str, cut: str, text_dir=None):
+    """A held-out book as ``[<|endoftext|>] + 63``-token rows. cut "word": each row's first text token begins a
+    word, as the twin's training rows (`normfree_smollm2_cpu.word_rows`); "any": consecutive chunks, as
+    `zoo.heldout` cuts them. `text_dir`: the full book (``BOOKS``) there; default the package's shorter copy."""
     import sys
 
     import torch
 
     from lnfree import zoo
+    from lnfree.removal.data import chunk_with_bos
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from normfree_smollm2_cpu import first_token, word_rows, word_starts
 
-    stream = model.tokenizer(zoo.heldout_text(name), add_special_tokens=False)["input_ids"]
-    rows = word_rows(torch.tensor(stream).numpy(), 64, first_token(model.tokenizer), word_starts(model.tokenizer))
-    return torch.as_tensor(rows)
+    text = (Path(text_dir) / BOOKS[name]).read_text() if text_dir else zoo.heldout_text(name)
+    stream = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"]).numpy()
+    start = first_token(model.tokenizer)
+    rows = word_rows(stream, 64, start, word_starts(model.tokenizer)) if cut == "word" else \
+        chunk_with_bos(stream, 64, start)
+    return torch.as_tensor(rows).long()
 
 
-def measure(models: dict, rows: int, cfi_rows: int, small: int) -> dict:
+def measure(models: dict, rows: int, cfi_rows: int, small: int, text_dir=None, any_rows: int = 256) -> dict:
     import lnfree
-    from lnfree import zoo
+    from lnfree.evaluation import CEComparison
 
     first = next(iter(models.values()))
-    out: dict = {"settings": {"rows": rows, "cfi_rows": cfi_rows, "seq_len": 64, "small_rows": small}}
+    out: dict = {"settings": {"rows": rows, "cfi_rows": cfi_rows, "any_rows": any_rows, "seq_len": 64,
+                              "small_rows": small, "text_dir": str(text_dir)}}
     for name, n in (("persuasion", rows), ("cfi", cfi_rows)):
-        for cut, tokens in (("word", heldout_word_rows(first, name)[:n]),
-                            ("any", zoo.heldout(name, model=first, seq_len=64)[:n])):
-            ce = {k: lnfree.compare_cross_entropy(m, models["original"], tokens, names=(k, "original"))
-                  for k, m in models.items() if k != "original"}
+        for cut in ("word", "any"):
+            tokens = heldout_rows(first, name, cut, text_dir)[:n if cut == "word" else any_rows]
+            ce = {k: lnfree.cross_entropy(m, tokens, batch_size=16) for k, m in models.items()}
+            pair = lambda a, b: CEComparison(names=(a, b), a=ce[a], b=ce[b]).difference()  # noqa: E731
             key = f"ce_{name}_{cut}"
-            out[key] = {"original": _est(next(iter(ce.values())).b.mean), "tokens": int(tokens.numel()),
-                        **{k: {"ce": _est(c.a.mean), "minus_original": _est(c.difference())} for k, c in ce.items()}}
-            if "vanilla" in ce:  # paired per sequence: twin - vanilla
-                out[key]["twin_minus_vanilla"] = _est(lnfree.compare_cross_entropy(
-                    models["twin"], models["vanilla"], tokens, names=("twin", "vanilla")).difference())
+            out[key] = {"tokens": int(tokens.numel()), **{k: _est(c.mean) for k, c in ce.items()},
+                        **{f"{k}_minus_original": _est(pair(k, "original")) for k in ce if k != "original"}}
+            if "vanilla" in ce:  # paired per sequence
+                out[key]["twin_minus_vanilla"] = _est(pair("twin", "vanilla"))
             print(key, out[key], flush=True)
-    tokens = heldout_word_rows(first, "persuasion")[:small]
+    tokens = heldout_rows(first, "persuasion", "word", text_dir)[:small]
     for key, model in models.items():
         if key == "vanilla":
             continue
@@ -96,8 +104,11 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="docs/normfree_smollm2.json")
     ap.add_argument("--rows", type=int, default=1024, help="held-out Persuasion rows of 64 tokens for CE")
     ap.add_argument("--cfi-rows", type=int, default=512, help="held-out cfi rows of 64 tokens for CE")
+    ap.add_argument("--any-rows", type=int, default=256, help="rows of each book cut anywhere (zoo.heldout's cut)")
     ap.add_argument("--small-rows", type=int, default=32, help="rows for DLA, ablation, norms and sinks")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text-dir", default=None, help="a folder with the full held-out books (BOOKS); default: the "
+                    "package's shorter copies (Persuasion: 21k tokens)")
     args = ap.parse_args(argv)
 
     import torch
@@ -109,7 +120,7 @@ def main(argv=None) -> None:
     if args.vanilla:
         models["vanilla"] = lnfree.load(args.vanilla)
     result = {"twin": args.twin, "date": time.strftime("%Y-%m-%d"), **measure(models, args.rows, args.cfi_rows,
-                                                                             args.small_rows)}
+                                                                             args.small_rows, args.text_dir, args.any_rows)}
     if args.run:
         result["loss_curve"] = loss_curve(Path(args.run))
         summary = Path(args.run) / "summary.json"
