@@ -4,8 +4,8 @@
         --out docs/normfree_smollm2.json [--rows 1024 --cfi-rows 512 --threads 2]
 
 Every number is on text no run trained on (the package's held-out Persuasion and cfi, rows of
-``[<|endoftext|>] + 63`` tokens), cut two ways: "word" (the first text token begins a word, as the training
-rows) and "any" (`zoo.heldout`'s cut, anywhere: position 1 may be a newline or punctuation). CIs resample sequences (prompts for the entropy-neuron ablation): the unit that varies
+``[<|endoftext|>] + 63`` tokens), cut two ways: "clean" (position 1 is never one of the 17 tokens that make it a
+second sink, as the training rows) and "any" (`zoo.heldout`'s cut, anywhere). CIs resample sequences (prompts for the entropy-neuron ablation): the unit that varies
 independently. Sections: held-out CE (paired per-sequence difference twin - original), DLA vs the exact
 direct effect (NMAE over every head), the entropy neuron L29N371 (total vs direct entropy change), the
 first-token norm ratio and the attention-sink rate, and the run's loss curve (from its log.jsonl).
@@ -26,10 +26,11 @@ def _est(e) -> dict:
 BOOKS = {"persuasion": "austen_persuasion.txt", "cfi": "cfi_en.txt"}
 
 
-def heldout_rows(model, name: str, cut: str, text_dir=None):
-    """A held-out book as ``[<|endoftext|>] + 63``-token rows. cut "word": each row's first text token begins a
-    word, as the twin's training rows (`normfree_smollm2_cpu.word_rows`); "any": consecutive chunks, as
-    `zoo.heldout` cuts them. `text_dir`: the full book (``BOOKS``) there; default the package's shorter copy."""
+def heldout_rows(model, name: str, cut: str, text_dir=None, skip=None):
+    """A held-out book as ``[<|endoftext|>] + 63``-token rows. cut "clean": no row's first text token is one of
+    `skip` (the tokens that make position 1 a second sink), as the twin's training rows
+    (`normfree_smollm2_cpu.word_rows`); "any": consecutive chunks, as `zoo.heldout` cuts them. `text_dir`: the
+    full book (``BOOKS``) there; default the package's shorter copy."""
     import sys
 
     import torch
@@ -38,17 +39,18 @@ def heldout_rows(model, name: str, cut: str, text_dir=None):
     from lnfree.removal.data import chunk_with_bos
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from normfree_smollm2_cpu import first_token, word_rows, word_starts
+    from normfree_smollm2_cpu import first_token, word_rows
 
     text = (Path(text_dir) / BOOKS[name]).read_text() if text_dir else zoo.heldout_text(name)
     stream = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"]).numpy()
     start = first_token(model.tokenizer)
-    rows = word_rows(stream, 64, start, word_starts(model.tokenizer)) if cut == "word" else \
+    rows = word_rows(stream, 64, start, ~skip) if cut == "clean" else \
         chunk_with_bos(stream, 64, start)
     return torch.as_tensor(rows).long()
 
 
-def measure(models: dict, rows: int, cfi_rows: int, small: int, text_dir=None, any_rows: int = 256) -> dict:
+def measure(models: dict, rows: int, cfi_rows: int, small: int, text_dir=None, any_rows: int = 256,
+            skip=None) -> dict:
     import lnfree
     from lnfree.evaluation import CEComparison
 
@@ -56,8 +58,8 @@ def measure(models: dict, rows: int, cfi_rows: int, small: int, text_dir=None, a
     out: dict = {"settings": {"rows": rows, "cfi_rows": cfi_rows, "any_rows": any_rows, "seq_len": 64,
                               "small_rows": small, "text_dir": str(text_dir)}}
     for name, n in (("persuasion", rows), ("cfi", cfi_rows)):
-        for cut in ("word", "any"):
-            tokens = heldout_rows(first, name, cut, text_dir)[:n if cut == "word" else any_rows]
+        for cut in ("clean", "any"):
+            tokens = heldout_rows(first, name, cut, text_dir, skip)[:n if cut == "clean" else any_rows]
             ce = {k: lnfree.cross_entropy(m, tokens, batch_size=16) for k, m in models.items()}
             pair = lambda a, b: CEComparison(names=(a, b), a=ce[a], b=ce[b]).difference()  # noqa: E731
             key = f"ce_{name}_{cut}"
@@ -66,7 +68,7 @@ def measure(models: dict, rows: int, cfi_rows: int, small: int, text_dir=None, a
             if "vanilla" in ce:  # paired per sequence
                 out[key]["twin_minus_vanilla"] = _est(pair("twin", "vanilla"))
             print(key, out[key], flush=True)
-    tokens = heldout_rows(first, "persuasion", "word", text_dir)[:small]
+    tokens = heldout_rows(first, "persuasion", "clean", text_dir, skip)[:small]
     for key, model in models.items():
         if key == "vanilla":
             continue
@@ -104,6 +106,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="docs/normfree_smollm2.json")
     ap.add_argument("--rows", type=int, default=1024, help="held-out Persuasion rows of 64 tokens for CE")
     ap.add_argument("--cfi-rows", type=int, default=512, help="held-out cfi rows of 64 tokens for CE")
+    ap.add_argument("--sinks", default="runs/smollm2-normfree/sink_tokens.json", help="the run's sink-token list")
     ap.add_argument("--any-rows", type=int, default=256, help="rows of each book cut anywhere (zoo.heldout's cut)")
     ap.add_argument("--small-rows", type=int, default=32, help="rows for DLA, ablation, norms and sinks")
     ap.add_argument("--threads", type=int, default=2)
@@ -116,11 +119,17 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     import lnfree
 
+    import numpy as np
+
+    sinks = json.loads(Path(args.sinks).read_text())
+    skip = np.zeros(49152, dtype=bool)
+    skip[sinks["tokens"]] = True
     models = {"original": lnfree.load("smollm2-135m"), "twin": lnfree.load(args.twin)}
     if args.vanilla:
         models["vanilla"] = lnfree.load(args.vanilla)
     result = {"twin": args.twin, "date": time.strftime("%Y-%m-%d"), **measure(models, args.rows, args.cfi_rows,
-                                                                             args.small_rows, args.text_dir, args.any_rows)}
+                                                                             args.small_rows, args.text_dir, args.any_rows,
+                                                                             skip)}
     if args.run:
         result["loss_curve"] = loss_curve(Path(args.run))
         summary = Path(args.run) / "summary.json"
