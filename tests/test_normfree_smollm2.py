@@ -39,3 +39,16 @@ def test_twin_close_to_the_original_on_heldout_text(twin, smollm2):
     tokens = zoo.heldout("cfi", model=twin, seq_len=64)[:8]
     cmp = lnfree.compare_cross_entropy(twin, smollm2, tokens, n_boot=50)
     assert abs(cmp.difference().value) < 0.3  # the issue's bound; docs/normfree_smollm2.md has the 64k-token CI
+
+
+def test_twin_ships_small():
+    """What builds the twin ships in the package (<= 60 MB): LoRA factors and scales, no rebuildable buffers."""
+    from safetensors import safe_open
+
+    from lnfree.io import zoo as io_zoo
+
+    folder = io_zoo.derived_dir("smollm2-135m-normfree")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size < 60 * 2**20
+    with safe_open(str(folder / "delta.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "rotary" in k]

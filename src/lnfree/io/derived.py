@@ -37,7 +37,7 @@ FORMAT = "lnfree-derived"
 VERSION = 1
 CONFIG = "derived.json"
 DELTAS = "delta.safetensors"
-_BUFFERS = (".IGNORE", ".mask")
+_BUFFERS = (".IGNORE", ".mask", ".rotary_sin", ".rotary_cos")  # rebuilt from the config at load
 
 
 def is_derived(folder: Path) -> bool:
