@@ -37,6 +37,7 @@ _EXPORTS = {
     "CheckpointError": "lnfree.loading",
     "HubUnreachableError": "lnfree.loading",
     "gpt2_tokenizer": "lnfree.tokenizer",
+    "Tokens": "lnfree.tokenizer",
     "direct_logit_attribution": "lnfree.analysis.dla",
     "compare_dla": "lnfree.analysis.dla",
     "DLAResult": "lnfree.analysis.dla",

@@ -36,6 +36,7 @@ every function also takes ``data_dir=``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -44,6 +45,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from lnfree.tokenizer import TokenizerId, Tokens, tokenizer_id, with_tokenizer
 
 NAMES = ("tiny-ln", "tiny-vanilla", "tiny-lnfree")
 #: real pretrained models, installed as pip packages (name -> package, file, install command).
@@ -228,6 +231,9 @@ def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: P
     fills, each ``[start] + seq_len - 1`` consecutive tokens, where start is ``<|endoftext|>`` when the
     vocabulary has it (SmolLM2's document separator, id 0), else the tokenizer's BOS.
 
+    The result is a `lnfree.tokenizer.Tokens` tensor: it (and its slices) remember the tokenizer that
+    wrote them, and analyses of a model with another tokenizer refuse them.
+
     Example:
         >>> zoo.heldout("cfi")[:, 0].unique().tolist()     # doctest: +SKIP
         [0]
@@ -245,11 +251,19 @@ def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: P
         if seq_len is not None and seq_len != tokens.shape[1]:
             raise ValueError(f"seq_len={seq_len!r}: the family's held-out rows have {tokens.shape[1]} tokens; "
                              "pass model= to re-tokenize the text into other lengths")
-        return tokens
+        return Tokens.wrap(tokens, _family_tokenizer_id(str(d)))
     seq_len = 256 if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    return _retokenized(heldout_text(name, data_dir=d), _tokenizer_of(model), seq_len)
+    tok = _tokenizer_of(model)
+    label = f"the tokenizer of {model}" if isinstance(model, str) else None
+    return with_tokenizer(_retokenized(heldout_text(name, data_dir=d), tok, seq_len), tok, label)
+
+
+@functools.lru_cache(maxsize=4)
+def _family_tokenizer_id(data_dir: str) -> TokenizerId:
+    """The family tokenizer's identity (loading and hashing it once per data dir)."""
+    return tokenizer_id(tokenizer(data_dir), "the zoo family's tokenizer")
 
 
 def heldout_text(name: str, *, data_dir: PathArg = None) -> str:
@@ -258,7 +272,7 @@ def heldout_text(name: str, *, data_dir: PathArg = None) -> str:
     Example:
         >>> zoo.heldout_text("persuasion")[:40]           # doctest: +SKIP
     """
-    tokens = heldout(name, data_dir=data_dir)
+    tokens = heldout(name, data_dir=data_dir).plain()
     return tokenizer(data_dir).decode(tokens[:, 1:].reshape(-1).tolist())
 
 
