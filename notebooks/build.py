@@ -23,6 +23,8 @@ a comment: ``# `` is stripped). The first markdown cell's first line is the ``# 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import sys
 import time
@@ -202,26 +204,43 @@ def execute(name: str):
     return nb
 
 
-def _png(figure: dict) -> str:
-    """A base64 PNG of a plotly figure's JSON, drawn with plotly's own plotly.js by kaleido 0.2.1."""
+_RENDER = """
+import json, os, sys, plotly
+from kaleido.scopes.plotly import PlotlyScope
+js = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
+png = PlotlyScope(plotlyjs=js, mathjax=False).transform(json.load(sys.stdin), format="png", width=900,
+                                                        height=int(sys.argv[1]))
+sys.stdout.buffer.write(png)
+"""
+
+
+def _png(figure: dict, tries: int = 3) -> str:
+    """A base64 PNG of a plotly figure's JSON, drawn with plotly's own plotly.js by kaleido 0.2.1.
+
+    Each figure in a fresh process with a time limit: kaleido 0.2.1's browser now and then never answers.
+    """
     import base64
     import os
+    import signal
+    import subprocess
 
-    import plotly
-
-    try:
-        from kaleido.scopes.plotly import PlotlyScope
-    except ImportError:
-        raise SystemExit("--execute draws each figure's PNG with kaleido 0.2.1: pip install kaleido==0.2.1") from None
-    global _SCOPE
-    if _SCOPE is None:
-        _SCOPE = PlotlyScope(plotlyjs=os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js"),
-                             mathjax=False)
-    height = (figure.get("layout") or {}).get("height") or 450
-    return base64.b64encode(_SCOPE.transform(figure, format="png", width=900, height=height)).decode()
-
-
-_SCOPE = None
+    if importlib.util.find_spec("kaleido") is None:
+        raise SystemExit("--execute draws each figure's PNG with kaleido 0.2.1: pip install kaleido==0.2.1")
+    height = str((figure.get("layout") or {}).get("height") or 450)
+    for _ in range(tries):
+        proc = subprocess.Popen([sys.executable, "-c", _RENDER, height], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            out, _err = proc.communicate(json.dumps(figure).encode(), timeout=90)
+        except subprocess.TimeoutExpired:
+            continue
+        finally:  # the renderer's browser processes outlive it otherwise
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.returncode == 0 and out.startswith(b"\x89PNG"):
+            return base64.b64encode(out).decode()
+    raise RuntimeError(f"kaleido could not draw a figure in {tries} tries")
 
 
 def main(argv=None) -> int:

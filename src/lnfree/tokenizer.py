@@ -14,6 +14,11 @@ The derived vocab/merges are cached in memory and on disk (``$LNFREE_CACHE_DIR``
 ``~/.cache/lnfree``), so only the first call in a fresh environment pays for the derivation. The
 tokenizer is also saved there once in HF format; that directory is its `name_or_path`, so when
 TransformerLens re-loads it by name (it does so for tokenizers without add_bos_token) it stays offline.
+
+`Tokens` is a tensor of token ids that remembers the tokenizer that wrote it (`tokenizer_id`: a
+fingerprint of the vocabulary, cached per tokenizer object); `zoo.heldout`, `tasks.ioi` and
+`lnfree.tokenize` return them, and `lnfree._checks.check_tokens` refuses them for a model whose
+tokenizer has another vocabulary.
 """
 
 from __future__ import annotations
