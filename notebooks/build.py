@@ -214,7 +214,7 @@ sys.stdout.buffer.write(png)
 """
 
 
-def _png(figure: dict, tries: int = 3) -> str:
+def _png(figure: dict, tries: int = 4) -> str:
     """A base64 PNG of a plotly figure's JSON, drawn with plotly's own plotly.js by kaleido 0.2.1.
 
     Each figure in a fresh process with a time limit: kaleido 0.2.1's browser now and then never answers.
@@ -229,10 +229,11 @@ def _png(figure: dict, tries: int = 3) -> str:
     height = str((figure.get("layout") or {}).get("height") or 450)
     for _ in range(tries):
         proc = subprocess.Popen([sys.executable, "-c", _RENDER, height], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            out, _err = proc.communicate(json.dumps(figure).encode(), timeout=90)
+            out, err = proc.communicate(json.dumps(figure).encode(), timeout=90)
         except subprocess.TimeoutExpired:
+            err = b"timed out after 90 s"
             continue
         finally:  # the renderer's browser processes outlive it otherwise
             with contextlib.suppress(ProcessLookupError):
@@ -240,7 +241,7 @@ def _png(figure: dict, tries: int = 3) -> str:
             proc.wait()
         if proc.returncode == 0 and out.startswith(b"\x89PNG"):
             return base64.b64encode(out).decode()
-    raise RuntimeError(f"kaleido could not draw a figure in {tries} tries")
+    raise RuntimeError(f"kaleido could not draw a figure in {tries} tries: {err.decode(errors='replace')[-800:]}")
 
 
 def main(argv=None) -> int:
