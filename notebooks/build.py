@@ -1,10 +1,20 @@
 """Build the tutorials from their single source: notebooks/src/*.py in "# %%" percent format.
 
-Writes notebooks/NN_name.ipynb (nbformat 4, no outputs) and docs/tutorials/NN_name.md for each
-source, and docs/tutorials/index.md listing them.
+Writes notebooks/NN_name.ipynb (nbformat 4, committed with its outputs), docs/tutorials/NN_name.md (each
+code cell followed by what it printed and its figures, as docs/tutorials/img/NN_name-K.png) and
+docs/tutorials/index.md.
 
-    python notebooks/build.py           # write both
-    python notebooks/build.py --check   # exit 1 when a generated file is missing or out of date
+    python notebooks/build.py                  # rewrite the generated files from the sources; a notebook
+                                               # keeps its outputs while its code is unchanged
+    python notebooks/build.py --execute [NN]   # run the notebooks (all, or those whose name starts with NN),
+                                               # store their outputs, then rewrite the generated files
+    python notebooks/build.py --check          # exit 1 when a generated file is out of date or a notebook
+                                               # has not been run since its code changed
+
+--execute runs each notebook in a python3 kernel of this environment (nbclient, ipykernel) with plotly's
+"plotly_mimetype" renderer, and stores a PNG copy of every figure beside its interactive JSON, so the
+figures show where JavaScript does not run (GitHub, the docs). The PNGs need kaleido 0.2.1, which
+bundles its own headless browser: ``pip install kaleido==0.2.1``.
 
 Source format: a cell starts at a line ``# %%`` (code) or ``# %% [markdown]`` (markdown, every line
 a comment: ``# `` is stripped). The first markdown cell's first line is the ``# Title``.
@@ -13,9 +23,13 @@ a comment: ``# `` is stripped). The first markdown cell's first line is the ``# 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "notebooks" / "src"
@@ -53,7 +67,11 @@ def parse(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def to_notebook(cells: list[tuple[str, str]]) -> str:
+PLOTLY_JSON = "application/vnd.plotly.v1+json"
+
+
+def to_notebook(cells: list[tuple[str, str]], previous=None):
+    """The notebook of `cells`; with `previous` (the committed notebook) whose code is the same, its outputs."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()
@@ -63,16 +81,61 @@ def to_notebook(cells: list[tuple[str, str]]) -> str:
         cell = nbformat.v4.new_markdown_cell(source) if kind == "markdown" else nbformat.v4.new_code_cell(source)
         cell["id"] = f"cell-{i}"  # stable ids: the build is reproducible
         nb.cells.append(cell)
+    if previous is not None and _code(previous) == _code(nb):  # outputs belong to this exact code, in order
+        for cell, old in zip((c for c in nb.cells if c.cell_type == "code"),
+                             (c for c in previous.cells if c.cell_type == "code")):
+            cell["outputs"], cell["execution_count"] = old.get("outputs", []), old.get("execution_count")
     nbformat.validate(nb)
+    return nb
+
+
+def _code(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def dumps(nb) -> str:
     return json.dumps(nb, indent=1, ensure_ascii=False) + "\n"
 
 
-def to_markdown(cells: list[tuple[str, str]], name: str) -> str:
-    parts = [GENERATED.format(name=name)]
-    for kind, source in cells:
-        parts.append(source if kind == "markdown" else f"```python\n{source}\n```")
+def executed(nb) -> bool:
+    """Every code cell has run (the committed notebooks carry their outputs)."""
+    return all(c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+def to_markdown(nb, name: str) -> tuple[str, dict[Path, bytes]]:
+    """The docs page: markdown cells, code cells, then each code cell's printed text and figures (PNG files)."""
+    import base64
+
+    parts, images = [GENERATED.format(name=name)], {}
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            parts.append(cell.source)
+            continue
+        parts.append(f"```python\n{cell.source}\n```")
+        text: list[str] = []
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if out.get("output_type") == "stream":
+                if out.get("name") == "stdout":
+                    text.append(out.get("text", ""))
+                continue
+            if "image/png" in data:
+                if text:
+                    parts.append(_text_block(text))
+                    text = []
+                img = MD_DIR / "img" / f"{name}-{len(images) + 1}.png"
+                images[img] = base64.b64decode(data["image/png"])
+                parts.append(f"![figure {len(images)} of {name}](img/{img.name})")
+            elif "text/plain" in data:
+                text.append(data["text/plain"] + "\n")
+        if text:
+            parts.append(_text_block(text))
     parts.append(f"*Run it yourself: open `notebooks/{name}.ipynb` in Jupyter, or run `python notebooks/src/{name}.py`.*")
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n", images
+
+
+def _text_block(chunks: list[str]) -> str:
+    return "```text\n" + "".join(chunks).rstrip("\n") + "\n```"
 
 
 def title(cells: list[tuple[str, str]]) -> str:
@@ -82,39 +145,132 @@ def title(cells: list[tuple[str, str]]) -> str:
     raise ValueError("a tutorial must start with a markdown cell '# Title'")
 
 
-def outputs() -> dict[Path, str]:
-    """Every generated file and its content."""
-    files = {}
+def _committed(path: Path):
+    import nbformat
+
+    return nbformat.read(str(path), as_version=4) if path.is_file() else None
+
+
+def outputs(executed_nbs: Optional[dict] = None) -> dict[Path, Union[str, bytes]]:
+    """Every generated file and its content (notebooks keep the outputs of `executed_nbs` or of the committed files)."""
+    files: dict[Path, Union[str, bytes]] = {}
     index = ["# Tutorials", "",
              "Each tutorial runs offline, on the embedded models (`lnfree.zoo`) or on SmolLM2-135M from its pip package, "
              "in about a minute or less on a laptop. "
-             "They are generated from `notebooks/src/*.py`; the notebooks are in `notebooks/`.", ""]
+             "They are generated from `notebooks/src/*.py`; the notebooks, with their outputs, are in `notebooks/`.", ""]
     for src in sorted(SRC.glob("*.py")):
         cells = parse(src.read_text(encoding="utf-8"))
-        files[NB_DIR / f"{src.stem}.ipynb"] = to_notebook(cells)
-        files[MD_DIR / f"{src.stem}.md"] = to_markdown(cells, src.stem)
+        path = NB_DIR / f"{src.stem}.ipynb"
+        nb = to_notebook(cells, (executed_nbs or {}).get(src.stem) or _committed(path))
+        files[path] = dumps(nb)
+        md, images = to_markdown(nb, src.stem)
+        files[MD_DIR / f"{src.stem}.md"] = md
+        files.update(images)
         index.append(f"- [{title(cells)}]({src.stem}.md)")
     files[MD_DIR / "index.md"] = "\n".join(index) + "\n"
     return files
 
 
 def stale() -> list[Path]:
-    """Generated files that are missing or differ from what the sources give."""
-    return [p for p, text in outputs().items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+    """Generated files that are missing or differ from what the sources give, and notebooks not run since
+    their code changed."""
+    bad = []
+    for p, content in outputs().items():
+        if not p.is_file() or (p.read_bytes() if isinstance(content, bytes) else p.read_text(encoding="utf-8")) != content:
+            bad.append(p)
+    bad += [p for p in sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb")) if p not in bad and not executed(_committed(p))]
+    return bad
+
+
+# ---- running the notebooks -----------------------------------------------------------------------
+def execute(name: str):
+    """Run notebook `name` from its source in a fresh kernel; figures get a PNG copy beside their JSON."""
+    import os
+    import tempfile
+
+    import nbclient
+
+    nb = to_notebook(parse((SRC / f"{name}.py").read_text(encoding="utf-8")))
+    os.environ["PLOTLY_RENDERER"] = "plotly_mimetype"  # the kernel inherits it: figure JSON, no inlined plotly.js
+    with tempfile.TemporaryDirectory() as tmp:
+        nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                resources={"metadata": {"path": tmp}}).execute()
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if PLOTLY_JSON in data:
+                data["image/png"] = _png(data[PLOTLY_JSON])
+                data.pop("text/html", None)
+    return nb
+
+
+_RENDER = """
+import json, os, sys, plotly
+from kaleido.scopes.plotly import PlotlyScope
+js = os.path.join(os.path.dirname(plotly.__file__), "package_data", "plotly.min.js")
+png = PlotlyScope(plotlyjs=js, mathjax=False).transform(json.load(sys.stdin), format="png", width=900,
+                                                        height=int(sys.argv[1]))
+sys.stdout.buffer.write(png)
+"""
+
+
+def _png(figure: dict, tries: int = 4) -> str:
+    """A base64 PNG of a plotly figure's JSON, drawn with plotly's own plotly.js by kaleido 0.2.1.
+
+    Each figure in a fresh process with a time limit: kaleido 0.2.1's browser now and then never answers.
+    """
+    import base64
+    import os
+    import signal
+    import subprocess
+
+    if importlib.util.find_spec("kaleido") is None:
+        raise SystemExit("--execute draws each figure's PNG with kaleido 0.2.1: pip install kaleido==0.2.1")
+    height = str((figure.get("layout") or {}).get("height") or 450)
+    for _ in range(tries):
+        proc = subprocess.Popen([sys.executable, "-c", _RENDER, height], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(json.dumps(figure).encode(), timeout=90)
+        except subprocess.TimeoutExpired:
+            err = b"timed out after 90 s"
+            continue
+        finally:  # the renderer's browser processes outlive it otherwise
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.returncode == 0 and out.startswith(b"\x89PNG"):
+            return base64.b64encode(out).decode()
+    raise RuntimeError(f"kaleido could not draw a figure in {tries} tries: {err.decode(errors='replace')[-800:]}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check that the generated files are up to date")
+    parser.add_argument("--execute", nargs="*", metavar="NN", default=None,
+                        help="run the notebooks (all, or those whose name starts with one of these) and keep their outputs")
     args = parser.parse_args(argv)
     if args.check:
         bad = stale()
         for p in bad:
-            print(f"out of date: {p.relative_to(ROOT)} (run python notebooks/build.py)")
+            print(f"out of date: {p.relative_to(ROOT)} (run python notebooks/build.py, with --execute if its code changed)")
         return 1 if bad else 0
-    for path, text in outputs().items():
+    runs = {}
+    if args.execute is not None:
+        for src in sorted(SRC.glob("*.py")):
+            if not args.execute or any(src.stem.startswith(p) for p in args.execute):
+                t0 = time.perf_counter()
+                runs[src.stem] = execute(src.stem)
+                print(f"ran {src.stem} in {time.perf_counter() - t0:.0f} s")
+    files = outputs(runs)
+    for orphan in set((MD_DIR / "img").glob("[0-9][0-9]_*.png")) - set(files):  # figures a notebook no longer draws
+        orphan.unlink()
+    for path, content in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

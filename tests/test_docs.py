@@ -39,3 +39,11 @@ def test_paper_page_lists_every_reproduce_figure():
     for figure in FIGURES:
         assert f"| `{figure}` |" in paper, figure
         assert f"lnfree reproduce {figure}" in paper, figure
+
+
+def test_patching_page_has_no_development_notes():
+    """The page explains the methods; how a session measured them (temporary scripts, the issue's wording,
+    its tools and time) is not documentation (issue 23.7)."""
+    text = (REPO / "docs" / "patching.md").read_text()
+    for note in ("/tmp/", "the issue", "`search` tool", "this release", "time available", "old judgement"):
+        assert note not in text, note

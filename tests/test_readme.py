@@ -1,4 +1,4 @@
-"""The README's 60-second tour runs as written, on the embedded models, and prints what its comments say.
+"""The README's tour runs as written, on the embedded models, and prints what its comments say.
 
 Convention (stated in the README): a ``print(...)`` line's trailing comment starts with the exact text the
 call prints; an explanation may follow after ": "; a comment ending in "..." gives a prefix (a long repr).

@@ -85,3 +85,11 @@ with torch.no_grad():
 agree = (a.argmax(-1) == b.argmax(-1)).float().mean()
 kl = torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
 print(f"top-1 agreement {agree:.1%}, mean KL(LN || LN-free) {kl.mean():.3f} nats")
+
+# %% [markdown]
+# Every analysis returns a result with a short repr, `to_frame()` and `plot()`. The two models' held-out
+# cross-entropy and their paired difference (the same sequences), as a figure:
+
+# %%
+gap = lnfree.compare_cross_entropy(model, ln_free, heldout, n_boot=200)
+gap.plot()

@@ -59,5 +59,4 @@ print("max |sum of DLAs - logit|:", float((layers.dla.sum(0) - layers.logit).abs
 # %%
 cmp = lnfree.compare_dla(ln_model, ln_free, tokens, names=("tiny-ln", "tiny-lnfree"), n_boot=200)
 print(cmp.to_frame().query("group == 'overall'"))
-fig = cmp.plot(max_points=2000)
-print(type(fig).__name__, len(fig.data), "traces")
+cmp.plot(max_points=2000)

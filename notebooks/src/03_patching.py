@@ -58,6 +58,7 @@ cmp = lnfree.compare_patching(vanilla, ln_free, batch.clean, batch.corrupt, metr
                               names=("tiny-vanilla", "tiny-lnfree"), n_boot=200)
 print(cmp.table())
 print({k: v for k, v in cmp.summary().items() if k != "improvement_ci"})
+cmp.plot()
 
 # %% [markdown]
 # AtP* (Kramár et al. 2024) adds the QK fix and GradDrop: `method="atp*"`.

@@ -65,4 +65,5 @@ for name, m in (("tiny-ln", ln_model), ("tiny-lnfree", ln_free)):
 
 # %%
 cmp = lnfree.compare_confidence(ln_model, ln_free, tokens, neurons=neurons)  # names from the models
-cmp.difference()
+print(cmp.difference())
+cmp.plot()

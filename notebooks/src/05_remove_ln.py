@@ -7,8 +7,10 @@
 # every site is removed, folded into the weights. `lnfree.removal.remove_layernorm` does this for any
 # TransformerLens model with LayerNorm; `lnfree remove-ln` is the same as a command.
 #
-# Here we run it for a few steps on `tiny-ln` and a slice of held-out text, only to show the mechanics:
-# a real run uses a few hundred steps on the pretraining distribution (that is how `tiny-lnfree` was made).
+# Here we run it for a few steps on `tiny-ln`, only to show the mechanics: a real run uses a few hundred
+# steps on the pretraining distribution (that is how `tiny-lnfree` was made). The pretraining text is not
+# shipped, so the stand-in training data are the model's own samples; the held-out sets stay held out, for
+# the evaluation. (Data read many times over overfits: `remove_layernorm` warns past 3 epochs.)
 
 # %%
 import torch
@@ -19,7 +21,9 @@ from lnfree.removal import Schedule, remove_layernorm
 
 torch.manual_seed(0)
 model = zoo.load("tiny-ln", device="cpu")
-train = zoo.heldout("cfi")[:64, :64]        # stand-in training data (out-of-domain text)
+start = torch.zeros(96, 1, dtype=torch.long)  # <|endoftext|> (id 0) starts every row, as in pretraining
+train = model.generate(start, max_new_tokens=63, stop_at_eos=False, verbose=False)  # [96, 64]: its own text
+print(repr(model.tokenizer.decode(train[0, 1:40])))
 evaluate = zoo.heldout("persuasion")[:16, :64]
 
 schedule = Schedule.scaled(model.cfg.n_layers, steps=24)
@@ -42,6 +46,17 @@ freezes = [e for e in events if e.get("event") == "freeze"]
 print(len(events), "events,", len(freezes), "freeze events")
 for e in freezes[:3]:
     print("step", e["step"], "froze", {site: round(sigma, 3) for site, sigma in e["sigma"].items()})
+
+# %%
+import plotly.graph_objects as go
+
+steps = [e for e in events if e.get("event") == "step"]
+fig = go.Figure(go.Scatter(x=[e["step"] for e in steps], y=[e["ce"] for e in steps], mode="lines+markers"))
+for e in freezes:
+    fig.add_vline(x=e["step"], line=dict(color="lightgray", dash="dot"))
+fig.update_layout(title="Training cross-entropy; dotted lines: a site frozen", xaxis_title="step",
+                  yaxis_title="cross-entropy (nats/token)", template="plotly_white")
+fig
 
 # %% [markdown]
 # The result is an ordinary `LNFreeTransformer` with every site removed: save it in the Hugging Face

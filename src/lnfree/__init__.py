@@ -39,6 +39,7 @@ _EXPORTS = {
     "CheckpointError": "lnfree._errors",
     "HubUnreachableError": "lnfree.io.hf",
     "gpt2_tokenizer": "lnfree.tokenizer",
+    "Tokens": "lnfree.tokenizer",
     "direct_logit_attribution": "lnfree.analysis.dla",
     "compare_dla": "lnfree.analysis.dla",
     "DLAResult": "lnfree.analysis.dla",

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
+from lnfree.tokenizer import TokenizerId, tokenizer_id, with_tokenizer
+
 
 # ---- plain values ------------------------------------------------------------------------------
 def positive_int(value, name: str, *, allow_zero: bool = False) -> int:
@@ -90,6 +92,7 @@ def check_tokens(model, tokens, *, name: str = "tokens", min_pos: int = 1) -> In
     """
     if isinstance(tokens, TokenBatch):
         tokens = tokens.tokens
+    check_tokenizer(model, tokens, name=name)
     if isinstance(tokens, np.ndarray):
         if not np.issubdtype(tokens.dtype, np.integer):
             raise TypeError(f"{name} must be integer token ids, got a numpy array of dtype {tokens.dtype}")
@@ -118,6 +121,31 @@ def check_tokens(model, tokens, *, name: str = "tokens", min_pos: int = 1) -> In
     if tokens.shape[1] < min_pos:
         raise ValueError(f"{name} need at least {min_pos} positions, got shape {tuple(tokens.shape)}")
     return tokens.long()
+
+
+def check_tokenizer(model, tokens, *, name: str = "tokens") -> None:
+    """Refuse token ids written by a tokenizer other than the model's (ids of one vocabulary read in another).
+
+    Only `Tokens` (from `tokenize`, `zoo.heldout`, `tasks.ioi`) and the IOI batches and metrics built
+    on them know their tokenizer (a `tokenizer_id`); plain tensors, lists and arrays pass, as does
+    any model without a tokenizer attached.
+    """
+    source = getattr(tokens, "tokenizer_id", None)
+    if not isinstance(source, TokenizerId):
+        return
+    model_tok = getattr(model, "tokenizer", None)
+    own = tokenizer_id(model_tok, tokenizer_label(model)) if model_tok is not None else None
+    if own is None or own.fingerprint == source.fingerprint:
+        return
+    raise ValueError(
+        f"{name} came from {source}, but the model reads them with {own}: the same ids stand for other "
+        "text. Tokenize for this model (lnfree.tokenize(model, texts), zoo.heldout(name, model=model), "
+        "tasks.ioi(model, n)), or pass tokens.plain() if these ids really are in the model's vocabulary")
+
+
+def tokenizer_label(model) -> str:
+    """How messages name a model's tokenizer, e.g. "the tokenizer of tiny-ln"."""
+    return f"the tokenizer of {getattr(_cfg(model), 'model_name', None) or 'the model'}"
 
 
 def check_attention_mask(tokens: torch.Tensor, attention_mask, *, name: str = "attention_mask"
@@ -207,6 +235,9 @@ def tokenize(model, texts: Sequence[str], *, prepend_bos: Optional[bool] = None,
         raise ValueError("the model has no tokenizer attached: pass token ids instead, or set model.tokenizer")
     if isinstance(texts, str):
         texts = [texts]
+    texts = list(texts) if isinstance(texts, (list, tuple, Iterator)) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"texts must be a string or a non-empty list of strings, got {texts!r}")
     side = padding_side or getattr(tok, "padding_side", None) or "right"
     check_choice(side, ("left", "right"), "padding_side")
     tokens = model.to_tokens(list(texts), prepend_bos=prepend_bos if prepend_bos is not None else model.cfg.default_prepend_bos,
@@ -217,7 +248,7 @@ def tokenize(model, texts: Sequence[str], *, prepend_bos: Optional[bool] = None,
     pos = torch.arange(tokens.shape[1])
     n = torch.tensor(lengths)[:, None]
     mask = pos[None] < n if side == "right" else pos[None] >= tokens.shape[1] - n
-    return TokenBatch(tokens, mask.long().to(tokens.device))
+    return TokenBatch(with_tokenizer(tokens, tok, tokenizer_label(model)), mask.long().to(tokens.device))
 
 
 # ---- models ------------------------------------------------------------------------------------

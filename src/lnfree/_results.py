@@ -50,16 +50,28 @@ def result(cls):
     return dataclasses.dataclass(frozen=True, eq=False, repr=False)(cls)
 
 
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a word boundary, marked with "..."."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
+
+
 def _short(value: Any) -> str | None:
-    """A one-line rendering of a setting, or None when it is bulk data (tensors, frames, results)."""
-    if value is None or isinstance(value, (bool, int, float, str, np.integer, np.floating)):
-        text = repr(value) if isinstance(value, str) else str(value)
-        return text if len(text) <= 60 else text[:57] + "..."
+    """A one-line rendering of a setting (floats to 4 significant digits), or None when it is bulk data."""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    if isinstance(value, str):
+        return repr(_clip(value, 58))
+    if value is None or isinstance(value, (bool, int, np.integer)):
+        return str(value)
     if isinstance(value, Estimate):
         return str(value)
     if isinstance(value, (tuple, list)) and len(value) <= 6 and all(_short(v) is not None for v in value):
         if all(isinstance(v, (bool, int, float, str)) for v in value):
-            text = repr(tuple(value))
+            text = "(" + ", ".join(_short(v) for v in value) + ("," if len(value) == 1 else "") + ")"
             return text if len(text) <= 60 else None
     return None
 
@@ -113,8 +125,13 @@ class Result:
         parts = [f"{k}={v}" for k, v in self._provenance().items()]
         parts += [f"{k}={v}" for k, v in self.headline().items()]
         parts += [f"{k}={v}" for k, v in self.settings().items()]
-        text = f"{type(self).__name__}({', '.join(parts)})"
-        return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 4] + "...)"
+        name = type(self).__name__
+        text = f"{name}({', '.join(parts)})"
+        if len(text) > _MAX_REPR:  # drop whole settings from the end (never cut mid-word); "..." says so
+            while parts and len(f"{name}({', '.join(parts + ['...'])})") > _MAX_REPR:
+                parts.pop()
+            text = f"{name}({', '.join(parts + ['...'])})"
+        return text
 
     __str__ = __repr__
 

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 
 from lnfree._results import Result, result
+from lnfree.tokenizer import Tokens, tokens_tokenizer, with_tokenizer
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -120,7 +121,8 @@ class IOIBatch(Result):
     """Clean and corrupted IOI prompts of one fixed length (the task object).
 
     Attributes:
-        clean, corrupt: Int[batch, pos] token ids (BOS first if the tokenizer has one).
+        clean, corrupt: Int[batch, pos] token ids (BOS first if the tokenizer has one); `Tokens` that
+            remember their tokenizer (`tokenizer_id`), so analyses of a model with another refuse them.
         answer: Int[batch] the IO name's token (correct on the clean prompt).
         wrong: Int[batch] the S name's token.
         prompts, corrupt_prompts: the texts (without BOS).
@@ -170,6 +172,11 @@ class IOIBatch(Result):
     def n_pos(self) -> int:
         return int(self.clean.shape[1])
 
+    @property
+    def tokenizer_id(self):
+        """The identity of the tokenizer that wrote the prompts (None for hand-built plain tensors)."""
+        return tokens_tokenizer(self.clean)
+
     def to(self, device) -> "IOIBatch":
         """A copy with the token tensors on `device`."""
         from dataclasses import replace
@@ -190,8 +197,9 @@ class IOIBatch(Result):
 
     def logit_diffs(self, model) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-prompt logit difference logit(IO) - logit(S) of `model` on the clean and corrupted prompts."""
-        from lnfree._checks import forward_kwargs
+        from lnfree._checks import check_tokens, forward_kwargs
 
+        check_tokens(model, self.clean, name="the IOI prompts")
         device = next(model.parameters()).device
         b = self.to(device)
         with torch.no_grad():
@@ -245,7 +253,7 @@ def ioi(model_or_tokenizer, n_prompts: int, *, seed: int = 0, prepend_bos: Optio
         >>> batch.clean.shape == batch.corrupt.shape
         True
     """
-    from lnfree._checks import model_id, model_label, positive_int
+    from lnfree._checks import model_id, model_label, positive_int, tokenizer_label
 
     tokenizer, model = _tokenizer_of(model_or_tokenizer)
     n_prompts = positive_int(n_prompts, "n_prompts")
@@ -292,9 +300,10 @@ def ioi(model_or_tokenizer, n_prompts: int, *, seed: int = 0, prepend_bos: Optio
     for ids, a, w in zip(clean_ids, answer, wrong):
         if a not in ids or w not in ids:  # a name tokenized differently inside the sentence
             raise ValueError("IOI names tokenize differently inside the prompt than alone for this tokenizer")
+    label = tokenizer_label(model) if model is not None else None
+    ids = [with_tokenizer(torch.tensor(x), tokenizer, label) for x in (clean_ids, corrupt_ids, answer, wrong)]
     return IOIBatch(
-        clean=torch.tensor(clean_ids), corrupt=torch.tensor(corrupt_ids),
-        answer=torch.tensor(answer), wrong=torch.tensor(wrong),
+        clean=ids[0], corrupt=ids[1], answer=ids[2], wrong=ids[3],
         prompts=tuple(r[4] for r in rows), corrupt_prompts=tuple(r[5] for r in rows),
         io_names=tuple(r[0] for r in rows), s_names=tuple(r[1] for r in rows),
         places=tuple(r[2] for r in rows), objects=tuple(r[3] for r in rows), seed=seed,
@@ -379,6 +388,11 @@ class IOIMetric:
             return answer_prob(logits, self.batch)
         return answer_loss(logits, self.batch)
 
+    @property
+    def tokenizer_id(self):
+        """The tokenizer that wrote the batch (its answer ids): patching refuses a model with another."""
+        return self.batch.tokenizer_id
+
     def __repr__(self) -> str:
         return f"IOIMetric(kind={self.kind!r}, n_prompts={len(self.batch)})"
 
@@ -423,6 +437,11 @@ class LogitDiff:
         final = _final_logits(logits, len(self.answer), self.attention_mask)
         return _gather(final, self.answer) - _gather(final, self.wrong)
 
+    @property
+    def tokenizer_id(self):
+        """The tokenizer that wrote `answer` when it is a `Tokens` tensor, else None."""
+        return tokens_tokenizer(self.answer)
+
     def __repr__(self) -> str:
         return f"LogitDiff(n_prompts={len(self.answer)}, padded={self.attention_mask is not None})"
 
@@ -440,7 +459,10 @@ def logit_diff_metric(answer, wrong, *, attention_mask=None) -> LogitDiff:
         >>> m(logits).tolist()
         [3.0]
     """
+    source = tokens_tokenizer(answer) or tokens_tokenizer(wrong)
     answer, wrong = torch.as_tensor(answer).long().flatten(), torch.as_tensor(wrong).long().flatten()
+    if source is not None:  # keep the ids' tokenizer, so patching can refuse another model's
+        answer = Tokens.wrap(answer.as_subclass(torch.Tensor), source)
     if answer.shape != wrong.shape:
         raise ValueError(f"answer and wrong must have one id per prompt each, got shapes {tuple(answer.shape)} and "
                          f"{tuple(wrong.shape)}")

@@ -14,6 +14,11 @@ The derived vocab/merges are cached in memory and on disk (``$LNFREE_CACHE_DIR``
 ``~/.cache/lnfree``), so only the first call in a fresh environment pays for the derivation. The
 tokenizer is also saved there once in HF format; that directory is its `name_or_path`, so when
 TransformerLens re-loads it by name (it does so for tokenizers without add_bos_token) it stays offline.
+
+`Tokens` is a tensor of token ids that remembers the tokenizer that wrote it (`tokenizer_id`: a
+fingerprint of the vocabulary, cached per tokenizer object); `zoo.heldout`, `tasks.ioi` and
+`lnfree.tokenize` return them, and `lnfree._checks.check_tokens` refuses them for a model whose
+tokenizer has another vocabulary.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ import os
 import shutil
 import tempfile
 import warnings
+import weakref
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
 
 ENDOFTEXT = "<|endoftext|>"
 ENDOFTEXT_ID = 50256
@@ -244,3 +253,121 @@ def gpt2_tokenizer(add_bos_token: bool = False):
     """
     saved = _saved_tokenizer_dir()
     return _build(add_bos_token, str(saved) if saved is not None else "gpt2")
+
+
+# ---- token ids that remember the tokenizer that wrote them -----------------------------------
+class TokenizerId(NamedTuple):
+    """Who wrote a batch of token ids: a fingerprint of the tokenizer's vocabulary and a label for messages."""
+
+    fingerprint: str
+    n_tokens: int
+    label: str
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.n_tokens} tokens, vocabulary {self.fingerprint})"
+
+
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _vocab(tok) -> Optional[dict]:
+    get_vocab = getattr(tok, "get_vocab", None)
+    if not callable(get_vocab):
+        return None
+    try:
+        vocab = get_vocab(with_added_tokens=True) if type(tok).__module__.startswith("tokenizers") else get_vocab()
+    except TypeError:
+        vocab = get_vocab()
+    return vocab if isinstance(vocab, dict) and vocab else None
+
+
+def tokenizer_id(tok, label: Optional[str] = None) -> Optional[TokenizerId]:
+    """The identity of `tok` (a Hugging Face or `tokenizers` tokenizer): a hash of its vocabulary.
+
+    Two tokenizer objects with the same vocabulary (the same model loaded twice) get the same
+    fingerprint. Hashing a 50k-token vocabulary takes ~0.1 s, so the fingerprint is cached per
+    tokenizer object (and recomputed if tokens were added). None for objects without `get_vocab`.
+
+    Example:
+        >>> a, b = tokenizer_id(gpt2_tokenizer(), "GPT-2"), tokenizer_id(gpt2_tokenizer(True))
+        >>> a.fingerprint == b.fingerprint, a.n_tokens
+        (True, 50257)
+    """
+    if tok is None:
+        return None
+    try:
+        size = len(tok)
+        cached = _FINGERPRINTS.get(tok)
+    except TypeError:  # unsized or not weak-referenceable: no cache
+        size, cached = None, None
+    if cached is None or cached[0] != size:
+        vocab = _vocab(tok)
+        if vocab is None:
+            return None
+        digest = hashlib.sha1(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()[:12]
+        cached = (size, digest, len(vocab))
+        with contextlib.suppress(TypeError):
+            _FINGERPRINTS[tok] = cached
+    name = Path(str(getattr(tok, "name_or_path", "") or "")).name or type(tok).__name__
+    return TokenizerId(cached[1], cached[2], label or f"the tokenizer {name!r}")
+
+
+# Methods whose result holds the same ids (a slice, a copy, another device): the identity carries over.
+_KEEPS_IDENTITY = frozenset({torch.Tensor.__getitem__, torch.Tensor.to, torch.Tensor.cpu, torch.Tensor.cuda,
+                             torch.Tensor.clone, torch.Tensor.contiguous, torch.Tensor.long, torch.Tensor.detach})
+
+
+class Tokens(torch.Tensor):
+    """Token ids (a torch.Tensor) that remember the tokenizer that wrote them (`tokenizer_id`).
+
+    Slices, copies and moves keep the identity; every other op returns a plain tensor, so model
+    outputs and arithmetic stay ordinary. Analyses refuse Tokens whose tokenizer differs from the
+    model's (`lnfree._checks.check_tokens`); plain tensors are taken as they are.
+
+    Example:
+        >>> t = Tokens.wrap(torch.tensor([[0, 5, 7]]), TokenizerId("abc123", 8, "demo"))
+        >>> t[:, :2].tokenizer_id.label, type(t + 1).__name__
+        ('demo', 'Tensor')
+    """
+
+    tokenizer_id: Optional[TokenizerId]
+
+    @staticmethod
+    def wrap(ids: torch.Tensor, identity: Optional[TokenizerId]) -> "Tokens":
+        out = ids.as_subclass(Tokens)
+        out.tokenizer_id = identity
+        return out
+
+    def plain(self) -> torch.Tensor:
+        """The same ids as a plain tensor (no identity)."""
+        return self.as_subclass(torch.Tensor)
+
+    def __deepcopy__(self, memo):
+        return Tokens.wrap(self.plain().clone(), self.tokenizer_id)
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_tokens, (self.plain(), self.tokenizer_id))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        src = args[0] if args else None
+        if func in _KEEPS_IDENTITY and isinstance(src, Tokens) and type(out) is torch.Tensor:
+            return Tokens.wrap(out, src.tokenizer_id)
+        return out
+
+
+def _rebuild_tokens(ids: torch.Tensor, identity) -> Tokens:
+    return Tokens.wrap(ids, identity)
+
+
+def with_tokenizer(ids: torch.Tensor, tok, label: Optional[str] = None) -> torch.Tensor:
+    """`ids` marked as written by `tok` (a `Tokens`), or unchanged when `tok` has no vocabulary to fingerprint."""
+    identity = tokenizer_id(tok, label)
+    return ids if identity is None else Tokens.wrap(ids, identity)
+
+
+def tokens_tokenizer(ids) -> Optional[TokenizerId]:
+    """The tokenizer identity `ids` carry (None for plain tensors, lists, arrays)."""
+    return getattr(ids, "tokenizer_id", None) if isinstance(ids, Tokens) else None

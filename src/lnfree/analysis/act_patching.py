@@ -110,7 +110,7 @@ def activation_patching(
     """
     model, clean, corrupt, mask, spec, base, source = prepare(
         model, clean, corrupt, attention_mask, site=site, by_pos=by_pos, direction=direction,
-        n_boot=n_boot, level=level, seed=seed)
+        n_boot=n_boot, level=level, seed=seed, metric=metric)
     B, P = clean.shape
     batch_size = _auto_batch_size(model, B, P) if batch_size is None else positive_int(batch_size, "batch_size")
     L = spec.n_layers

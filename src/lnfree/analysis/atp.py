@@ -137,7 +137,7 @@ def attribution_patching(
     """
     model, clean, corrupt, mask, spec, base, source = prepare(
         model, clean, corrupt, attention_mask, site=site, by_pos=by_pos, direction=direction,
-        n_boot=n_boot, level=level, seed=seed)
+        n_boot=n_boot, level=level, seed=seed, metric=metric)
     check_choice(ln, LN_OPTIONS, "ln")
     qk_fix, grad_drop = _resolve_method(method, qk_fix, grad_drop)
     B, L = clean.shape[0], spec.n_layers

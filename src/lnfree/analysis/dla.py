@@ -259,7 +259,7 @@ class DLAResult(Result):
             )
             fig.update_layout(barmode="group", xaxis_title="component", yaxis_title="mean over prompts (logit)")
         fig.update_layout(title=title or f"{self.model_name}: DLA vs direct effect ({self.components}), "
-                                         f"NMAE {self.nmae(n_boot=200)}%")
+                                         f"NMAE {self.nmae()}%")  # the repr's CI: the result's bootstrap settings
         return fig
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from lnfree._checks import (
     check_choice,
+    check_tokenizer,
     model_id,
     model_label,
     resolve_batch,
@@ -254,13 +255,14 @@ class Prepared(NamedTuple):
 
 
 def prepare(model, clean, corrupt, attention_mask, *, site: str, by_pos: bool, direction: str,
-            n_boot, level, seed) -> Prepared:
-    """The checks every patching method starts with: model, prompt pair and mask, direction, bootstrap
-    settings, site; and which prompts are the base and the source run."""
+            n_boot, level, seed, metric=None) -> Prepared:
+    """The checks every patching method starts with: model, prompt pair and mask, metric's tokenizer,
+    direction, bootstrap settings, site; and which prompts are the base and the source run."""
     from lnfree.model import as_lnfree  # here: importing the model module loads TransformerLens
 
     model = as_lnfree(model)
     clean, corrupt, mask = resolve_pair(model, clean, corrupt, attention_mask)
+    check_tokenizer(model, metric, name="the metric's answer ids")
     check_direction(direction)
     check_bootstrap_args(n_boot, level, seed)
     spec = make_spec(model, site, by_pos, clean.shape[1])

@@ -18,6 +18,9 @@ from lnfree.paper.stats import crossed_bootstrap_nmae, nmae_pooled
 from lnfree.stats import Estimate
 
 
+NMAE_COLORSCALE = [[0.0, "#ffffff"], [0.25, "#fcbba1"], [0.5, "#fb6a4a"], [0.75, "#cb181d"], [1.0, "#67000d"]]
+
+
 @result
 class PaperDLA(Result):
     """The paper's DLA NMAE: every head, last position, target = the last input token.
@@ -55,7 +58,9 @@ class PaperDLA(Result):
 
         n_layers = 1 + max(int(lab[1:].split("H")[0]) for lab in self.labels)
         z = self.per_head.reshape(n_layers, -1).numpy()
-        fig = go.Figure(go.Heatmap(z=z, colorscale="Reds", zmin=0, colorbar=dict(title="NMAE (%)")))
+        # zero error is white (an LN-free model's all-zero map too, which an auto range would paint mid-scale)
+        fig = go.Figure(go.Heatmap(z=z, colorscale=NMAE_COLORSCALE, zmin=0, zmax=max(float(z.max()), 1e-9),
+                                   colorbar=dict(title="NMAE (%)")))
         fig.update_layout(title=f"{self.model_name}: per-head NMAE, DLA vs direct effect (overall {self.nmae}%)",
                           xaxis_title="head", yaxis_title="layer")
         return fig

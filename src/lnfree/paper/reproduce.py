@@ -161,13 +161,33 @@ def _dla(models, data, args, out):
     import lnfree.paper as P
 
     dname, tokens = _first(data)
-    numbers, figs = {"data": dname}, []
+    numbers, res = {"data": dname}, {}
     for m, model in models.items():
-        r = P.paper_dla(model, tokens, progress=False)
+        r = res[m] = P.paper_dla(model, tokens, progress=False)
         numbers[m] = {"nmae_percent": r.nmae, "per_head_nmae_percent": dict(zip(r.labels, r.per_head.tolist()))}
-        figs.append(r.plot())
         out.append(f"{m}: NMAE {r.nmae:.3g} %")
-    return numbers, figs
+    return numbers, [_dla_figure(res)]
+
+
+def _dla_figure(res: dict):
+    """One heatmap [layer, head] per model on one colour scale from 0 (white) to the largest NMAE of any
+    model, so the panels compare: an LN-free model's zero error is white, not its own mid-scale."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from lnfree.paper.dla import NMAE_COLORSCALE
+
+    maps = {m: r.per_head.reshape(1 + max(int(lab[1:].split("H")[0]) for lab in r.labels), -1).numpy()
+            for m, r in res.items()}
+    top = max(max(float(z.max()) for z in maps.values()), 1e-9)
+    fig = make_subplots(rows=1, cols=len(maps), subplot_titles=[f"{m}: NMAE {res[m].nmae:.3g} %" for m in maps])
+    for c, z in enumerate(maps.values(), start=1):
+        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis"), row=1, col=c)
+        fig.update_xaxes(title_text="head", dtick=1, row=1, col=c)
+        fig.update_yaxes(title_text="layer", dtick=1, autorange="reversed", row=1, col=c)
+    fig.update_layout(title="Per-head NMAE (%), DLA vs direct effect; one colour scale, 0 = white",
+                      coloraxis=dict(colorscale=NMAE_COLORSCALE, cmin=0, cmax=top, colorbar=dict(title="NMAE (%)")))
+    return fig
 
 
 def _sink(models, data, args, out):

@@ -15,6 +15,7 @@ this trainer (a run dir or one ``checkpoints/step_*`` dir). Multi-GPU:
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -28,7 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, summary.json, final/")
     p.add_argument("--preset", default=None, help="gpt2-small | gpt2-medium | gpt2-large | gpt2-xl "
                    "(default: Small's schedule scaled to the model and --steps)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the preset's, else 300)")
     p.add_argument("--site-order", default=None, metavar="FILE",
                    help="JSON file: a list of every site in removal order, or a dict site -> cost (frozen cheapest "
                         "first, null = last), e.g. docs/smollm2_site_order.json; sites are frozen one at a time "
@@ -43,19 +45,26 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (all processes)")
     p.add_argument("--micro-batch-size", type=int, default=None, help="sequences per forward pass per process")
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--min-lr", type=float, default=None)
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--aux-lambda", type=float, default=None)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per training sequence (default: the data's row width, capped at the model's context "
+                        "and 1024, or the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's, else GPT-2 Small's)")
+    p.add_argument("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default: the "
+                   "preset's, else GPT-2 Small's)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default: the preset's, else "
+                   "round(steps * 25/300))")
+    p.add_argument("--aux-lambda", type=float, default=None, help="weight of the auxiliary loss on the residual "
+                   "norm entering the final norm (default: the preset's, else GPT-2 Small's)")
     p.add_argument("--eval-data", default=None, help="held-out tokens/text for CE before and after")
     p.add_argument("--eval-seqs", type=int, default=64,
                    help="without --eval-data: hold out this many sequences of --data for evaluation (0: none)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--max-rollbacks", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=50,
+                   help="steps between verified checkpoints in --out (also at step 0, at the end and on Ctrl-C)")
+    p.add_argument("--max-rollbacks", type=int, default=3, help="a diverging step rolls back to the last good "
+                   "checkpoint with the LR halved; after this many the run stops (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and of LoRA's initialisation")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: where lnfree.load puts the model)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bos-id", type=int, default=None,
                    help="prepend this token to every row cut from a token stream or text (for models "
@@ -68,10 +77,11 @@ def register(subparsers) -> None:
     v.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha / rank (default alpha = rank)")
     v.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="loss = (1 - W) CE + W KL(original || model) (+ aux); 1 = pure distillation (default 0)")
-    v.add_argument("--distill-temperature", type=float, default=1.0)
+    v.add_argument("--distill-temperature", type=float, default=1.0,
+                   help="softmax temperature of the distillation KL (default 1)")
     v.add_argument("--recipe", choices=["paper"], default=None,
                    help="with --preset: the paper's code's run of that size (docs/removal.md)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -149,6 +159,49 @@ def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: i
     return Schedule.from_order(n_layers, steps, order, start=start, gap=gap, name=f"order:{Path(path).name}")
 
 
+# The trainer's messages name its Python arguments; the command's user knows the flags.
+_IN_FLAGS = [
+    (r"use schedule=None \(Small's schedule scaled to the model\) or a Schedule",
+     "drop --preset (Small's schedule is then scaled to the model and --steps), or give --site-order"),
+    (r"needs a preset schedule \(schedule='gpt2-small', \.\.\.\)", "needs --preset (gpt2-small, ...)"),
+    (r"recipe='paper'", "--recipe paper"),
+    (r"\bpreset '([\w.-]+)'", r"--preset \1"),
+    (r"pass resume=True \(--resume\)", "pass --resume"), (r"without resume \(--resume\)", "without --resume"),
+    (r"\bresume=True\b", "--resume"), (r"\bout_dir\b", "--out"), (r"\beot_token_id=", "an end-of-text id"),
+    (r"\b(seq_len|batch_size|micro_batch_size|freeze_ramp|min_lr|aux_lambda|lora_rank|lora_alpha|bos_token_id|"
+     r"distill_temperature|checkpoint_every|max_rollbacks)\b(=?)", None),
+    (r"\b(steps|lr|warmup|distill|seed)(=)", None),  # plain words elsewhere: only as name=value
+]
+
+
+def in_flags(message: str) -> str:
+    """A trainer error in the command's words: ``seq_len=2048`` -> ``--seq-len 2048``, ``schedule=None`` -> no --preset.
+
+    Example:
+        >>> in_flags("batch_size (6) must be a multiple of micro_batch_size (4)")
+        '--batch-size (6) must be a multiple of --micro-batch-size (4)'
+    """
+    import re
+
+    for pattern, words in _IN_FLAGS:
+        if words is None:
+            message = re.sub(pattern, lambda m: ("--bos-id" if m[1] == "bos_token_id" else _flag(m[1]))
+                             + (" " if m[2] else ""), message)
+        else:
+            message = re.sub(pattern, words, message)
+    return message
+
+
+def resume_command(args) -> str:
+    """The command line that continues this run: the one given, with --resume."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or [])
+    if not argv:
+        return f"lnfree remove-ln {shlex.quote(args.model)} ... --out {shlex.quote(str(args.out))} --resume"
+    return shlex.join(["lnfree", *argv, *([] if "--resume" in argv else ["--resume"])])
+
+
 def run(args) -> int:
     import torch
 
@@ -156,6 +209,7 @@ def run(args) -> int:
     from lnfree.removal.data import load_tokens, split_holdout
     from lnfree.removal.trainer import remove_layernorm
     from lnfree.training.guards import DivergedError
+    from lnfree.training.interrupt import TrainingInterrupted
 
     check_args(args)
     if args.threads:
@@ -170,6 +224,9 @@ def run(args) -> int:
     if eval_data is None and args.eval_seqs > 0:
         seq_len = args.seq_len or min(model.cfg.n_ctx, 1024)
         seqs = load_tokens(data, seq_len=seq_len, tokenizer=model.tokenizer, bos_token_id=args.bos_id)
+        if args.eval_seqs >= len(seqs):
+            raise CLIError(f"--eval-seqs {args.eval_seqs}: --data gives only {len(seqs)} sequences of {seq_len} tokens; "
+                           f"hold out fewer (at most {len(seqs) - 1}), give more data, or pass --eval-data")
         data, eval_data = split_holdout(seqs, args.eval_seqs)
         args.seq_len = seq_len
     try:
@@ -184,6 +241,11 @@ def run(args) -> int:
             recipe=args.recipe, freeze_ramp=args.freeze_ramp)
     except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
         raise CLIError(str(e)) from None
+    except TrainingInterrupted as e:  # Ctrl-C: the trainer checkpointed the step it finished
+        print(f"lnfree remove-ln: {e}\nresume with: {resume_command(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as e:
+        raise CLIError(in_flags(str(e))) from None
     s = model.removal_summary
     if s.get("ce_before") and s.get("ce_after"):
         b, a = s["ce_before"], s["ce_after"]

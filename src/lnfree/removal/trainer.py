@@ -52,6 +52,7 @@ from lnfree.training.checkpoints import CheckpointDir
 from lnfree.training.device import resolve_device
 from lnfree.training.files import atomic_write_text, fix_tree_modes, save_safetensors, state_dict_cpu
 from lnfree.training.guards import DivergedError, DivergenceGuard, SpikeDetector, sigma_problem  # noqa: F401
+from lnfree.training.interrupt import StopRequest, TrainingInterrupted, stop_on_interrupt
 from lnfree.training.log import JsonlLog
 from lnfree.training.optim import OptimConfig, lr_at, make_optimizer
 
@@ -193,6 +194,8 @@ class _Run:
         self.wall_prev = 0.0
         self.t0 = time.time()
         self.last_good: Optional[str] = None
+        self.saved_step: Optional[int] = None
+        self.stop = StopRequest()  # set by stop_on_interrupt around train(): Ctrl-C checkpoints, then stops
         self.center = model.cfg.normalization_type not in ("RMS", "RMSPre")
         self.ddp = None
         if dist.active:
@@ -261,7 +264,7 @@ class _Run:
         optimizer = {"optimizer": self.optimizer.state_dict(),
                      "scheduler": {"step": self.step, "lr_scale": self.lr_scale}}
         path = self.ckpts.save(_weights(self.model), optimizer, self.state())
-        self.last_good = None if path is None else str(path)
+        self.last_good, self.saved_step = (None if path is None else str(path)), self.step
         self._emit({"event": "checkpoint", "step": self.step, "path": self.last_good})
 
     def restore(self, ck: dict, keep_position: bool = False) -> None:
@@ -498,6 +501,13 @@ class _Run:
             return "vanilla (LN kept)"
         return self.schedule.describe(min(self.step, self.schedule.steps - 1), self.sites)
 
+    def stop_here(self) -> None:
+        """After Ctrl-C: checkpoint this step (unless just done; a state failing the checks is not kept) and stop."""
+        if self.saved_step != self.step:
+            with contextlib.suppress(FloatingPointError):
+                self.checkpoint()
+        raise TrainingInterrupted(self.step, self.last_good)
+
     # -- loop ----------------------------------------------------------------------------
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -531,6 +541,8 @@ class _Run:
                         self.checkpoint()
                     except FloatingPointError as e:
                         self.rollback(str(e))
+                if self.stop.requested:
+                    self.stop_here()
         finally:
             bar.close()
             self.model.train(was_training)
@@ -638,6 +650,17 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
     if seq_len > model.cfg.n_ctx:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
     return sched, hp, preset
+
+
+MAX_EPOCHS = 3  # the paper's runs read each sequence about once; far more overfits the fine-tune's data
+
+
+def _warn_repeats(cfg: RemovalConfig, n_sequences: int) -> None:
+    epochs = cfg.steps * cfg.batch_size / n_sequences
+    if epochs > MAX_EPOCHS:
+        warnings.warn(f"the run reads its {n_sequences} training sequences {epochs:.0f} times over ({cfg.steps} steps x "
+                      f"batch {cfg.batch_size}): fine-tuning on repeated data overfits it (train loss falls while "
+                      "held-out CE rises); give more data or fewer steps", stacklevel=3)
 
 
 def _resolve_device(model, device, dist: _Dist) -> torch.device:
@@ -838,6 +861,7 @@ def remove_layernorm(
         seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
                            max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
         tdata = TokenData(seqs, seed=seed)
+        _warn_repeats(cfg, tdata.n_sequences)
         lo, hi = tdata.token_range()
         if lo < 0 or hi >= model.cfg.d_vocab:
             raise ValueError(f"data token ids span [{lo}, {hi}], outside the model's vocabulary [0, {model.cfg.d_vocab})")
@@ -849,7 +873,8 @@ def remove_layernorm(
                    eval_tokens=_eval_tokens(eval_data, model, cfg.seq_len, tokenizer, eot, bos_token_id),
                    progress=progress, callback=callback, teacher=teacher)
         _start(run, out, found, model)
-        run.train()
+        with stop_on_interrupt(enabled=not run.dist.active) as run.stop:
+            run.train()
         return _finish(run, out, model)
     finally:
         if dist.created:

@@ -131,8 +131,10 @@ def atp_figures(rd) -> list[go.Figure]:
 
 def confidence_figures(rd) -> list[go.Figure]:
     n, res = rd.numbers["confidence"], rd.results["confidence"]
-    ablated = ", ".join(f"L{n['layer']}N{i}" for i in n["neurons"])
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"entropy change when ablating {ablated} together (%)",
+    # neuron labels carry their layer ("L3N652"); bare indices (older report JSON) get it from n["layer"]
+    ablated = ", ".join(str(i) if str(i).startswith("L") else f"L{n['layer']}N{i}" for i in n["neurons"])
+    # short panel titles: a long one is centred over its panel and runs off the figure's left edge
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("entropy change, ablated together (%)",
                                                         "reliability diagram"))
     for m in rd.models:
         a = n[m]["ablation"]
@@ -152,7 +154,7 @@ def confidence_figures(rd) -> list[go.Figure]:
     fig.update_yaxes(title_text="accuracy", range=[0, 1], row=1, col=2)
     fig.update_yaxes(title_text="entropy change (%)", row=1, col=1)
     fig.update_xaxes(title_text="effect", row=1, col=1)
-    return [_layout(fig, "Entropy neurons: total vs direct effect of their mean ablation; calibration")]
+    return [_layout(fig, f"Entropy neurons {ablated}: total vs direct effect of their mean ablation; calibration")]
 
 
 def first_token_figures(rd) -> list[go.Figure]:

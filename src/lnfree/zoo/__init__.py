@@ -38,6 +38,7 @@ with one line in `lnfree.io.zoo.DERIVED_MODELS`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from typing import Optional, Union
@@ -49,6 +50,8 @@ from lnfree.io.zoo import (  # noqa: F401  (the zoo's tables and files live with
     info, real_model_path, tokenizer,
 )
 from lnfree.io.zoo import data_dir as _data_dir  # the functions below take a `data_dir=` argument
+
+from lnfree.tokenizer import TokenizerId, Tokens, tokenizer_id, with_tokenizer
 
 HELDOUT_NAMES = ("persuasion", "cfi")
 MAX_BYTES = 30_000_000  # the shipped data directory's budget (decimal MB)
@@ -98,6 +101,9 @@ def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: P
     fills, each ``[start] + seq_len - 1`` consecutive tokens, where start is ``<|endoftext|>`` when the
     vocabulary has it (SmolLM2's document separator, id 0), else the tokenizer's BOS.
 
+    The result is a `lnfree.tokenizer.Tokens` tensor: it (and its slices) remember the tokenizer that
+    wrote them, and analyses of a model with another tokenizer refuse them.
+
     Example:
         >>> zoo.heldout("cfi")[:, 0].unique().tolist()     # doctest: +SKIP
         [0]
@@ -115,11 +121,19 @@ def heldout(name: str, *, model=None, seq_len: Optional[int] = None, data_dir: P
         if seq_len is not None and seq_len != tokens.shape[1]:
             raise ValueError(f"seq_len={seq_len!r}: the family's held-out rows have {tokens.shape[1]} tokens; "
                              "pass model= to re-tokenize the text into other lengths")
-        return tokens
+        return Tokens.wrap(tokens, _family_tokenizer_id(str(d)))
     seq_len = 256 if seq_len is None else seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    return _retokenized(heldout_text(name, data_dir=d), _tokenizer_of(model), seq_len)
+    tok = _tokenizer_of(model)
+    label = f"the tokenizer of {model}" if isinstance(model, str) else None
+    return with_tokenizer(_retokenized(heldout_text(name, data_dir=d), tok, seq_len), tok, label)
+
+
+@functools.lru_cache(maxsize=4)
+def _family_tokenizer_id(data_dir: str) -> TokenizerId:
+    """The family tokenizer's identity (loading and hashing it once per data dir)."""
+    return tokenizer_id(tokenizer(data_dir), "the zoo family's tokenizer")
 
 
 def heldout_text(name: str, *, data_dir: PathArg = None) -> str:
@@ -128,7 +142,7 @@ def heldout_text(name: str, *, data_dir: PathArg = None) -> str:
     Example:
         >>> zoo.heldout_text("persuasion")[:40]           # doctest: +SKIP
     """
-    tokens = heldout(name, data_dir=data_dir)
+    tokens = heldout(name, data_dir=data_dir).plain()
     return tokenizer(data_dir).decode(tokens[:, 1:].reshape(-1).tolist())
 
 
