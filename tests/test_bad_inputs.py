@@ -191,9 +191,9 @@ def estimate_scales_3d_tokens(c):
     c.model.estimate_ln_scales(c.tokens[:6].reshape(2, 3, 12))
 
 
-@case(TypeError, "tokens must be a torch.Tensor of token ids, got list")
-def estimate_scales_token_list(c):
-    c.model.estimate_ln_scales([[1, 2, 3]])
+@case(ValueError, "positional must be a non-negative int, got -1")
+def estimate_scales_negative_positional(c):
+    c.model.estimate_ln_scales(c.tokens, positional=-1)
 
 
 @case(ValueError, "batch_size must be a positive int, got 0")

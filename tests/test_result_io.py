@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lnfree
+from lnfree.removal import site_costs
 import lnfree.paper as P
 from lnfree import zoo
 from lnfree._codec import CodecError
@@ -76,6 +77,7 @@ def built() -> dict[str, Result]:
         "IOIAtPError": P.ioi_atp_error(ln, prompts.clean, prompts.corrupt, prompts.io_ids, prompts.s_ids,
                                        s2_pos=s2[:2], **B),
         "IOIAtPComparison": P.compare_ioi_atp({"ln": ln, "free": free}, prompts, s2_pos=s2[:2], **B),
+        "SiteCosts": site_costs(ln, toks[:2, :12], calib=toks[2:, :12], sites=ln.ln_sites[:3], **B),
     }
 
 

@@ -8,7 +8,7 @@ rest, so the round trip is exact (a tuple stays a tuple, an int an int, NaN a Na
   with ``repr``, which reads back bit for bit),
 - ``{"$tuple": [...]}``, ``{"$dict": [[key, value], ...]}`` (any encodable keys, order kept),
 - ``{"$tensor": name}`` / ``{"$ndarray": name}``: stored under ``name`` in the tensor dict (saved as
-  safetensors; dtype and shape kept),
+  safetensors; dtype and shape kept; `Tokens` add ``"$tokenizer"``, the identity of the tokenizer that wrote them),
 - ``{"$dataclass": "module.QualName", "fields": {...}}``: rebuilt through its constructor; only classes
   defined inside lnfree are rebuilt (a file never names arbitrary code to import).
 
@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from lnfree.tokenizer import TokenizerId, Tokens
 
 _PACKAGE = "lnfree"
 _SPECIAL = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
@@ -59,8 +61,10 @@ def _encode(obj: Any, tensors: dict, path: str) -> Any:
         v = float(obj)
         return v if math.isfinite(v) else {"$float": repr(v)}
     if isinstance(obj, torch.Tensor):
+        ident = getattr(obj, "tokenizer_id", None)  # `lnfree.tokenizer.Tokens`: ids that remember their tokenizer
+        obj = obj.as_subclass(torch.Tensor) if isinstance(obj, Tokens) else obj
         tensors[path] = obj.detach().cpu().clone().contiguous()  # own storage: safetensors refuses shared ones
-        return {"$tensor": path}
+        return {"$tensor": path} if ident is None else {"$tensor": path, "$tokenizer": list(ident)}
     if isinstance(obj, np.ndarray):
         tensors[path] = torch.from_numpy(np.ascontiguousarray(obj).copy())
         return {"$ndarray": path}
@@ -97,6 +101,8 @@ def decode(tree: Any, tensors: dict, path: str = "result") -> Any:
         name = tree.get("$tensor", tree.get("$ndarray"))
         if name not in tensors:
             raise CodecError(f"{path}: tensor {name!r} is missing from the tensor file")
+        if "$tokenizer" in tree:
+            return Tokens.wrap(tensors[name], TokenizerId(*tree["$tokenizer"]))
         return tensors[name] if "$tensor" in tree else tensors[name].numpy()
     if "$dataclass" in tree:
         return _decode_dataclass(tree, tensors, path)

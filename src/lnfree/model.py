@@ -177,8 +177,6 @@ def _as_number(x):
 
 def _as_scale(x):
     """`_as_number`, and a list / 1-d tensor (a positional scale) as a tuple of floats."""
-    if isinstance(x, torch.Tensor) and x.ndim == 1:
-        return tuple(float(v) for v in x)
     if isinstance(x, list):
         return tuple(_as_number(v) for v in x)
     if isinstance(x, tuple):
@@ -465,6 +463,10 @@ class LNFreeTransformer(HookedTransformer):
 
         Removed sites are only marked removed: the folded weights must come with the state dict.
         """
+        # a model whose every site was removed is rebuilt without a final norm module (normalization_type None)
+        state = {s: e for s, e in state.items()
+                 if not (s == "ln_final" and s not in self.ln_sites and isinstance(e, Mapping)
+                         and e.get("mode") == "removed")}
         if set(state) != set(self.ln_sites):
             raise ValueError(f"LN state has sites {sorted(state)[:4]}..., this model has {self.ln_sites[:4]}...")
         for site, entry in state.items():  # validate everything before changing anything
@@ -668,8 +670,8 @@ class LNFreeTransformer(HookedTransformer):
         for s, v in out.items():
             values = v if isinstance(v, tuple) else (v,)
             if not all(_is_scale(x) for x in values) or (isinstance(v, tuple) and len(v) < 2):
-                raise ValueError(f"scale for {s} must be a finite positive number (or a tuple of >= 2 such numbers, "
-                                 f"positional), got {v!r}")
+                raise ValueError(f"scale for {s} must be a finite positive number, got {v!r} (or, positional, a "
+                                 "tuple of >= 2 such numbers)")
         return {s: (tuple(float(x) for x in v) if isinstance(v, tuple) else float(v)) for s, v in out.items()}
 
     # ---- modes -------------------------------------------------------------------------

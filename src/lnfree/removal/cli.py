@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                    help="phase each freeze in over R steps (per-token scale live^(1-a) sigma^a, a rising to 1; "
                         "docs/removal.md); default 0: at once")
     p.add_argument("--site-gap", type=int, default=1, help="with --site-order: steps between consecutive sites (default 1)")
+    p.add_argument("--positional-sigma", type=int, default=0, metavar="K",
+                   help="freeze each site at a positional scale: positions 0..K-1 keep their own sigma (every row must "
+                        "start with the same token: --bos-id); such sites end frozen, not folded (docs/removal.md)")
     p.add_argument("--vanilla", action="store_true", help="control run: keep LN, no aux loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (all processes)")
@@ -115,7 +118,8 @@ def check_args(args) -> None:
                          aux_lambda=args.aux_lambda, checkpoint_every=args.checkpoint_every,
                          max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
                          lora_alpha=args.lora_alpha, distill=args.distill,
-                         distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp), flag=_flag)
+                         distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp,
+                         positional_sigma=args.positional_sigma), flag=_flag)
     for name, low in (("eval_seqs", 0), ("threads", 1), ("site_start", 1), ("site_gap", 0)):
         v = getattr(args, name)
         if v is not None and (isinstance(v, bool) or v < low):
@@ -238,7 +242,7 @@ def run(args) -> int:
             progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
             max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
             lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
-            recipe=args.recipe, freeze_ramp=args.freeze_ramp)
+            recipe=args.recipe, freeze_ramp=args.freeze_ramp, positional_sigma=args.positional_sigma)
     except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
         raise CLIError(str(e)) from None
     except TrainingInterrupted as e:  # Ctrl-C: the trainer checkpointed the step it finished

@@ -125,8 +125,14 @@ def render(n: dict) -> str:
          f"```bash\n{command_for(n['sizes'])}\n```\n",
          "Text: the zoo's two held-out books re-tokenized with SmolLM2's tokenizer "
          f"(`lnfree.zoo.heldout(name, model=model, seq_len={n['sizes']['seq_len']})`; persuasion is in the tiny "
-         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs "
-         f"({n['sizes']['n_boot']} resamples over sequences or prompts). The sizes are small, to fit in under half an "
+         "family's domain, cfi is not; SmolLM2 saw neither as far as we know). Brackets: 95% bootstrap CIs, "
+         f"{n['sizes']['n_boot']} resamples, each over independent sequences or prompts, never tokens: CE and the "
+         "cost of freezing over the sequences; DLA NMAE, entropy changes, the norm-mediated fraction and calibration "
+         "over the sequences (each sequence's positions together; below 5 units `lnfree` now prints \"no reliable "
+         "CI\" instead of a bracket); the first-token ratio and the sink share over the sequences; IOI recall over "
+         "the prompts. The IOI Pearson r, Spearman and mean abs error brackets resampled the components (heads or "
+         "positions x layers) when this page was measured; `patching_error` now resamples the prompts for them "
+         "(issue 22), and they were not re-measured. The sizes are small, to fit in under half an "
          "hour of one CPU core: each section states its rows x tokens or prompts, and the CIs show what that "
          "buys (`--full` runs larger sizes). All the numbers are in [real_model.json](real_model.json).\n"]
     if missing:
