@@ -35,13 +35,13 @@ def settings(quick_cfg: dict, full_cfg: dict, quick: bool, batch: Optional[int])
 
 
 def main(argv, *, doc: str, worker: Callable, run: Callable, config: Callable, quick_help: str,
-         batch_help: str) -> None:
+         batch_help: str, methods: tuple = ("ours", "tl")) -> None:
     """The command line: ``--worker`` runs one method and prints its JSON; otherwise run and print the rows."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--batch", type=int, default=None, help=batch_help)
-    parser.add_argument("--worker", choices=["ours", "tl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=list(methods), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, config(args.quick, args.batch), args.threads)))
