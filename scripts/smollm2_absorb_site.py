@@ -65,19 +65,6 @@ def evaluate(model, books: dict) -> dict:
     return out
 
 
-def _loosen_guard(factor: float) -> None:
-    """Make the trainer build its DivergenceGuard with `factor` for both loss bounds (margins unchanged)."""
-    from lnfree.removal import trainer
-
-    base = trainer.DivergenceGuard
-
-    class Loose(base):
-        def __init__(self, _factor, margin, _spike_factor, spike_margin, *rest):
-            super().__init__(factor, margin, factor, spike_margin, *rest)
-
-    trainer.DivergenceGuard = Loose
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file; this run is added under runs[label]")
@@ -104,8 +91,6 @@ def main(argv=None) -> None:
     from lnfree import zoo
     from lnfree.removal import Schedule, load_tokens, remove_layernorm
 
-    if a.guard_factor is not None:
-        _loosen_guard(a.guard_factor)
     model = zoo.load("smollm2-135m", device="cpu")
     original = copy.deepcopy(model)
     books = {b: zoo.heldout(b, model=model, seq_len=a.seq_len)[: a.eval_rows] for b in ("persuasion", "cfi")}
@@ -137,7 +122,9 @@ def main(argv=None) -> None:
         remove_layernorm(model, seqs, schedule=sched, batch_size=a.batch_size,
                          micro_batch_size=a.micro_batch_size or a.batch_size, seq_len=a.seq_len, lr=a.lr,
                          min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda, distill=a.distill,
-                         freeze_ramp=a.ramp, progress=False, callback=record)
+                         freeze_ramp=a.ramp, progress=False, callback=record,
+                         **({} if a.guard_factor is None else {"diverge_factor": a.guard_factor,
+                                                               "spike_factor": a.guard_factor}))
     except _Stop:
         pass
     except Exception as e:  # e.g. DivergedError: what the fail-safe said

@@ -146,3 +146,16 @@ def test_removal_trainer_freezes_every_site_at_a_positional_scale(tmp_path):
     with pytest.raises(ValueError, match="bos_token_id"):
         remove_layernorm(_llama(), bad, steps=16, batch_size=4, seq_len=10, positional_sigma=1, progress=False)
 
+
+
+def test_guard_factors_are_arguments_of_remove_layernorm(tmp_path):
+    """The fail-safe's loss bounds are settings of the run (issue 20.5: no monkeypatching), checked by name."""
+    from lnfree.removal import remove_layernorm
+
+    data = torch.randint(1, VOCAB, (48, 10), generator=torch.Generator().manual_seed(1))
+    remove_layernorm(_llama(), data, steps=4, batch_size=4, seq_len=10, aux_lambda=0.0, progress=False,
+                     out_dir=tmp_path / "run", diverge_factor=10.0, spike_factor=7.5)
+    state = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/state.json")).read_text())
+    assert state["config"]["diverge_factor"] == 10.0 and state["config"]["spike_factor"] == 7.5
+    with pytest.raises(ValueError, match="diverge_factor"):
+        remove_layernorm(_llama(), data, steps=4, batch_size=4, seq_len=10, progress=False, diverge_factor=0)

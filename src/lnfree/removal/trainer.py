@@ -595,7 +595,7 @@ ARGUMENTS = {
     "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, False),
     "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
     "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
-    "positional_sigma": ("int", 0, False),
+    "positional_sigma": ("int", 0, False), "diverge_factor": ("pos", 0, False), "spike_factor": ("pos", 0, False),
 }
 
 
@@ -742,6 +742,8 @@ def remove_layernorm(
     callback: Optional[Callable[[dict], Any]] = None,
     freeze_ramp: int = 0,
     positional_sigma: int = 0,
+    diverge_factor: float = 3.0,
+    spike_factor: float = 3.0,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
 
@@ -801,6 +803,10 @@ def remove_layernorm(
             a site's per-token scale is ``live ** (1 - a) * sigma ** a``, ``a = (step - s + 1) / (R + 1)``,
             fully frozen from step s + R (every site must reach that by the last step). For models with
             tokens far above the average scale (SmolLM2's position 0: docs/normfree_smollm2.md).
+        diverge_factor, spike_factor: the fail-safe's loss bounds: a step is rolled back when its loss exceeds
+            ``diverge_factor`` x the first loss (and the first + 2), or ``spike_factor`` x the running median of
+            recent losses (and it + 2); non-finite values always are. Raise them to watch a run the defaults
+            would stop (an experiment, not a recipe).
         positional_sigma: k > 0 freezes each site at a positional scale (positions 0..k-1 keep their own EMA
             sigma, later ones share one; every training row must start with one fixed token: `bos_token_id`).
             A positional scale is a fixed linear map per position, so the model is norm-free, but it cannot
@@ -824,7 +830,8 @@ def remove_layernorm(
                          max_rollbacks=max_rollbacks, keep_checkpoints=keep_checkpoints, seed=seed,
                          lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
                          distill_temperature=distill_temperature, weight_decay=weight_decay,
-                         freeze_ramp=freeze_ramp, positional_sigma=positional_sigma))
+                         freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
+                         diverge_factor=diverge_factor, spike_factor=spike_factor))
     if momentum is not None:
         check_arguments({"momentum": momentum})
     if resume not in (True, False, "auto"):
@@ -876,7 +883,8 @@ def remove_layernorm(
                             tie_embeddings=resolve_tie(rec.get("tie_embeddings", False), model),
                             freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                            max_rollbacks=max_rollbacks)
+                            max_rollbacks=max_rollbacks, diverge_factor=float(diverge_factor),
+                            spike_factor=float(spike_factor))
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
         seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
                            max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
