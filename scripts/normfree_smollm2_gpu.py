@@ -52,10 +52,10 @@ HERE = Path(__file__).resolve().parent
 DEFAULTS = dict(steps=360, batch_size=32, micro_batch_size=8, seq_len=1024, lr=1e-3, min_lr=1e-4, warmup=5,
                 lora_rank=32, distill=1.0, distill_temperature=1.0, aux_lambda=0.0, positional_sigma=1,
                 site_start=5, site_gap=3, freeze_ramp=3, checkpoint_every=40, calib_rows=8, rows=1024,
-                cfi_rows=512, small_rows=32)
+                cfi_rows=512, any_rows=256, small_rows=32)
 # --smoke: the whole path on CPU in ~2 minutes (every site frozen at step 1, phased in over 2 steps)
 SMOKE = dict(steps=4, warmup=1, batch_size=2, micro_batch_size=1, seq_len=32, site_start=1, site_gap=0, freeze_ramp=2,
-             checkpoint_every=2, calib_rows=2, rows=4, cfi_rows=2, small_rows=2)
+             checkpoint_every=2, calib_rows=2, rows=4, cfi_rows=2, any_rows=2, small_rows=2)
 GIB = 2**30
 
 
@@ -231,13 +231,16 @@ def check_time(m: dict, steps: int, runs: int, elapsed_s: float, measure_s: floa
 
 
 # ---- the pipeline --------------------------------------------------------------------------------------
-def _measure_smollm2(a: argparse.Namespace):
-    """Held-out CE paired per sequence, DLA NMAE, L29N371 total vs direct, first-token norm, sinks: the
-    measurements of scripts/normfree_smollm2_measure.py (64-token [BOS] rows of the package's held-out text)."""
+def _measure_smollm2(a: argparse.Namespace, skip):
+    """scripts/normfree_smollm2_measure.py's `measure` on {"original", "twin"[, "vanilla"]}: held-out CE of each
+    model on both row cuts with the paired per-sequence differences (twin - original, vanilla - original, twin -
+    vanilla), DLA NMAE, L29N371 total vs direct, first-token norm and sinks of the twin and the original."""
     measure = _sibling("normfree_smollm2_measure").measure
+    text_dir = Path(a.corpus) / "heldout"
 
-    def run(model, reference) -> dict:
-        return measure({"twin": model, "original": reference}, a.rows, a.cfi_rows, a.small_rows)
+    def run(models: dict) -> dict:
+        return measure(models, a.rows, a.cfi_rows, a.small_rows, text_dir if text_dir.is_dir() else None,
+                       a.any_rows, skip)
 
     return run
 
@@ -304,16 +307,33 @@ def pipeline(original, rows, calib, a: argparse.Namespace, out: Path, *, device:
     models = {}
     for name, _ in runs:
         models[name] = train_one(original, rows, kws[name], out / name, res, name)
-        if models[name] is not None and f"{name}_vs_original" not in res:
+        # measured as each run ends: the twin against the original, then all three (CE once per model)
+        have = {"twin": models.get("normfree"), "vanilla": models.get("vanilla")}
+        have = {k: m for k, m in have.items() if m is not None}
+        key = "measure_" + "_".join(sorted(have))
+        if "twin" in have and key not in res:
             t1 = time.time()
-            res[f"{name}_vs_original"] = {**measure_fn(models[name], original), "seconds": round(time.time() - t1, 1)}
+            res[key] = {**measure_fn({"original": original, **have}), "seconds": round(time.time() - t1, 1)}
             res.save()
-    if all(models.get(n) is not None for n in ("normfree", "vanilla")) and "normfree_vs_vanilla" not in res:
-        res["normfree_vs_vanilla"] = measure_fn(models["normfree"], models["vanilla"])
-        res.save()
     res["total_s"] = round(time.time() - t0, 1)
     res.save()
     return res
+
+
+def _sink_tokens(cpu, model, out: Path):
+    """[vocab] bool: the tokens that make position 1 a second sink after the first token (the CPU script's
+    `sink_tokens`, once into OUT/sink_tokens.json); rows never start with them (the CPU run's rule)."""
+    import numpy as np
+
+    path = out / "sink_tokens.json"
+    start = cpu.first_token(model.tokenizer)
+    if not path.exists():
+        sinks = cpu.sink_tokens(model, start)
+        path.write_text(json.dumps({"start": start, "layers": [8, 16, 24], "factor": 8.0,
+                                    "tokens": [int(i) for i in sinks.nonzero()[0]]}))
+    skip = np.zeros(model.cfg.d_vocab, dtype=bool)
+    skip[json.loads(path.read_text())["tokens"]] = True
+    return skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -355,14 +375,15 @@ def main(argv=None) -> None:
         raise SystemExit(f"--corpus {a.corpus}: no train/*.txt there")
     need = a.steps * a.batch_size * a.seq_len
     cpu = _sibling("normfree_smollm2_cpu")
-    rows = cpu._rows(original, files, a.seq_len, int(need * 1.05) + (2 * a.calib_rows + 1) * a.seq_len)
+    skip = _sink_tokens(cpu, original, out)
+    rows = cpu._rows(original, files, a.seq_len, int(need * 1.05) + (2 * a.calib_rows + 1) * a.seq_len, skip)
     calib, rows = rows[-2 * a.calib_rows:], rows[: -2 * a.calib_rows]  # calibration rows never trained on
     res = Results(out / "results.json")
     res.update({"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "torch": torch.__version__,
                 "load_s": round(time.time() - t0, 1), "train_rows": int(rows.shape[0]), "train_tokens_needed": need})
     res.save()
     res = pipeline(original, rows, calib, a, out, device=device, bos=cpu.first_token(original.tokenizer),
-                   measure_fn=_measure_smollm2(a), probe=MemoryProbe(device), t0=t0)
+                   measure_fn=_measure_smollm2(a, skip), probe=MemoryProbe(device), t0=t0)
     print(json.dumps({k: res.get(k) for k in ("device", "total_s", "preflight")}, default=str))
 
 
