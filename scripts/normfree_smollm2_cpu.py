@@ -94,21 +94,15 @@ def _rows(model, files, seq_len: int, n_tokens: int, skip=None):
 
 
 def site_costs(model, calib, measure) -> dict:
-    """Each site frozen alone at its positional scale (estimated on `calib`): CE increase on `measure`."""
+    """Each site frozen alone at its positional scale (estimated on `calib`): CE increase on `measure`
+    (`lnfree.removal.site_costs` with ``positional=1``), as the JSON the run reads."""
     import torch
 
-    from lnfree.evaluation import cross_entropy
+    from lnfree.removal import site_costs as measure_costs
 
-    model.estimate_ln_scales(torch.as_tensor(calib.astype('int64')), positional=1)
-    tokens = torch.as_tensor(measure.astype('int64'))
-    base = float(cross_entropy(model, tokens, n_boot=1).mean)
-    costs = {}
-    for site in model.ln_sites:
-        with model.ln_frozen(site):
-            ce = float(cross_entropy(model, tokens, n_boot=1).mean)
-        costs[site] = ce - base if ce == ce else None
-        print(f"cost {site}: {costs[site]}", flush=True)
-    return {"base_ce": base, "costs": costs}
+    res = measure_costs(model, torch.as_tensor(measure.astype("int64")), calib=torch.as_tensor(calib.astype("int64")),
+                        positional=1, n_boot=1, progress=True)
+    return {"base_ce": float(res.live.mean), "costs": res.costs()}
 
 
 def main(argv=None) -> None:

@@ -3,8 +3,7 @@
 The recipe is the CPU run's (scripts/normfree_smollm2_cpu.py, docs/normfree_smollm2.md): every one of the 91
 norm sites frozen at a *positional* scale (position 0, the attention sink, keeps its own sigma), one site at a
 time, cheapest first by its single-site cost with that scale (``site_costs.json``, computed by the CPU script's
-`site_costs` unless ``--costs`` names a file; the library's `lnfree.removal.site_costs` has no positional
-scales), each freeze phased in over ``--freeze-ramp`` steps, LoRA rank 32 on every attention and MLP matrix,
+`site_costs`, i.e. `lnfree.removal.site_costs(positional=1)`, unless ``--costs`` names a file), each freeze phased in over ``--freeze-ramp`` steps, LoRA rank 32 on every attention and MLP matrix,
 distillation to the original model (KL only), no aux loss, rows ``[<|endoftext|>] + (seq_len - 1)`` tokens (the
 CPU script's `first_token`, as `lnfree.zoo.heldout` cuts rows). The one difference from the CPU run: rows of
 1024 tokens and 32 rows per step (128x the CPU run's tokens per step).

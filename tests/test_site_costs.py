@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import lnfree
 from conftest import make_llama
 from lnfree.removal import order_by_cost, site_costs
 
@@ -120,3 +121,19 @@ def test_cli_writes_the_file_remove_ln_site_order_reads(tmp_path, capsys):
     assert sched.sites == order_by_cost(costs)
     assert main(args[:-2] + ["--rows", "5", "--out", str(tmp_path / "x.json")]) == 2  # 5 + 4 rows > 6
     assert "need 9" in capsys.readouterr().err
+
+
+def test_positional_costs_equal_a_brute_force_positional_freeze():
+    """positional=1 freezes each site at its positional scale: the same CE as freezing it by hand at that scale."""
+    m = make_llama()
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randint(1, m.cfg.d_vocab, (8, 10), generator=g)
+    rows[:, 0] = 0
+    res = site_costs(m, rows[:4], calib=rows[4:], positional=1, n_boot=20, progress=False)
+    scales = m.estimate_ln_scales(rows[4:], positional=1, store=False)
+    base = float(lnfree.cross_entropy(m, rows[:4], n_boot=20).mean)
+    for site in m.ln_sites[:4]:
+        assert isinstance(res.scales[site], tuple) and len(res.scales[site]) == 2
+        with m.ln_frozen(site, scales=scales[site]):
+            expected = float(lnfree.cross_entropy(m, rows[:4], n_boot=20).mean) - base
+        assert res.costs()[site] == pytest.approx(expected, abs=1e-9)

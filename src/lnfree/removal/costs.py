@@ -154,6 +154,7 @@ def site_costs(
     calib: Optional[Int[torch.Tensor, "calib pos"]] = None,
     attention_mask: Optional[Int[torch.Tensor, "batch pos"]] = None,
     sites: Optional[Sequence[str]] = None,
+    positional: int = 0,
     batch_size: int = 16,
     n_boot: int = 1000,
     level: float = 0.95,
@@ -168,6 +169,8 @@ def site_costs(
         calib: unpadded rows [n, pos] the scales are estimated on (`model.estimate_ln_scales`); default
             `tokens` themselves (then `tokens` must not be padded).
         sites: which live sites (default: every live site).
+        positional: k > 0 freezes each site at a positional scale (positions 0..k-1 their own;
+            `model.estimate_ln_scales(positional=k)`; every calibration row must start with one token).
         batch_size, n_boot, level, seed: as in `lnfree.cross_entropy`.
 
     Example:
@@ -188,7 +191,7 @@ def site_costs(
     boot = {"n_boot": n_boot, "level": level, "seed": seed}
     ce = {"attention_mask": mask, "batch_size": batch_size, **boot}
     live = cross_entropy(model, tokens, **ce)
-    scales = model.estimate_ln_scales(calib, batch_size=batch_size, store=False)
+    scales = model.estimate_ln_scales(calib, batch_size=batch_size, store=False, positional=positional)
     costs, per_seq = [], []
     for site in _checks.progress(chosen, enabled=progress, desc="site costs"):
         with model.ln_frozen(site, scales=scales[site]):
