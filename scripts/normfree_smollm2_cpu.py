@@ -121,6 +121,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-rank", type=int, default=32)
     ap.add_argument("--distill", type=float, default=1.0)
     ap.add_argument("--aux-lambda", type=float, default=0.0)
+    ap.add_argument("--site-aux", type=float, default=0.0, help="weight of the per-site scale loss on live sites")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--checkpoint-every", type=int, default=20)
@@ -171,6 +172,7 @@ def main(argv=None) -> None:
         lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda, lora_rank=args.lora_rank,
         distill=args.distill, freeze_ramp=args.freeze_ramp, positional_sigma=0 if args.vanilla else 1,
         vanilla=args.vanilla, bos_token_id=first_token(model.tokenizer), out_dir=out / "run", resume="auto",
+        site_aux=args.site_aux,
         checkpoint_every=args.checkpoint_every, eval_data=held, keep_checkpoints=2,
     )
     print("done", json.dumps({k: v for k, v in model.removal_summary.items() if k in

@@ -34,6 +34,9 @@ class RemovalConfig:
     frozen (a = 1) from step s + R on (for models whose sites cost too much to freeze at once: SmolLM2).
     ``positional_sigma`` = k > 0 freezes each site at a positional scale: positions 0..k-1 keep their own
     EMA sigma, later positions share one (`RemovableLayerNorm`); such sites stay frozen (not folded) at the end.
+    ``site_aux`` = w > 0 adds ``w * site_scale_loss`` over every site still live (`lnfree.removal.loss`): each
+    token's scale is pulled towards its site's typical scale before the site is frozen. It is part of the loss
+    in the vanilla control too, so that the control differs from the removal run only by the freezing.
 
     Example:
         >>> cfg = RemovalConfig(optim=OptimConfig(steps=12, lr=1e-3), batch_size=4, micro_batch_size=2,
@@ -66,6 +69,7 @@ class RemovalConfig:
     tie_embeddings: bool = False
     freeze_ramp: int = 0
     positional_sigma: int = 0
+    site_aux: float = 0.0
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_rollbacks: int = 3
@@ -88,7 +92,7 @@ class RemovalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        for name in ("aux_lambda", "distill", "diverge_margin", "spike_margin"):
+        for name in ("aux_lambda", "distill", "diverge_margin", "spike_margin", "site_aux"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")

@@ -9,6 +9,10 @@ all tokens once ln_final is frozen::
 with ``sigma_{b,s} = sqrt(mean_d (x - mean_d x)^2 + eps)`` the per-token std and ``sigma_hat`` the
 mean of sigma over the micro-batch excluding position 0 and end-of-text tokens, held constant
 (no gradient flows through it).
+
+`site_scale_loss` is lnfree's per-site variant (not the paper's): at every site still live, the squared log
+ratio of each token's scale to the typical scale. It pulls outliers (SmolLM2's massive activations, up to
+10x the typical RMS at ' the') towards the typical scale *before* their site is frozen.
 """
 
 from __future__ import annotations
@@ -126,3 +130,36 @@ def distill_kl(
     log_t = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     return kl.mean() * (t * t)
+
+
+def site_scale_loss(
+    scales: list[Float[torch.Tensor, "batch pos 1"]],
+    tokens: Int[torch.Tensor, "batch pos"],
+    *,
+    eot_token_id: Optional[int] = None,
+) -> Float[torch.Tensor, ""]:
+    """Mean over sites of ``mean_{b,s} log(scale_{b,s} / scale_hat)^2`` (multiply by its weight).
+
+    `scales` are live sites' per-token scales (their `hook_scale` outputs, with gradients); ``scale_hat`` is the
+    mean scale of the typical tokens (not position 0, not end-of-text: `typical_std_mask`), held constant, and
+    the mean runs over those tokens too. The log makes a 10x outlier cost (log 10)^2 whatever the site's scale.
+    No scales (every site frozen): 0.
+
+    Example:
+        >>> s = torch.tensor([[[9.0], [1.0], [10.0]]])   # position 0 is left out
+        >>> round(float(site_scale_loss([s], torch.ones(1, 3, dtype=torch.long))), 4)   # log(1/5.5)^2, log(10/5.5)^2
+        1.6318
+    """
+    if not scales:
+        return torch.zeros((), device=tokens.device)
+    mask = typical_std_mask(tokens, eot_token_id)
+    if not bool(mask.any()):
+        mask = torch.ones_like(mask)
+    total = 0.0
+    for s in scales:
+        if s.shape[:2] != tokens.shape:
+            raise ValueError(f"a site's scale has shape {tuple(s.shape)}; expected [batch, pos, ...] = {tuple(tokens.shape)}")
+        log_s = s.float().reshape(s.shape[0], s.shape[1], -1).log()[mask]  # [n, 1] (or per head)
+        centre = log_s.detach().exp().mean(0).log()  # log of the mean scale
+        total = total + (log_s - centre).pow(2).mean()
+    return total / len(scales)

@@ -45,7 +45,7 @@ from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the histori
 from lnfree.removal.config import RESUME_FREE_KEYS, RemovalConfig  # noqa: F401
 from lnfree.removal.data import TokenData, as_token_source, load_tokens
 from lnfree.removal.hf_training import dropout, resolve_tie, tie_embeddings, untie_embeddings
-from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce
+from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce, site_scale_loss
 from lnfree.removal.schedule import PRESETS, Preset, Schedule, get_preset
 from lnfree.removal.sigma import SigmaEMA, global_micro_batch_means, stats_tensor
 from lnfree.training.checkpoints import CheckpointDir
@@ -155,6 +155,7 @@ class StepStats:
     grad_norm: float
     lr: float
     micro_means: list
+    site: float = 0.0
 
 
 class _Run:
@@ -396,21 +397,41 @@ class _Run:
         micro = global_micro_batch_means(local_stats, self.ema.sites, device=self._comm_device()) if track else []
         lr = lr_at(self.step, cfg.optim) * self.lr_scale
         grad_norm = clip_grad_norm(model.parameters(), cfg.optim.grad_clip)
-        ce, aux, kl = (float(x) for x in sums)
-        return StepStats(self._total(ce, aux, kl), ce, aux, kl, grad_norm, lr, micro)
+        ce, aux, kl, site = (float(x) for x in sums)
+        return StepStats(self._total(ce, aux, kl, site), ce, aux, kl, grad_norm, lr, micro, site)
 
-    def _total(self, ce, aux, kl):
+    def _total(self, ce, aux, kl, site=0.0):
         cfg = self.cfg
         main = (1 - cfg.distill) * ce + cfg.distill * kl if self.teacher is not None else ce
-        return main + (cfg.aux_lambda * aux if cfg.use_aux else 0.0)
+        return main + (cfg.aux_lambda * aux if cfg.use_aux else 0.0) + cfg.site_aux * site
+
+    @contextlib.contextmanager
+    def _live_scales(self):
+        """While active, the list of every live site's per-token scale of the forward pass (``site_aux``)."""
+        scales: list = []
+        if not self.cfg.site_aux:
+            yield scales
+            return
+        handles = []
+        for site in self.sites:
+            if self.model.ln_mode(site) != "live":
+                continue
+            module, path = self.model._site(site)
+            hook = module.hook_scale if path == module.paths[0] else module.hook_scale_v
+            handles.append(hook.register_forward_hook(lambda _m, _i, out: scales.append(out)))
+        try:
+            yield scales
+        finally:
+            for h in handles:
+                h.remove()
 
     def _accumulate(self, forward, track: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of this rank's micro-batches (gradients sum to the step's mean loss).
 
-        Returns the summed (CE, aux, KL) [3] and each micro-batch's per-site (std sum, count) [k, sites, 2].
+        Returns the summed (CE, aux, KL, site aux) [4] and each micro-batch's per-site (std sum, count) [k, sites, 2].
         """
         cfg, model = self.cfg, self.model
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         local_stats = torch.zeros(self.k_local, len(self.ema.sites), 2, dtype=torch.float64)
         zero = torch.zeros((), device=self.device)
         for j, tokens in self._micro_batches():
@@ -420,20 +441,22 @@ class _Run:
                     stack.enter_context(self.ddp.no_sync())
                 rec = stack.enter_context(model.recording_ln_std(positional=cfg.positional_sigma)) if track else None
                 stack.enter_context(dropout(model, cfg.dropout))  # training forwards only
+                scales = stack.enter_context(self._live_scales())
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = forward(tokens, return_type="logits")
                     ce = next_token_ce(logits, tokens, ignore_label=self._ignore())
                     aux = aux_norm_loss(self._resid, tokens, eot_token_id=cfg.eot_token_id, eps=model.cfg.eps,
                                         center=self.center) if cfg.use_aux else zero
+                    site = site_scale_loss(scales, tokens, eot_token_id=cfg.eot_token_id) if cfg.site_aux else zero
                     kl = zero
                     if self.teacher is not None:
                         with torch.no_grad():
                             target = self.teacher(tokens, return_type="logits")
                         kl = distill_kl(logits, target, temperature=cfg.distill_temperature)
-                    loss = self._total(ce, aux, kl)
+                    loss = self._total(ce, aux, kl, site)
                 (loss / self.k_local).backward()
             self._resid = None
-            sums += torch.stack([ce.detach(), aux.detach(), kl.detach()]).double()  # on device: no sync
+            sums += torch.stack([ce.detach(), aux.detach(), kl.detach(), site.detach()]).double()  # on device: no sync
             if rec is not None:
                 local_stats[j] = stats_tensor(rec.sums, self.ema.sites)
         return sums, local_stats
@@ -537,6 +560,8 @@ class _Run:
                           "wall_time": round(self.wall_time(), 3)}
                 if self.teacher is not None:
                     record["kl"] = stats.kl
+                if self.cfg.site_aux:
+                    record["site_aux"] = stats.site
                 self._emit(record)
                 bar.update(1)
                 bar.set_postfix_str(f"loss {stats.loss:.3f} aux {stats.aux:.3g} lr {stats.lr:.2e} | {stage}")
@@ -596,6 +621,7 @@ ARGUMENTS = {
     "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
     "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
     "positional_sigma": ("int", 0, False), "diverge_factor": ("pos", 0, False), "spike_factor": ("pos", 0, False),
+    "site_aux": ("num", 0, False),
 }
 
 
@@ -744,6 +770,7 @@ def remove_layernorm(
     positional_sigma: int = 0,
     diverge_factor: float = 3.0,
     spike_factor: float = 3.0,
+    site_aux: float = 0.0,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
 
@@ -811,6 +838,9 @@ def remove_layernorm(
             sigma, later ones share one; every training row must start with one fixed token: `bos_token_id`).
             A positional scale is a fixed linear map per position, so the model is norm-free, but it cannot
             be folded into weights: those sites end frozen, not removed (`model.is_norm_free`).
+        site_aux: weight w of lnfree's per-site scale loss (`lnfree.removal.loss.site_scale_loss`, not the paper's):
+            every live site's per-token scale is pulled towards its typical scale before the site is frozen
+            (SmolLM2's massive activations). Also in the loss of the vanilla control (only freezing differs).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
     DistributedDataParallel, each rank takes its share of every global batch, sigma statistics are
@@ -831,7 +861,7 @@ def remove_layernorm(
                          lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
                          distill_temperature=distill_temperature, weight_decay=weight_decay,
                          freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
-                         diverge_factor=diverge_factor, spike_factor=spike_factor))
+                         diverge_factor=diverge_factor, spike_factor=spike_factor, site_aux=site_aux))
     if momentum is not None:
         check_arguments({"momentum": momentum})
     if resume not in (True, False, "auto"):
@@ -884,7 +914,7 @@ def remove_layernorm(
                             freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
                             checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                             max_rollbacks=max_rollbacks, diverge_factor=float(diverge_factor),
-                            spike_factor=float(spike_factor))
+                            spike_factor=float(spike_factor), site_aux=float(site_aux))
         needed = cfg.steps * cfg.batch_size * cfg.seq_len
         seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
                            max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
