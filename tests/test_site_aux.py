@@ -1,5 +1,6 @@
-"""site_aux: the per-site scale loss on live sites (lnfree.removal.loss.site_scale_loss), checked against a
-brute-force loop, its wiring into the trainer's loss (value and composition), and that its gradient works."""
+"""site_aux: the norm-input scale loss (lnfree.removal.loss.site_scale_loss), checked against a brute-force loop,
+its wiring into the trainer's loss (every norm's input, frozen ones included; value and composition), and that
+its gradient works."""
 
 import copy
 import math
@@ -38,20 +39,24 @@ def test_site_scale_loss_matches_a_loop():
         site_scale_loss([torch.ones(3, 6, 1)], tokens)
 
 
-def _live_scale_names(model):
-    names = []
-    for site in model.ln_sites:
-        module, path = model._site(site)
-        hook = module.hook_scale if path == module.paths[0] else module.hook_scale_v
-        names.append(hook.name)
-    return names
+def _norm_inputs(model):
+    """The residual hooks the norms read (sequential blocks): ln1, ln2 of each block, then ln_final."""
+    n = model.cfg.n_layers
+    return [f"blocks.{i}.hook_resid_{k}" for i in range(n) for k in ("pre", "mid")] + [f"blocks.{n - 1}.hook_resid_post"]
 
 
-def test_trainer_adds_the_weighted_site_loss_of_every_live_site():
-    """Step 1 (nothing frozen yet): logged site_aux == the loop on the untrained copy's scales of the very
-    micro-batches trained on, and loss == CE + w * site_aux (vanilla: no distillation, no paper aux)."""
+def _rms_scales(cache, names, eps):
+    return [(cache[n].double().pow(2).mean(-1, keepdim=True) + eps).sqrt() for n in names]
+
+
+def test_trainer_adds_the_weighted_loss_of_every_norm_input():
+    """Step 1: logged site_aux == the loop on the untrained copy's norm inputs (RMS by hand) of the very
+    micro-batches trained on, a frozen site's input included, and loss == CE + w * site_aux (vanilla: no
+    distillation, no paper aux)."""
     w = 0.7
     model = make_llama()
+    model.estimate_ln_scales(removal_data(8, seed=3))
+    model.freeze_ln(["blocks.0.ln2"])  # frozen: its input still counts
     ref = copy.deepcopy(model)
     seen, records = [], []
 
@@ -64,13 +69,13 @@ def test_trainer_adds_the_weighted_site_loss_of_every_live_site():
     remove_layernorm(model, removal_data(), vanilla=True, site_aux=w, aux_lambda=0.0, callback=records.append, **run)
     step = next(r for r in records if r["event"] == "step")
     seen = seen[:2]  # step 1: two micro-batches of 2 rows
-    names = _live_scale_names(ref)
-    assert len(names) == len(ref.ln_sites) == 2 * 3 + 1  # every site live in the control
+    names = _norm_inputs(ref)
+    assert model.ln_mode("blocks.0.ln2") == "frozen"
     expect = []
     for toks in seen:
         _, cache = ref.run_with_cache(toks, names_filter=lambda n: n in names)
-        expect.append(_brute([cache[n] for n in names], toks, eot=ref.tokenizer.eos_token_id
-                             if ref.tokenizer is not None else None))
+        expect.append(_brute(_rms_scales(cache, names, ref.cfg.eps), toks,
+                             eot=ref.tokenizer.eos_token_id if ref.tokenizer is not None else None))
     assert step["site_aux"] == pytest.approx(sum(expect) / 2, rel=1e-4)
     assert step["loss"] == pytest.approx(step["ce"] + w * step["site_aux"], rel=1e-6)
 
@@ -84,10 +89,10 @@ def test_site_aux_gradient_pulls_outliers_in():
         model = make_llama()
         run = {**REMOVAL_RUN, "schedule": None, "steps": 10, "warmup": 1}
         remove_layernorm(model, removal_data(), vanilla=True, site_aux=w, aux_lambda=0.0, **run)
-        names = _live_scale_names(model)
+        names = _norm_inputs(model)
         with torch.no_grad():
             _, cache = model.run_with_cache(held, names_filter=lambda n: n in names)
-        return float(site_scale_loss([cache[n] for n in names], held))
+        return float(site_scale_loss(_rms_scales(cache, names, model.cfg.eps), held))
 
     plain, pulled = site_loss_after(0.0), site_loss_after(20.0)
     assert pulled < 0.7 * plain, (plain, pulled)

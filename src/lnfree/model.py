@@ -220,14 +220,14 @@ class LNFreeTransformer(HookedTransformer):
         """
         input = args[0] if args else kwargs.get("input")
         self._check_forward_ids(input, kwargs)
-        fixed = self._has_fixed_scale()
+        fixed, positional = self._norm_status()
         if self.W_E.dtype == torch.float16 and fixed:
             raise ValueError(
                 "float16 is unsafe for a model with frozen or removed LN sites: without LN the residual "
                 "stream reaches norms in the thousands and overflows float16 (max 65504). Use "
                 "model.to(torch.float32) or model.to(torch.bfloat16)."
             )
-        with self._positions_set(input, kwargs):
+        with self._positions_set(input, kwargs, positional):
             out = super().forward(*args, **kwargs)
         if fixed and not self.training:  # training loops keep their own checks (and no extra host sync)
             _warn_if_not_finite(out)
@@ -245,15 +245,21 @@ class LNFreeTransformer(HookedTransformer):
         if fixed_positions and kwargs.get("past_kv_cache") is None and input.shape[-1] > self.cfg.n_ctx:
             raise ValueError(f"sequences of {input.shape[-1]} tokens exceed the context length n_ctx={self.cfg.n_ctx}")
 
-    def _positional_modules(self) -> list[RemovableLayerNorm]:
-        return [m for m in self.modules() if isinstance(m, RemovableLayerNorm)
-                and any(m.modes[p] == "frozen" and m.is_positional(p) for p in m.paths)]
+    def _norm_status(self) -> tuple[bool, list[RemovableLayerNorm]]:
+        """One walk over the norm modules (every forward): whether any site is frozen or removed, and the
+        modules with a positional frozen scale."""
+        fixed, positional = False, []
+        for m in self.modules():
+            if isinstance(m, RemovableLayerNorm):
+                fixed = fixed or any(mode != "live" for mode in m.modes.values())
+                if any(m.modes[p] == "frozen" and m.is_positional(p) for p in m.paths):
+                    positional.append(m)
+        return fixed, positional
 
     @contextlib.contextmanager
-    def _positions_set(self, input, kwargs):
-        """While positional frozen scales are in use: give them each token's position (left padding and a
-        KV cache shift it) and warn when a row's first token is not the one they were calibrated on."""
-        modules = self._positional_modules()
+    def _positions_set(self, input, kwargs, modules: list[RemovableLayerNorm]):
+        """While positional frozen scales are in use (`modules`): give them each token's position (left padding
+        and a KV cache shift it) and warn when a row's first token is not the one they were calibrated on."""
         if not modules or not isinstance(input, torch.Tensor):
             yield
             return
@@ -289,12 +295,6 @@ class LNFreeTransformer(HookedTransformer):
                 f"these rows start with {sorted(seen - expected)[:5]}: position 0's scale assumes that first token "
                 "(prepend it, e.g. the tokenizer's BOS, or re-estimate the scales)",
                 UserWarning, stacklevel=4)
-
-    def _has_fixed_scale(self) -> bool:
-        return any(
-            mode != "live" for module in self.modules() if isinstance(module, RemovableLayerNorm)
-            for mode in module.modes.values()
-        )
 
     # ---- construction ------------------------------------------------------------------
     @classmethod

@@ -34,9 +34,9 @@ class RemovalConfig:
     frozen (a = 1) from step s + R on (for models whose sites cost too much to freeze at once: SmolLM2).
     ``positional_sigma`` = k > 0 freezes each site at a positional scale: positions 0..k-1 keep their own
     EMA sigma, later positions share one (`RemovableLayerNorm`); such sites stay frozen (not folded) at the end.
-    ``site_aux`` = w > 0 adds ``w * site_scale_loss`` over every site still live (`lnfree.removal.loss`): each
-    token's scale is pulled towards its site's typical scale before the site is frozen. It is part of the loss
-    in the vanilla control too, so that the control differs from the removal run only by the freezing.
+    ``site_aux`` = w > 0 adds ``w * site_scale_loss`` over every norm module's input, live, frozen or removed
+    (`lnfree.removal.loss`): each token's scale is pulled towards the typical scale there. It is part of the
+    loss in the vanilla control too, so that the control differs from the removal run only by the freezing.
 
     Example:
         >>> cfg = RemovalConfig(optim=OptimConfig(steps=12, lr=1e-3), batch_size=4, micro_batch_size=2,

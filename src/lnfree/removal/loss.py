@@ -10,9 +10,10 @@ with ``sigma_{b,s} = sqrt(mean_d (x - mean_d x)^2 + eps)`` the per-token std and
 mean of sigma over the micro-batch excluding position 0 and end-of-text tokens, held constant
 (no gradient flows through it).
 
-`site_scale_loss` is lnfree's per-site variant (not the paper's): at every site still live, the squared log
+`site_scale_loss` is lnfree's per-site variant (not the paper's): at every norm's input, the squared log
 ratio of each token's scale to the typical scale. It pulls outliers (SmolLM2's massive activations, up to
-10x the typical RMS at ' the') towards the typical scale *before* their site is frozen.
+10x the typical RMS at ' the'; rare tokens whose excess frozen gated MLPs square layer after layer) towards
+the typical scale, before and after their site is frozen.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def site_scale_loss(
 ) -> Float[torch.Tensor, ""]:
     """Mean over sites of ``mean_{b,s} log(scale_{b,s} / scale_hat)^2`` (multiply by its weight).
 
-    `scales` are live sites' per-token scales (their `hook_scale` outputs, with gradients); ``scale_hat`` is the
+    `scales` are per-token scales at norm inputs (e.g. what a live `hook_scale` gives, with gradients); ``scale_hat`` is the
     mean scale of the typical tokens (not position 0, not end-of-text: `typical_std_mask`), held constant, and
     the mean runs over those tokens too. The log makes a 10x outlier cost (log 10)^2 whatever the site's scale.
     No scales (every site frozen): 0.

@@ -406,19 +406,22 @@ class _Run:
         return main + (cfg.aux_lambda * aux if cfg.use_aux else 0.0) + cfg.site_aux * site
 
     @contextlib.contextmanager
-    def _live_scales(self):
-        """While active, the list of every live site's per-token scale of the forward pass (``site_aux``)."""
-        scales: list = []
+    def _norm_input_scales(self):
+        """While active, the per-token scale (std, or RMS for RMSNorm) of every norm module's input in the forward
+        pass, with gradients (``site_aux``): live, frozen or removed alike, one entry per module."""
+        scales: dict = {}
         if not self.cfg.site_aux:
             yield scales
             return
-        handles = []
-        for site in self.sites:
-            if self.model.ln_mode(site) != "live":
-                continue
-            module, path = self.model._site(site)
-            hook = module.hook_scale if path == module.paths[0] else module.hook_scale_v
-            handles.append(hook.register_forward_hook(lambda _m, _i, out: scales.append(out)))
+        from lnfree.layernorm import RemovableLayerNorm
+        from lnfree.removal.loss import token_std
+
+        eps, center = self.model.cfg.eps, self.center
+
+        def grab(module, inputs):  # ln1's q/k and v paths read one input: one entry per module
+            scales[id(module)] = token_std(inputs[0], eps, center=center)[..., None]
+
+        handles = [m.register_forward_pre_hook(grab) for m in self.model.modules() if isinstance(m, RemovableLayerNorm)]
         try:
             yield scales
         finally:
@@ -441,13 +444,13 @@ class _Run:
                     stack.enter_context(self.ddp.no_sync())
                 rec = stack.enter_context(model.recording_ln_std(positional=cfg.positional_sigma)) if track else None
                 stack.enter_context(dropout(model, cfg.dropout))  # training forwards only
-                scales = stack.enter_context(self._live_scales())
+                scales = stack.enter_context(self._norm_input_scales())
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     logits = forward(tokens, return_type="logits")
                     ce = next_token_ce(logits, tokens, ignore_label=self._ignore())
                     aux = aux_norm_loss(self._resid, tokens, eot_token_id=cfg.eot_token_id, eps=model.cfg.eps,
                                         center=self.center) if cfg.use_aux else zero
-                    site = site_scale_loss(scales, tokens, eot_token_id=cfg.eot_token_id) if cfg.site_aux else zero
+                    site = site_scale_loss(list(scales.values()), tokens, eot_token_id=cfg.eot_token_id) if cfg.site_aux else zero
                     kl = zero
                     if self.teacher is not None:
                         with torch.no_grad():
@@ -838,9 +841,11 @@ def remove_layernorm(
             sigma, later ones share one; every training row must start with one fixed token: `bos_token_id`).
             A positional scale is a fixed linear map per position, so the model is norm-free, but it cannot
             be folded into weights: those sites end frozen, not removed (`model.is_norm_free`).
-        site_aux: weight w of lnfree's per-site scale loss (`lnfree.removal.loss.site_scale_loss`, not the paper's):
-            every live site's per-token scale is pulled towards its typical scale before the site is frozen
-            (SmolLM2's massive activations). Also in the loss of the vanilla control (only freezing differs).
+        site_aux: weight w of lnfree's norm-input loss (`lnfree.removal.loss.site_scale_loss`, not the paper's):
+            at every norm's input (live, frozen or removed), each token's scale is pulled towards the typical
+            one: what the norm did, kept up where it is gone. Without it SmolLM2's gated MLPs, reading frozen
+            scales, square a rare token's excess layer after layer until it overflows (docs/normfree_smollm2.md).
+            Also in the loss of the vanilla control (only freezing differs).
 
     Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
     DistributedDataParallel, each rank takes its share of every global batch, sigma statistics are
