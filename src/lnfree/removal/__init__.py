@@ -20,7 +20,8 @@ import importlib
 
 _EXPORTS = {
     "remove_layernorm": "trainer",
-    "check_arguments": "trainer",
+    "check_arguments": "config",
+    "RemovalSettings": "config",
     "RemovalConfig": "config",
     "OptimConfig": "trainer",
     "DivergedError": "trainer",
