@@ -187,7 +187,8 @@ def preflight(original, rows, settings, probe: MemoryProbe) -> dict:
             torch.cuda.empty_cache()
     if len(marks) < 2:
         raise PreflightError("the preflight's training run ended before two steps (steps < 2?)")
-    return {"micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len, "batch_size": settings.batch_size,
+    return {"micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len,
+            "batch_size": settings.batch_size,
             "peak_bytes": probe.peak(), "static_bytes": marks[1][1], "total_bytes": probe.total(),
             "step_s": round(marks[1][0] - marks[0][0], 3)}
 
