@@ -108,3 +108,24 @@ def test_a_ramp_needs_to_end_only_for_the_named_sites():
         remove_layernorm(make_model(), removal_data(), freeze_ramp=2, **REMOVAL_RUN)
     out = remove_layernorm(make_model(), removal_data(), freeze_ramp=2, sites=["blocks.0.ln2"], **REMOVAL_RUN)
     assert out.ln_mode("blocks.0.ln2") == "removed" and out.ln_mode("ln_final") == "live"
+
+
+def test_absorb_site_script_runs_on_sites_and_its_fold_matches_the_frozen_model(tmp_path):
+    """scripts/smollm2_absorb_site.py's run (`absorb`) on a tiny model: only the site is frozen, then folded by the
+    trainer; the folded model computes what the run's last (frozen) checkpoint computes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "smollm2_absorb_site.py"
+    spec = importlib.util.spec_from_file_location("smollm2_absorb_site", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    a = script.parse_args(["--out", "x", "--label", "t", "--site", "blocks.1.ln1.v", "--ramp", "2",
+                           "--frozen-steps", "3", "--batch-size", "4", "--seq-len", "16", "--probe-every", "2"])
+    books = {"persuasion": removal_data(6, seed=1), "cfi": removal_data(6, seed=2)}
+    res = script.absorb(make_model(), removal_data(64), books, a, str(tmp_path))
+    assert res["outcome"] == "finished" and [r["step"] for r in res["steps"]] == list(range(1, 7))
+    assert res["blend_at_end"] == 1.0 and res["folded_vs_frozen_max_logit_diff"] < 1e-4
+    frozen, folded = res["heldout"]["finetuned_site_frozen"], res["heldout"]["finetuned_site_folded"]
+    for book in books:
+        assert folded[book]["all"] == pytest.approx(frozen[book]["all"], abs=2e-4)
