@@ -142,7 +142,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     import lnfree
-    from lnfree.removal import Schedule, order_by_cost, remove_layernorm
+    from lnfree.removal import RemovalSettings, Schedule, order_by_cost, remove_layernorm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,14 +177,13 @@ def main(argv=None) -> None:
     held = None
     if args.heldout:
         held = _rows(model, [args.heldout], args.seq_len, 8 * args.seq_len + args.seq_len)[:8]
-    remove_layernorm(
-        model, rows, schedule=schedule, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-        lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda, lora_rank=args.lora_rank,
+    settings = RemovalSettings(
+        schedule=schedule, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda, lora_rank=args.lora_rank,
         distill=args.distill, freeze_ramp=args.freeze_ramp, positional_sigma=0 if args.vanilla else 1,
-        vanilla=args.vanilla, bos_token_id=first_token(model.tokenizer), out_dir=out / "run", resume="auto",
-        site_aux=args.site_aux,
-        checkpoint_every=args.checkpoint_every, eval_data=held, keep_checkpoints=2, max_rollbacks=args.max_rollbacks,
-    )
+        vanilla=args.vanilla, bos_token_id=first_token(model.tokenizer), site_aux=args.site_aux,
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=2, max_rollbacks=args.max_rollbacks)
+    remove_layernorm(model, rows, settings=settings, out_dir=out / "run", resume="auto", eval_data=held)
     print("done", json.dumps({k: v for k, v in model.removal_summary.items() if k in
                               ("steps", "wall_time_s", "ce_before", "ce_after", "rollbacks", "norm_free")}), flush=True)
 

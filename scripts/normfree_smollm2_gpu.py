@@ -8,7 +8,7 @@ distillation to the original model (KL only), no aux loss, rows ``[<|endoftext|>
 CPU script's `first_token`, as `lnfree.zoo.heldout` cuts rows). The one difference from the CPU run: rows of
 1024 tokens and 32 rows per step (128x the CPU run's tokens per step).
 
-The vanilla control trains with exactly the same losses and settings (`run_kwargs`: distillation, temperature,
+The vanilla control trains with exactly the same losses and settings (`run_settings`: distillation, temperature,
 aux, LoRA, LR, data, steps, batch, seed); only the freezing differs (``vanilla=True``; with an aux loss the
 control keeps it through ``recipe={"vanilla_aux": True}``).
 
@@ -78,18 +78,19 @@ def _sibling(name: str):
 
 
 # ---- the two runs' settings ----------------------------------------------------------------------------
-def run_kwargs(a: argparse.Namespace, schedule, bos: int, *, vanilla: bool, bf16: bool) -> dict:
-    """`remove_layernorm` keywords of one run. The control differs from the norm-free run in the freezing only:
+def run_settings(a: argparse.Namespace, schedule, bos: int, *, vanilla: bool, bf16: bool):
+    """The `RemovalSettings` of one run. The control differs from the norm-free run in the freezing only:
     the same losses (distillation weight and temperature, aux loss), LoRA, optimiser, data, steps and batch."""
-    kw = dict(schedule=schedule, steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
-              seq_len=a.seq_len, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda,
-              lora_rank=a.lora_rank, distill=a.distill, distill_temperature=a.distill_temperature,
-              freeze_ramp=a.freeze_ramp, positional_sigma=a.positional_sigma, bos_token_id=bos, bf16=bf16,
-              seed=a.seed, checkpoint_every=a.checkpoint_every, keep_checkpoints=2, progress=False,
-              vanilla=vanilla)
-    if vanilla and a.aux_lambda > 0:  # the trainer drops the aux loss from vanilla runs unless told to keep it
-        kw["recipe"] = {"vanilla_aux": True}
-    return kw
+    from lnfree.removal import RemovalSettings
+
+    return RemovalSettings(
+        schedule=schedule, steps=a.steps, batch_size=a.batch_size, micro_batch_size=a.micro_batch_size,
+        seq_len=a.seq_len, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda, lora_rank=a.lora_rank,
+        distill=a.distill, distill_temperature=a.distill_temperature, freeze_ramp=a.freeze_ramp,
+        positional_sigma=a.positional_sigma, bos_token_id=bos, bf16=bf16, seed=a.seed,
+        checkpoint_every=a.checkpoint_every, keep_checkpoints=2, vanilla=vanilla,
+        # the trainer drops the aux loss from vanilla runs unless told to keep it
+        recipe={"vanilla_aux": True} if vanilla and a.aux_lambda > 0 else None)
 
 
 def site_order(model, calib, a: argparse.Namespace, out: Path) -> list[str]:
@@ -158,7 +159,7 @@ class MemoryProbe:
             return psutil.Process().memory_info().rss
 
 
-def preflight(original, rows, kw: dict, probe: MemoryProbe) -> dict:
+def preflight(original, rows, settings, probe: MemoryProbe) -> dict:
     """Two steps of the norm-free run's settings through the trainer (on a copy): peak memory, the memory that
     stays between steps (weights, teacher, adapters, optimizer state), and the second step's seconds."""
     import torch
@@ -176,8 +177,8 @@ def preflight(original, rows, kw: dict, probe: MemoryProbe) -> dict:
     model = copy.deepcopy(original)
     probe.reset()
     try:
-        remove_layernorm(model, rows[: 3 * kw["batch_size"]], **{**kw, "out_dir": None, "callback": on_event,
-                                                                  "checkpoint_every": 10**6})
+        remove_layernorm(model, rows[: 3 * settings.batch_size], settings=settings.replace(checkpoint_every=10**6),
+                         progress=False, callback=on_event)
     except _Stop:
         pass
     finally:
@@ -186,7 +187,8 @@ def preflight(original, rows, kw: dict, probe: MemoryProbe) -> dict:
             torch.cuda.empty_cache()
     if len(marks) < 2:
         raise PreflightError("the preflight's training run ended before two steps (steps < 2?)")
-    return {"micro_batch_size": kw["micro_batch_size"], "seq_len": kw["seq_len"], "batch_size": kw["batch_size"],
+    return {"micro_batch_size": settings.micro_batch_size, "seq_len": settings.seq_len,
+            "batch_size": settings.batch_size,
             "peak_bytes": probe.peak(), "static_bytes": marks[1][1], "total_bytes": probe.total(),
             "step_s": round(marks[1][0] - marks[0][0], 3)}
 
@@ -257,7 +259,7 @@ class Results(dict):
         os.replace(tmp, self.path)
 
 
-def train_one(original, rows, kw: dict, run_dir: Path, res: Results, name: str):
+def train_one(original, rows, settings, run_dir: Path, res: Results, name: str):
     """One run (resumed from its checkpoint if one exists); its model, or None if it failed (error recorded)."""
     import lnfree
     from lnfree.removal import remove_layernorm
@@ -266,7 +268,8 @@ def train_one(original, rows, kw: dict, run_dir: Path, res: Results, name: str):
         return lnfree.load(str(run_dir), device=str(next(original.parameters()).device))
     t0 = time.time()
     try:
-        model = remove_layernorm(copy.deepcopy(original), rows, out_dir=run_dir, resume="auto", **kw)
+        model = remove_layernorm(copy.deepcopy(original), rows, settings=settings, out_dir=run_dir, resume="auto",
+                                 progress=False)
         res[name] = {"done": True, "wall_s": round(time.time() - t0, 1),
                      "summary": {k: v for k, v in model.removal_summary.items() if k != "sigma"}}
     except Exception as e:  # DivergedError and the like: the fail-safe's message and the curve up to it
@@ -293,7 +296,7 @@ def pipeline(original, rows, calib, a: argparse.Namespace, out: Path, *, device:
     res["schedule"] = {"order": order, "freeze_ramp": a.freeze_ramp, **schedule.to_dict()}
     bf16 = device.startswith("cuda")
     runs = [("normfree", False)] + ([] if a.no_vanilla else [("vanilla", True)])
-    kws = {name: run_kwargs(a, schedule, bos, vanilla=vanilla, bf16=bf16) for name, vanilla in runs}
+    kws = {name: run_settings(a, schedule, bos, vanilla=vanilla, bf16=bf16) for name, vanilla in runs}
     todo = [name for name, _ in runs if not res.get(name, {}).get("done")]
     if todo:
         m = preflight(original, rows, kws["normfree"], probe)

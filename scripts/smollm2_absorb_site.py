@@ -1,14 +1,13 @@
 """Can fine-tuning absorb ONE expensive SmolLM2 norm site? Freeze only it, ramped in, and fine-tune.
 
-`remove_layernorm` with `Schedule.from_order`: `--site` at step 1 (phased in over `--ramp` steps with
-`freeze_ramp`), then `--frozen-steps` steps fully frozen; every other site is scheduled for the run's last
-step they can have (each ramp must end inside the schedule), never reached: the run is stopped (a
-callback) just before it, so the other 90 sites stay
-live and nothing is folded (the trainer folds only at its end, and by then every site is frozen). Held-out
-CE (the shipped Persuasion / cfi texts, `lnfree.zoo.heldout`, `[<|endoftext|>] + 63` tokens per row) of:
+`remove_layernorm` with ``sites=[--site]``: that site is frozen at step 1 (phased in over `--ramp` steps with
+`freeze_ramp`), then trained `--frozen-steps` steps fully frozen, and folded at the end; the other 90 sites stay
+live throughout (the schedule, `Schedule.from_order`, places them too, but the run freezes only the named site).
+Held-out CE (the shipped Persuasion / cfi texts, `lnfree.zoo.heldout`, `[<|endoftext|>] + 63` tokens per row) of:
 the original; the original with the site frozen at the sigma the run froze it at (no fine-tune); the
-fine-tuned model with the site frozen, with it folded (`remove_ln([site])`, which must match), and with it
-live again. Each also with the predictions made at position 0 (and 0-1) excluded. One run per process.
+fine-tuned model with the site frozen (the run's last checkpoint), with it folded (the model the run returns,
+which must match), and with it live again. Each also with the predictions made at position 0 (and 0-1)
+excluded. One run per process.
 
     PYTHONPATH=src python scripts/smollm2_absorb_site.py --out docs/smollm2_absorb.json --label full \
         --site blocks.14.ln1.v --ramp 16 --frozen-steps 20 --batch-size 4 --seq-len 64 --lr 3e-4 --min-lr 3e-5
@@ -22,17 +21,13 @@ import copy
 import glob
 import json
 import os
+import tempfile
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
-
-
-class _Stop(Exception):
-    pass
 
 
 @torch.no_grad()
@@ -65,7 +60,70 @@ def evaluate(model, books: dict) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def absorb(model, seqs, books: dict, a: argparse.Namespace, run_dir: str) -> dict:
+    """Fine-tune `model` (in place) with only ``a.site`` removed; the run's record with every held-out CE."""
+    from lnfree.removal import RemovalSettings, Schedule, load_checkpoint, remove_layernorm
+
+    original = copy.deepcopy(model)
+    run_steps = 1 + a.ramp + a.frozen_steps  # steps 0 .. run_steps-1: the site at step 1, fully frozen from 1 + ramp
+    others = [s for s in model.ln_sites if s != a.site]
+    sched = Schedule.from_order(model.cfg.n_layers, run_steps, [a.site] + others, start=1, gap=0,
+                                name=f"only-{a.site}")
+    settings = RemovalSettings(
+        schedule=sched, sites=[a.site], batch_size=a.batch_size, micro_batch_size=a.micro_batch_size or a.batch_size,
+        seq_len=a.seq_len, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda, distill=a.distill,
+        freeze_ramp=a.ramp, checkpoint_every=run_steps, keep_checkpoints=1,
+        **({} if a.guard_factor is None else {"diverge_factor": a.guard_factor, "spike_factor": a.guard_factor}))
+    t0 = time.time()
+    before = evaluate(model, books)
+    events, probes = [], []
+
+    def record(e):  # observes only: the run ends by itself
+        events.append(e)
+        if e["event"] == "step":
+            if e["step"] % a.probe_every == 0 or e["step"] == run_steps:
+                probes.append({"after_step": e["step"], **position_ce(model, books["persuasion"])})
+            print(json.dumps({k: e.get(k) for k in ("step", "ce", "kl", "loss", "grad_norm", "lr", "wall_time")}),
+                  flush=True)
+
+    outcome, folded = "finished", None
+    try:
+        folded = remove_layernorm(model, seqs, settings=settings, out_dir=run_dir, progress=False, callback=record)
+    except Exception as e:  # e.g. DivergedError: what the fail-safe said
+        outcome = f"{type(e).__name__}: {e}"
+    run_s = time.time() - t0
+    print(outcome, flush=True)
+    frozen, _ = load_checkpoint(run_dir, device="cpu")  # its latest good checkpoint: the site frozen, not folded
+    assert [s for s, m in frozen.ln_modes().items() if m != "live"] == [a.site], "only the site may be frozen"
+    if folded is None:  # the run stopped early: fold its last good state as the trainer would have
+        folded = copy.deepcopy(frozen).remove_ln([a.site])
+    assert [s for s, m in folded.ln_modes().items() if m != "live"] == [a.site], "only the site may be removed"
+    freeze = [e for e in events if e["event"] == "freeze"]
+    sigma = freeze[0]["sigma"][a.site]
+    module, path = frozen._site(a.site)
+    res = {"settings": {**vars(a), "schedule": f"{a.site} at step 1 (freeze_ramp {a.ramp}: fully frozen from step "
+                        f"{1 + a.ramp}) of a {run_steps}-step run (steps 0..{run_steps - 1}); the other "
+                        f"{len(others)} sites live throughout (remove_layernorm(sites=[{a.site!r}]))",
+                        "threads": torch.get_num_threads()},
+           "outcome": outcome, "sigma": sigma, "blend_at_end": float(module.blend[path]), "run_s": round(run_s, 1),
+           "steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()
+                      if k in ("step", "ce", "kl", "loss", "grad_norm", "lr", "wall_time")}
+                     for e in events if e["event"] == "step"],
+           "rollbacks": [e for e in events if e["event"] == "rollback"],
+           "probes_persuasion": probes, "heldout": {"original": before}}
+    with original.ln_frozen([a.site], scales={a.site: sigma}):
+        res["heldout"]["original_site_frozen"] = evaluate(original, books)
+    res["heldout"]["finetuned_site_frozen"] = evaluate(frozen, books)
+    res["heldout"]["finetuned_site_folded"] = evaluate(folded, books)
+    with torch.no_grad():
+        t = books["persuasion"][:2]
+        res["folded_vs_frozen_max_logit_diff"] = float((folded(t) - frozen(t)).abs().max())
+    frozen.unfreeze_ln([a.site])
+    res["heldout"]["finetuned_site_live"] = evaluate(frozen, books)
+    return res
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file; this run is added under runs[label]")
     p.add_argument("--label", required=True)
@@ -86,77 +144,23 @@ def main(argv=None) -> None:
                         "and spike bounds), so a run that the default guard would stop can be watched; non-finite "
                         "checks stay")
     p.add_argument("--probe-every", type=int, default=4, help="held-out CE (Persuasion rows) every N steps")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     torch.set_num_threads(int(os.environ.get("THREADS", "1")))
     from lnfree import zoo
-    from lnfree.removal import Schedule, load_tokens, remove_layernorm
+    from lnfree.removal import load_tokens
 
     model = zoo.load("smollm2-135m", device="cpu")
-    original = copy.deepcopy(model)
     books = {b: zoo.heldout(b, model=model, seq_len=a.seq_len)[: a.eval_rows] for b in ("persuasion", "cfi")}
-    run_steps = 1 + a.ramp + a.frozen_steps           # steps 0 .. run_steps-1 are trained
-    # the other sites go at step run_steps (never reached); each ramp must end inside the schedule
-    steps = run_steps + a.ramp + 1
-    others = [s for s in model.ln_sites if s != a.site]
-    sched = Schedule.from_order(model.cfg.n_layers, steps, [a.site] + others, start=1,
-                                gap=[run_steps - 1] + [0] * (len(others) - 1), name=f"only-{a.site}")
+    steps = 1 + a.ramp + a.frozen_steps
     files = sorted(glob.glob(f"{CORPUS}/train/*.txt"))
     seqs = load_tokens(files, seq_len=a.seq_len, tokenizer=model.tokenizer,
                        max_tokens=int(steps * a.batch_size * a.seq_len * 1.2) + a.seq_len)
-    t0 = time.time()
-    before = evaluate(model, books)
-    events, probes = [], []
-
-    def record(e):
-        events.append(e)
-        if e["event"] == "step":
-            if e["step"] % a.probe_every == 0 or e["step"] == run_steps:
-                probes.append({"after_step": e["step"], **position_ce(model, books["persuasion"])})
-            print(json.dumps({k: e.get(k) for k in ("step", "ce", "kl", "loss", "grad_norm", "lr", "wall_time")}),
-                  flush=True)
-            if e["step"] >= run_steps:
-                raise _Stop
-
-    outcome = "stopped as planned"
-    try:
-        remove_layernorm(model, seqs, schedule=sched, batch_size=a.batch_size,
-                         micro_batch_size=a.micro_batch_size or a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                         min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda, distill=a.distill,
-                         freeze_ramp=a.ramp, progress=False, callback=record,
-                         **({} if a.guard_factor is None else {"diverge_factor": a.guard_factor,
-                                                               "spike_factor": a.guard_factor}))
-    except _Stop:
-        pass
-    except Exception as e:  # e.g. DivergedError: what the fail-safe said
-        outcome = f"{type(e).__name__}: {e}"
-    run_s = time.time() - t0
-    print(outcome, flush=True)
-    modes = model.ln_modes()
-    assert [s for s, m in modes.items() if m != "live"] == [a.site], "only the site may be frozen"
-    freeze = [e for e in events if e["event"] == "freeze"]
-    sigma = freeze[0]["sigma"][a.site]
-    module, path = model._site(a.site)
-    blend = float(module.blend[path])
-    res = {"settings": {**vars(a), "schedule": f"{a.site} at step 1 (freeze_ramp {a.ramp}: fully frozen from step "
-                        f"{1 + a.ramp}), other 90 sites at step {run_steps} (never reached) of a {steps}-step schedule (the "
-                        f"cosine LR spans it); {run_steps} steps run (0..{run_steps - 1})",
-                        "threads": torch.get_num_threads()},
-           "outcome": outcome, "sigma": sigma, "blend_at_end": blend, "run_s": round(run_s, 1),
-           "steps": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()
-                      if k in ("step", "ce", "kl", "loss", "grad_norm", "lr", "wall_time")}
-                     for e in events if e["event"] == "step"],
-           "rollbacks": [e for e in events if e["event"] == "rollback"],
-           "probes_persuasion": probes, "heldout": {"original": before}}
-    with original.ln_frozen([a.site], scales={a.site: sigma}):
-        res["heldout"]["original_site_frozen"] = evaluate(original, books)
-    res["heldout"]["finetuned_site_frozen"] = evaluate(model, books)
-    folded = copy.deepcopy(model).remove_ln([a.site])
-    res["heldout"]["finetuned_site_folded"] = evaluate(folded, books)
-    with torch.no_grad():
-        t = books["persuasion"][:2]
-        res["folded_vs_frozen_max_logit_diff"] = float((folded(t) - model(t)).abs().max())
-    model.unfreeze_ln([a.site])
-    res["heldout"]["finetuned_site_live"] = evaluate(model, books)
+    with tempfile.TemporaryDirectory() as run_dir:  # the run's checkpoints (its last one: the site frozen)
+        res = absorb(model, seqs, books, a, run_dir)
     data = json.load(open(a.out)) if os.path.exists(a.out) else {"runs": {}}
     res["machine"] = (f"{os.cpu_count()} CPU cores shared with other jobs, load average "
                       f"{open('/proc/loadavg').read().split()[0]} at the end")

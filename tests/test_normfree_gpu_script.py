@@ -2,6 +2,7 @@
 (only the freezing differs), the memory and time preflight, and the script's pipeline end to end on a tiny
 random Llama-like model with a sink-like first token (not SmolLM2), on CPU."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -68,8 +69,8 @@ def _pipeline(gpu, tmp_path, extra=()):
 def test_control_kwargs_differ_from_the_normfree_run_only_in_freezing(gpu, aux):
     a = gpu.parse_args(["--out", "x", "--aux-lambda", str(aux)])
     sched = Schedule.scaled(2, a.steps)
-    nf = gpu.run_kwargs(a, sched, 1, vanilla=False, bf16=True)
-    van = gpu.run_kwargs(a, sched, 1, vanilla=True, bf16=True)
+    nf = dataclasses.asdict(gpu.run_settings(a, sched, 1, vanilla=False, bf16=True))
+    van = dataclasses.asdict(gpu.run_settings(a, sched, 1, vanilla=True, bf16=True))
     differ = {k for k in set(nf) | set(van) if nf.get(k) is not van.get(k) and nf.get(k) != van.get(k)}
     assert differ == ({"vanilla", "recipe"} if aux else {"vanilla"})
     assert van["distill"] == nf["distill"] == 1.0 and van["lora_rank"] == 32 and van["aux_lambda"] == aux

@@ -1,7 +1,8 @@
 """``lnfree report smollm2-135m`` (`lnfree.report.real_stages`, `lnfree.report.real_page`): the committed
 docs/real_model.md is exactly what `render` writes from docs/real_model.json (no hand edits, no stale page),
-every section is computed, every headline number carries a CI; the stages run on a tiny model, ``--resume``
-reuses exactly the stages whose sizes are unchanged, and the command writes page == render(JSON). The numbers
+every section is computed, every headline number carries a CI; the stages run on a tiny model, each stage's
+result saves and loads exactly, ``--resume`` loads exactly the stages whose sizes are unchanged (recomputing
+nothing on a second run), and the command writes page == render(JSON). The numbers
 themselves are computed by the library functions tested elsewhere."""
 
 import dataclasses
@@ -94,18 +95,42 @@ def test_stages_run_on_a_tiny_model_and_leave_it_as_it_was(tiny):
     assert "not computed" not in page and "# custom sizes" in page
 
 
-def test_resume_reuses_exactly_the_stages_whose_sizes_are_unchanged(tiny, tmp_path, monkeypatch):
-    model, books = tiny
-    partial = tmp_path / "real_model.partial.json"
-    first = rs.run_real_report(model, books, TINY, progress=False, partial=partial)
+def _count_stage_runs(monkeypatch) -> list:
     ran = []
     for name, stage in list(rs.REAL_STAGES.items()):  # record which stages run again
         monkeypatch.setitem(rs.REAL_STAGES, name, dataclasses.replace(
             stage, run=lambda ctx, name=name, run=stage.run: ran.append(name) or run(ctx)))
-    again = rs.run_real_report(model, books, TINY, progress=False, partial=partial)
+    return ran
+
+
+def test_resume_reuses_exactly_the_stages_whose_sizes_are_unchanged(tiny, tmp_path, monkeypatch):
+    model, books = tiny
+    saved = tmp_path / "real_model_results"
+    first = rs.run_real_report(model, books, TINY, progress=False, saved=saved)
+    ran = _count_stage_runs(monkeypatch)
+    again = rs.run_real_report(model, books, TINY, progress=False, saved=saved, resume=True)
     assert ran == [] and all(again[k] == first[k] for k in rs.REAL_STAGES)
-    rs.run_real_report(model, books, dataclasses.replace(TINY, ioi_prompts=3), progress=False, partial=partial)
+    rs.run_real_report(model, books, dataclasses.replace(TINY, ioi_prompts=3), progress=False, saved=saved,
+                       resume=True)
     assert ran == ["patching"]  # only the stage that reads ioi_prompts
+    rs.run_real_report(model, books, TINY, progress=False, saved=saved)  # no resume: every stage again
+    assert ran == ["patching"] + list(rs.REAL_STAGES)
+
+
+def test_stage_results_save_and_load_exactly(tiny, tmp_path):
+    """Each stage's result is saved with `Result.save` and read back by `lnfree.load_result`, every field equal."""
+    import lnfree
+
+    model, books = tiny
+    numbers = rs.run_real_report(model, books, TINY, progress=False, saved=tmp_path)
+    for name in rs.REAL_STAGES:
+        back = lnfree.load_result(tmp_path / name)
+        assert isinstance(back, rs.RealStageResult) and back.stage == name and back.numbers == numbers[name]
+        assert back.sizes == TINY.to_dict() and back.model_name == numbers["model_label"]
+        assert json.dumps(back.numbers) == json.dumps(numbers[name])  # the same JSON, key order included
+    dla = lnfree.load_result(tmp_path / "dla")
+    assert dla.estimates()["nmae"].value == numbers["dla"]["nmae"]["value"]
+    assert "nmae" in set(dla.to_frame()["key"]) and len(dla.plot().data) == 1
 
 
 def test_the_command_writes_page_equal_to_render_of_its_json(tiny, tmp_path, monkeypatch):
@@ -120,8 +145,38 @@ def test_the_command_writes_page_equal_to_render_of_its_json(tiny, tmp_path, mon
     assert main(["report", "smollm2-135m", "--quick", "--no-progress", "--out", str(out)]) == 0
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert out.read_text() == render(numbers) and numbers["sizes"] == TINY.to_dict()
-    assert not out.with_suffix(".partial.json").exists()
+    assert sorted(p.name for p in (tmp_path / "page_results").iterdir()) == sorted(rs.REAL_STAGES)
     out.write_text("stale")
     assert main(["report", "smollm2-135m", "--render", "--out", str(out)]) == 0
     assert out.read_text() == render(numbers)
-    assert main(["report", "smollm2-135m", "--render-partial", "--out", str(out)]) == 2  # no interrupted run
+    assert main(["report", "smollm2-135m", "--render-partial", "--out", str(tmp_path / "other.md")]) == 2  # none saved
+
+
+def test_the_command_with_resume_recomputes_nothing(tiny, tmp_path, monkeypatch):
+    """A second `lnfree report --resume` loads every stage's saved result: no stage runs, the same page and JSON."""
+    from lnfree import zoo
+    from lnfree.cli import main
+    from lnfree.report import cli as report_cli
+
+    monkeypatch.setattr(report_cli, "load_any", lambda spec, device=None: zoo.load("tiny-ln"))
+    monkeypatch.setattr(rs, "QUICK", TINY)
+    out = tmp_path / "page.md"
+    argv = ["report", "smollm2-135m", "--quick", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    page, numbers = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    ran = _count_stage_runs(monkeypatch)
+    out.unlink()
+    assert main(argv + ["--resume"]) == 0
+    assert ran == [] and out.read_text() == page
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert {k: v for k, v in again.items() if k != "machine"} == {k: v for k, v in numbers.items() if k != "machine"}
+    # an interrupted run: the page from the stages it saved, the others marked missing
+    for name in ("patching", "geometry"):
+        for f in (tmp_path / "page_results" / name).iterdir():
+            f.unlink()
+        (tmp_path / "page_results" / name).rmdir()
+    assert main(["report", "smollm2-135m", "--quick", "--render-partial", "--out", str(out)]) == 0
+    assert "Partial run: patching, geometry not computed yet" in out.read_text()
+    assert main(argv + ["--resume"]) == 0
+    final = json.loads(out.with_suffix(".json").read_text())
+    assert ran == ["patching", "geometry"] and all(final[k] == numbers[k] for k in rs.REAL_STAGES)  # times differ

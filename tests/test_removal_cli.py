@@ -128,6 +128,17 @@ def test_errors_speak_flags_not_python_arguments(tl_dir, tmp_path, capsys):
     assert "--seq-len 32 exceeds the model's context" in capsys.readouterr().err
 
 
+def test_sites_flag_removes_only_those_and_a_typo_names_the_nearest_site(tl_dir, tmp_path, capsys):
+    assert main(_args(tl_dir, tmp_path / "x", "--sites", "blocks.0.ln_2")) == 2
+    assert "'blocks.0.ln_2' is not a norm site of this model; did you mean 'blocks.0.ln2'?" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(_args(tl_dir, tmp_path / "y", "--sites", "blocks.0.ln2", "ln_final")) == 0
+    modes = lnfree.load(str(tmp_path / "y")).ln_modes()
+    assert {s for s, m in modes.items() if m != "live"} == {"blocks.0.ln2", "ln_final"}
+    assert {m for s, m in modes.items() if s in ("blocks.0.ln2", "ln_final")} == {"removed"}
+
+
 def test_data_repeated_for_many_epochs_warns():
     with pytest.warns(UserWarning, match=r"reads its 8 training sequences 6 times over \(12 steps x batch 4\)"):
         remove_layernorm(make_model(), _data(8), **dict(RUN, checkpoint_every=100))

@@ -23,6 +23,7 @@ import lnfree.paper as P
 from lnfree import zoo
 from lnfree._codec import CodecError
 from lnfree._results import FORMAT_VERSION, Result, load_result, result
+from lnfree.report import real_stages
 from lnfree.stats import Estimate
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "lnfree"
@@ -78,6 +79,11 @@ def built() -> dict[str, Result]:
                                        s2_pos=s2[:2], **B),
         "IOIAtPComparison": P.compare_ioi_atp({"ln": ln, "free": free}, prompts, s2_pos=s2[:2], **B),
         "SiteCosts": site_costs(ln, toks[:2, :12], calib=toks[2:, :12], sites=ln.ln_sites[:3], **B),
+        "RealStageResult": real_stages.RealStageResult(
+            stage="dla", title="DLA", sizes=real_stages.QUICK.to_dict(), data={"cfi": [2, 32]}, seconds=0.5,
+            numbers={"nmae": {"value": 1.5, "low": 1.0, "high": 2.0, "n": 2}, "rows": [2, 16], "mode": "live",
+                     "per_layer": [{"layer": 0, "nmae": float("nan")}], "frozen_ce": None, "finite": True},
+            model_id="tiny-ln", model_name=ln.cfg.model_name, labels=("nmae", "rows")),
     }
 
 

@@ -70,6 +70,7 @@ _EXPORTS = {
     "CEResult": "lnfree.evaluation",
     "CEComparison": "lnfree.evaluation",
     "remove_layernorm": "lnfree.removal",
+    "RemovalSettings": "lnfree.removal",
     "cross_entropy": "lnfree.evaluation",
     "compare_cross_entropy": "lnfree.evaluation",
     "CEResult": "lnfree.evaluation",

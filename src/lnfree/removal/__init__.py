@@ -5,7 +5,7 @@
 
 Modules: `schedule` (when each site is frozen, the paper's presets), `sigma` (EMA of each live
 site's scale), `loss` (CE, the auxiliary residual-norm loss, the distillation KL), `data` (token
-sources, seeded order), `config` (`RemovalConfig`), `lora` (adapters on a frozen backbone),
+sources, seeded order), `config` (`RemovalSettings`, `RemovalConfig`), `lora` (adapters on a frozen backbone),
 `checkpoint` (restore_sites; reading and rebuilding checkpoints is `lnfree.io`), `trainer` (the
 loop, rollback, DDP), `cli` (``lnfree remove-ln``), `costs` (`site_costs`: what freezing each site alone
 costs: the order for ``--site-order``; ``lnfree site-costs`` in `costs_cli`). Optimiser, checkpoint
@@ -20,7 +20,8 @@ import importlib
 
 _EXPORTS = {
     "remove_layernorm": "trainer",
-    "check_arguments": "trainer",
+    "check_arguments": "config",
+    "RemovalSettings": "config",
     "RemovalConfig": "config",
     "OptimConfig": "trainer",
     "DivergedError": "trainer",

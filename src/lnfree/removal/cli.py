@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--positional-sigma", type=int, default=0, metavar="K",
                    help="freeze each site at a positional scale: positions 0..K-1 keep their own sigma (every row must "
                         "start with the same token: --bos-id); such sites end frozen, not folded (docs/removal.md)")
+    p.add_argument("--sites", nargs="+", default=None, metavar="SITE",
+                   help="remove only these sites (e.g. blocks.14.ln1.v): they are frozen on the schedule and folded; "
+                        "every other site stays live (default: every site)")
     p.add_argument("--vanilla", action="store_true", help="control run: keep LN, no aux loss")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per optimizer step (all processes)")
@@ -108,18 +111,28 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_args(args) -> None:
-    """Validate every numeric flag by its name before anything is loaded."""
-    from lnfree.removal.trainer import check_arguments
+def settings_from_args(args):
+    """The run's `RemovalSettings` from the flags (validated: an error names the flag)."""
+    from lnfree.removal.config import RemovalSettings
+
+    try:
+        return RemovalSettings(
+            schedule=args.preset, steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+            seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda,
+            vanilla=args.vanilla, checkpoint_every=args.checkpoint_every, seed=args.seed, bf16=args.bf16,
+            max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
+            recipe=args.recipe, freeze_ramp=args.freeze_ramp, positional_sigma=args.positional_sigma,
+            sites=args.sites)
+    except (ValueError, TypeError) as e:
+        raise type(e)(in_flags(str(e))) from None
+
+
+def check_args(args):
+    """Validate every flag before anything is loaded; returns the `RemovalSettings` they spell."""
     from lnfree.training.device import resolve_device
 
-    check_arguments(dict(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                         seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup,
-                         aux_lambda=args.aux_lambda, checkpoint_every=args.checkpoint_every,
-                         max_rollbacks=args.max_rollbacks, seed=args.seed, lora_rank=args.lora_rank,
-                         lora_alpha=args.lora_alpha, distill=args.distill,
-                         distill_temperature=args.distill_temperature, freeze_ramp=args.freeze_ramp,
-                         positional_sigma=args.positional_sigma), flag=_flag)
+    settings = settings_from_args(args)
     for name, low in (("eval_seqs", 0), ("threads", 1), ("site_start", 1), ("site_gap", 0)):
         v = getattr(args, name)
         if v is not None and (isinstance(v, bool) or v < low):
@@ -139,6 +152,7 @@ def check_args(args) -> None:
         if not out.is_dir() or CheckpointDir(out).latest() is None:
             what = "does not exist" if not out.exists() else "holds no removal checkpoint (no checkpoints/latest)"
             raise ValueError(f"nothing to resume: --out {out} {what}; check the path, or drop --resume to start")
+    return settings
 
 
 def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: int = 1):
@@ -165,6 +179,7 @@ def schedule_from_order_file(path, n_layers: int, steps: int, start=None, gap: i
 
 # The trainer's messages name its Python arguments; the command's user knows the flags.
 _IN_FLAGS = [
+    (r"^(steps|lr|warmup|distill|seed|sites|positional_sigma)\b()", None),  # a setting's own check names it first
     (r"use schedule=None \(Small's schedule scaled to the model\) or a Schedule",
      "drop --preset (Small's schedule is then scaled to the model and --steps), or give --site-order"),
     (r"needs a preset schedule \(schedule='gpt2-small', \.\.\.\)", "needs --preset (gpt2-small, ...)"),
@@ -215,14 +230,13 @@ def run(args) -> int:
     from lnfree.training.guards import DivergedError
     from lnfree.training.interrupt import TrainingInterrupted
 
-    check_args(args)
+    settings = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model_arg(args.model, args.tokenizer, args.device)
-    schedule = args.preset
     if args.site_order is not None:
-        schedule = schedule_from_order_file(args.site_order, model.cfg.n_layers, args.steps, args.site_start,
-                                            args.site_gap)
+        settings = settings.replace(schedule=schedule_from_order_file(
+            args.site_order, model.cfg.n_layers, args.steps, args.site_start, args.site_gap))
     data = args.data if len(args.data) > 1 else args.data[0]
     eval_data = args.eval_data
     if eval_data is None and args.eval_seqs > 0:
@@ -232,17 +246,10 @@ def run(args) -> int:
             raise CLIError(f"--eval-seqs {args.eval_seqs}: --data gives only {len(seqs)} sequences of {seq_len} tokens; "
                            f"hold out fewer (at most {len(seqs) - 1}), give more data, or pass --eval-data")
         data, eval_data = split_holdout(seqs, args.eval_seqs)
-        args.seq_len = seq_len
+        settings = settings.replace(seq_len=seq_len)
     try:
-        model = remove_layernorm(
-            model, data, schedule=schedule, steps=args.steps, batch_size=args.batch_size,
-            micro_batch_size=args.micro_batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.min_lr,
-            warmup=args.warmup, aux_lambda=args.aux_lambda, vanilla=args.vanilla, out_dir=args.out,
-            checkpoint_every=args.checkpoint_every, resume=args.resume, eval_data=eval_data,
-            progress=not args.no_progress, device=args.device, seed=args.seed, bf16=args.bf16,
-            max_rollbacks=args.max_rollbacks, bos_token_id=args.bos_id, lora_rank=args.lora_rank,
-            lora_alpha=args.lora_alpha, distill=args.distill, distill_temperature=args.distill_temperature,
-            recipe=args.recipe, freeze_ramp=args.freeze_ramp, positional_sigma=args.positional_sigma)
+        model = remove_layernorm(model, data, settings=settings, out_dir=args.out, resume=args.resume,
+                                 eval_data=eval_data, progress=not args.no_progress, device=args.device)
     except DivergedError as e:  # one line, no traceback; the message names the last good checkpoint
         raise CLIError(str(e)) from None
     except TrainingInterrupted as e:  # Ctrl-C: the trainer checkpointed the step it finished

@@ -20,6 +20,8 @@ that freezing costs little, and calls `remove_ln()` at the end. Per optimizer st
 Variants: ``lora_rank=r`` trains LoRA adapters on a frozen backbone and merges them at the end;
 ``distill=w`` mixes in the KL divergence to the frozen original model. ``vanilla=True`` is the
 paper's control: same data, steps and optimiser, LN kept live, no aux loss (unless ``vanilla_aux``).
+``sites=[...]`` freezes and folds only the named sites; the run ends with the others live.
+The settings are a `RemovalSettings` (`lnfree.removal.config`); its fields are also keyword arguments.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the histori
     CHECKPOINT_FORMAT, cfg_from_json, cfg_to_json, latest_checkpoint, load_checkpoint, load_tl_dir, read_checkpoint,
     restore_sites,
 )
-from lnfree.removal.config import RESUME_FREE_KEYS, RemovalConfig  # noqa: F401
+from lnfree.removal.config import (  # noqa: F401  (check_arguments, ARGUMENTS: re-exported)
+    ARGUMENTS, RESUME_FREE_KEYS, RemovalConfig, RemovalSettings, check_arguments,
+)
 from lnfree.removal.data import TokenData, as_token_source, load_tokens
 from lnfree.removal.hf_training import dropout, resolve_tie, tie_embeddings, untie_embeddings
 from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce, site_scale_loss
@@ -172,7 +176,8 @@ class _Run:
         self.eval_tokens, self.progress, self.callback = eval_tokens, progress, callback
         self.teacher = teacher
         self.k_local = cfg.batch_size // (cfg.micro_batch_size * dist.world)
-        self.sites = [s for s in schedule.sites if s in set(model.ln_sites)]
+        chosen = set(model.ln_sites if cfg.sites is None else cfg.sites)  # sites=: the only ones frozen
+        self.sites = [s for s in schedule.sites if s in chosen]
         live = [s for s in self.sites if model.ln_mode(s) == "live"]
         ln1 = {s: cfg.momentum ** cfg.ln1_momentum_power for s in live if ".ln1." in s} \
             if cfg.ln1_momentum_power != 1 else None
@@ -614,48 +619,10 @@ def _fingerprint(model: Optional[torch.nn.Module]) -> Optional[float]:
     return round(total, 6)
 
 
-# ---- arguments -----------------------------------------------------------------------------
-# name -> (kind, lower bound, allow None); kinds: int, num (finite), pos (finite > 0), frac ([0, 1]), mom ([0, 1))
-ARGUMENTS = {
-    "steps": ("int", 2, True), "batch_size": ("int", 1, True), "micro_batch_size": ("int", 1, True),
-    "seq_len": ("int", 2, True), "lr": ("pos", 0, True), "min_lr": ("num", 0, True), "warmup": ("int", 0, True),
-    "aux_lambda": ("num", 0, True), "checkpoint_every": ("int", 1, False), "max_rollbacks": ("int", 0, False),
-    "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, False),
-    "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
-    "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
-    "positional_sigma": ("int", 0, False), "diverge_factor": ("pos", 0, False), "spike_factor": ("pos", 0, False),
-    "site_aux": ("num", 0, False),
-}
-
-
-def check_arguments(values: dict, *, flag: Callable[[str], str] = lambda n: n) -> None:
-    """Validate user-facing settings by their names (`flag` maps a name to how the user spelt it,
-    e.g. ``--steps``); raises ValueError naming the first bad one."""
-    for name, v in values.items():
-        kind, low, none_ok = ARGUMENTS[name]
-        if v is None and none_ok:
-            continue
-        shown = flag(name)
-        if kind == "int":
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-                raise ValueError(f"{shown} must be an integer >= {low}, got {v!r}")
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"{shown} must be a finite number, got {v!r}")
-        if kind == "pos" and v <= 0:
-            raise ValueError(f"{shown} must be > 0, got {v!r}")
-        if kind == "num" and v < low:
-            raise ValueError(f"{shown} must be >= {low}, got {v!r}")
-        if kind == "frac" and not 0 <= v <= 1:
-            raise ValueError(f"{shown} must lie in [0, 1], got {v!r}")
-        if kind == "mom" and not 0 <= v < 1:
-            raise ValueError(f"{shown} must lie in [0, 1), got {v!r}")
-
-
 # ---- public entry point --------------------------------------------------------------------
-def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size, seq_len, data):
+def _resolve_settings(model, s: RemovalSettings, data):
     """(Schedule, dict of hyper-parameters, preset or None) from a preset name, a Schedule, or None."""
-    n_layers = model.cfg.n_layers
+    n_layers, schedule, steps, seq_len = model.cfg.n_layers, s.schedule, s.steps, s.seq_len
     preset: Optional[Preset] = None
     if isinstance(schedule, str):
         preset = get_preset(schedule)
@@ -671,11 +638,8 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
         if steps is not None and steps != schedule.steps:
             raise ValueError(f"steps={steps} disagrees with the schedule's {schedule.steps} steps")
         sched = schedule
-    elif schedule is None:
+    else:  # None (RemovalSettings refuses other types)
         sched = Schedule.scaled(n_layers, 300 if steps is None else steps)
-    else:
-        raise TypeError(f"schedule must be None, a preset name {sorted(PRESETS)} or a Schedule, "
-                        f"got {type(schedule).__name__}")
     if sched.n_layers != n_layers:
         raise ValueError(f"the schedule is for {sched.n_layers} layers; the model has {n_layers}")
     base = preset or PRESETS["gpt2-small"]
@@ -688,17 +652,106 @@ def _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, ba
             width = getattr(data, "shape", (0, 0))[-1] if getattr(data, "ndim", 0) == 2 else model.cfg.n_ctx
         seq_len = min(int(width), model.cfg.n_ctx, 1024 if preset is None else preset.seq_len)
     hp = {
-        "lr": base.lr if lr is None else lr,
-        "min_lr": base.min_lr if min_lr is None else min_lr,
-        "aux_lambda": base.aux_lambda if aux_lambda is None else aux_lambda,
+        "lr": base.lr if s.lr is None else s.lr,
+        "min_lr": base.min_lr if s.min_lr is None else s.min_lr,
+        "aux_lambda": base.aux_lambda if s.aux_lambda is None else s.aux_lambda,
         "warmup": (base.warmup if preset is not None and sched is preset.schedule
-                   else max(1, round(sched.steps * 25 / 300))) if warmup is None else warmup,
-        "batch_size": (preset.batch_size if preset is not None else 32) if batch_size is None else batch_size,
+                   else max(1, round(sched.steps * 25 / 300))) if s.warmup is None else s.warmup,
+        "batch_size": (preset.batch_size if preset is not None else 32) if s.batch_size is None else s.batch_size,
         "seq_len": seq_len,
     }
     if seq_len > model.cfg.n_ctx:
         raise ValueError(f"seq_len={seq_len} exceeds the model's context n_ctx={model.cfg.n_ctx}")
     return sched, hp, preset
+
+
+def _micro_batch(s: RemovalSettings, rec: dict, batch_size: int, dist: _Dist) -> int:
+    """Sequences per forward pass per process: the user's, else the recipe's (if it divides), else the whole share."""
+    per_rank = batch_size // dist.world
+    mbs = (rec.get("micro_batch_size") or per_rank) if s.micro_batch_size is None else s.micro_batch_size
+    if rec.get("micro_batch_size") and s.micro_batch_size is None and batch_size % (mbs * dist.world):
+        mbs = per_rank  # the paper's micro-batch does not divide this process count's share: one per rank
+    if batch_size % (mbs * dist.world):
+        raise ValueError(f"batch_size ({batch_size}) must be a multiple of micro_batch_size ({mbs}) x "
+                         f"processes ({dist.world})")
+    return mbs
+
+
+def _check_ramp(s: RemovalSettings, sched: Schedule) -> None:
+    """Every ramp (of the sites this run freezes) must end inside the run."""
+    last = sched.end if s.sites is None else max(sched.removal_step(x) for x in s.sites)
+    if s.freeze_ramp and not s.vanilla and last + s.freeze_ramp > sched.steps - 1:
+        raise ValueError(f"freeze_ramp={s.freeze_ramp}: the last site, frozen at step {last}, would be fully "
+                         f"frozen only at step {last + s.freeze_ramp}, past the run's last step "
+                         f"{sched.steps - 1}; lengthen the run or shorten the ramp")
+
+
+def _resolve_config(model: LNFreeTransformer, s: RemovalSettings, data, dist: _Dist) -> tuple[RemovalConfig, Schedule]:
+    """The run's `RemovalConfig` and `Schedule`: the settings with the preset's, recipe's and model's defaults."""
+    eot = s.eot_token_id if s.eot_token_id is not None else getattr(model.tokenizer, "eos_token_id", None)
+    sched, hp, preset = _resolve_settings(model, s, data)
+    rec = _recipe(s.recipe, preset)
+    _check_ramp(s, sched)
+    if s.batch_size is None and "batch_size" in rec:
+        hp["batch_size"] = rec["batch_size"]
+    mbs = _micro_batch(s, rec, hp["batch_size"], dist)
+    optim = OptimConfig(steps=sched.steps, lr=float(hp["lr"]), min_lr=float(hp["min_lr"]), warmup=hp["warmup"],
+                        weight_decay=rec.get("weight_decay", 0.01) if s.weight_decay is None else float(s.weight_decay),
+                        betas=(0.9, 0.999), grad_clip=1.0, horizon=rec.get("horizon"),
+                        no_decay=rec.get("no_decay", "ndim<2"), warmup_from_zero=rec.get("warmup_from_zero", False))
+    cfg = RemovalConfig(optim=optim, batch_size=hp["batch_size"], micro_batch_size=mbs, seq_len=hp["seq_len"],
+                        aux_lambda=float(hp["aux_lambda"]), vanilla=bool(s.vanilla), seed=s.seed, bf16=bool(s.bf16),
+                        schedule=sched.to_dict(), eot_token_id=eot,
+                        momentum=rec.get("momentum", 0.9) if s.momentum is None else float(s.momentum),
+                        lora_rank=s.lora_rank, lora_alpha=None if s.lora_alpha is None else float(s.lora_alpha),
+                        distill=float(s.distill), distill_temperature=float(s.distill_temperature),
+                        share_ln1_sigma=rec.get("share_ln1_sigma", False),
+                        ln1_momentum_power=rec.get("ln1_momentum_power", 1),
+                        mask_eot_labels=rec.get("mask_eot_labels", False),
+                        vanilla_aux=bool(s.vanilla) and rec.get("vanilla_aux", False),
+                        dropout=rec.get("dropout", 0.0),
+                        tie_embeddings=resolve_tie(rec.get("tie_embeddings", False), model),
+                        freeze_ramp=s.freeze_ramp, positional_sigma=s.positional_sigma,
+                        checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
+                        max_rollbacks=s.max_rollbacks, diverge_factor=float(s.diverge_factor),
+                        spike_factor=float(s.spike_factor), site_aux=float(s.site_aux), sites=s.sites)
+    return cfg, sched
+
+
+def _training_data(model: LNFreeTransformer, data, cfg: RemovalConfig, bos_token_id: Optional[int]) -> TokenData:
+    """The run's token rows (enough for every step, and a little more), in the seeded order."""
+    needed = cfg.steps * cfg.batch_size * cfg.seq_len
+    seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=model.tokenizer, eot_token_id=cfg.eot_token_id,
+                       max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
+    tdata = TokenData(seqs, seed=cfg.seed)
+    _warn_repeats(cfg, tdata.n_sequences)
+    lo, hi = tdata.token_range()
+    if lo < 0 or hi >= model.cfg.d_vocab:
+        raise ValueError(f"data token ids span [{lo}, {hi}], outside the model's vocabulary [0, {model.cfg.d_vocab})")
+    return tdata
+
+
+def _check_sites(model: LNFreeTransformer, sites: Optional[tuple]) -> None:
+    """`sites=` names sites of this model that are not removed yet (a typo gets the nearest name)."""
+    if sites is None:
+        return
+    import difflib
+
+    for site in sites:
+        if site not in model.ln_sites:
+            near = difflib.get_close_matches(site, model.ln_sites, n=1)
+            hint = f"did you mean {near[0]!r}?" if near else f"its sites are {model.ln_sites[:4]}... (model.ln_sites)"
+            raise ValueError(f"sites: {site!r} is not a norm site of this model; {hint}")
+    removed = [s for s in sites if model.ln_mode(s) == "removed"]
+    if removed:
+        raise ValueError(f"sites {removed} are already removed from the model: name sites that are live or frozen")
+
+
+def _check_scheduled(model: LNFreeTransformer, cfg: RemovalConfig, sched: Schedule) -> None:
+    targets = model.ln_sites if cfg.sites is None else cfg.sites
+    unscheduled = [s for s in targets if model.ln_mode(s) == "live" and s not in sched.sites]
+    if unscheduled:
+        raise ValueError(f"live sites {unscheduled[:3]} are not in the schedule")
 
 
 MAX_EPOCHS = 3  # the paper's runs read each sequence about once; far more overfits the fine-tune's data
@@ -709,7 +762,7 @@ def _warn_repeats(cfg: RemovalConfig, n_sequences: int) -> None:
     if epochs > MAX_EPOCHS:
         warnings.warn(f"the run reads its {n_sequences} training sequences {epochs:.0f} times over ({cfg.steps} steps x "
                       f"batch {cfg.batch_size}): fine-tuning on repeated data overfits it (train loss falls while "
-                      "held-out CE rises); give more data or fewer steps", stacklevel=3)
+                      "held-out CE rises); give more data or fewer steps", stacklevel=4)
 
 
 def _resolve_device(model, device, dist: _Dist) -> torch.device:
@@ -739,41 +792,14 @@ def remove_layernorm(
     model,
     data,
     *,
-    schedule: Union[None, str, Schedule] = None,
-    steps: Optional[int] = None,
-    batch_size: Optional[int] = None,
-    micro_batch_size: Optional[int] = None,
-    seq_len: Optional[int] = None,
-    lr: Optional[float] = None,
-    min_lr: Optional[float] = None,
-    warmup: Optional[int] = None,
-    aux_lambda: Optional[float] = None,
-    vanilla: bool = False,
-    lora_rank: Optional[int] = None,
-    lora_alpha: Optional[float] = None,
-    distill: float = 0.0,
-    distill_temperature: float = 1.0,
+    settings: Optional[RemovalSettings] = None,
     out_dir: Union[None, str, os.PathLike] = None,
-    checkpoint_every: int = 50,
     resume: Union[bool, str] = False,
     eval_data=None,
     progress: bool = True,
     device: Union[None, str, torch.device] = None,
-    seed: int = 0,
-    bf16: bool = False,
-    eot_token_id: Optional[int] = None,
-    bos_token_id: Optional[int] = None,
-    momentum: Optional[float] = None,
-    max_rollbacks: int = 3,
-    keep_checkpoints: int = 2,
-    weight_decay: Optional[float] = None,
-    recipe: Union[None, str, dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
-    freeze_ramp: int = 0,
-    positional_sigma: int = 0,
-    diverge_factor: float = 3.0,
-    spike_factor: float = 3.0,
-    site_aux: float = 0.0,
+    **setting_kwargs,
 ) -> LNFreeTransformer:
     """Fine-tune LayerNorm away (the paper's procedure); returns the LN-free model.
 
@@ -787,70 +813,25 @@ def remove_layernorm(
             copy to keep the original.
         data: training tokens or text (see `lnfree.removal.data.load_tokens`): a [n, seq] / 1-D token
             tensor, array or nested list of ids, .npy / .txt / .jsonl paths, a directory, or a HF dataset name.
-        schedule: None (GPT-2 Small's schedule scaled to the model's depth and `steps`, see
-            `Schedule.scaled`), a preset name ("gpt2-small", "gpt2-medium", "gpt2-large", "gpt2-xl",
-            which also supplies lr, min_lr, warmup, aux_lambda, batch_size and seq_len defaults), or a
-            `Schedule`.
-        steps: optimizer steps (default: the preset's / schedule's, else 300).
-        batch_size: sequences per optimizer step, over all processes (default 32; presets 512).
-        micro_batch_size: sequences per forward pass on one process (default: the whole per-process
-            batch); gradients are accumulated.
-        seq_len: tokens per sequence (default: the data's row width for 2-D arrays, else n_ctx).
-        lr, min_lr, warmup: AdamW peak LR, final LR of the cosine decay, warmup steps (defaults: GPT-2
-            Small's 6e-4, 3e-4 and 25/300 of the run, or the preset's).
-        aux_lambda: weight of the auxiliary residual-norm loss (default 0.1, or the preset's).
-        vanilla: the control run: same data and optimisation, LN kept live, no aux loss, no freezing.
-        lora_rank, lora_alpha: train rank-r LoRA adapters (scale alpha / r, default alpha = r) on the
-            attention and MLP weights of a frozen backbone, merged at the end (`lnfree.removal.lora`).
-        distill: weight w of the KL divergence to the original model's next-token distribution:
-            loss = (1 - w) CE + w KL (+ aux); 0 disables it (no teacher). The teacher is a frozen copy
-            of `model` as passed (one more model in memory, one more forward pass per micro-batch).
-        distill_temperature: softmax temperature T of the KL (scaled by T^2).
+        settings: a `RemovalSettings` (schedule, steps, batch sizes, lr, variants, ramp, guard factors,
+            ``sites``: every field is documented there). The short form: its fields as keyword arguments
+            (``steps=300, lr=1e-3``), which build one; giving both is an error.
         out_dir: where checkpoints, ``log.jsonl``, ``summary.json`` and the final model (``final/``
             via `save_pretrained`, and ``final_tl/`` as TransformerLens weights + config) go.
-        checkpoint_every: steps between checkpoints (a checkpoint is also written at step 0 and at the end).
         resume: True: continue the run in `out_dir` from its latest good checkpoint (an error if there
             is none); "auto": continue if there is one, else start; False: start (refused if `out_dir`
             holds a run).
         eval_data: held-out tokens (same forms as `data`; 2-D arrays keep their width): CE with a
             bootstrap CI is measured before and after and written to the summary.
+        progress: show a progress bar.
         device: where to train (default: the model's device; cuda:LOCAL_RANK under torchrun with GPUs).
-        seed: data order seed (and the LoRA initialisation's).
-        bf16: autocast forward passes to bfloat16 (weights and optimizer stay float32).
-        eot_token_id: end-of-text id excluded from the aux loss's sigma_hat (default: tokenizer's eos).
-        bos_token_id: if set, token streams and text are cut into ``[bos] + (seq_len - 1)`` rows (for a
-            model pretrained with a BOS at position 0); default: plain chunks, no BOS, as in the paper.
-        momentum: sigma EMA momentum per micro-batch (default 0.9, or the recipe's).
-        max_rollbacks: bad steps (non-finite, diverged, spiking) are rolled back to the last good
-            checkpoint with the LR halved; after this many the run stops with `DivergedError`
-            (a RuntimeError) naming the last good checkpoint.
-        weight_decay: AdamW weight decay on matrices (default 0.01, or the recipe's).
-        recipe: "paper" with a preset: the paper's code's run of that size (see
-            `lnfree.removal.schedule.PAPER_RECIPES` and docs/removal.md); a dict of some of its switches
-            (`RECIPE_KEYS`: one departure at a time); None: lnfree's recipe.
         callback: called (on rank 0) with a dict for every step and event (freeze, checkpoint, rollback).
-        freeze_ramp: R > 0 phases each freeze in over R steps instead of at once: from its removal step s
-            a site's per-token scale is ``live ** (1 - a) * sigma ** a``, ``a = (step - s + 1) / (R + 1)``,
-            fully frozen from step s + R (every site must reach that by the last step). For models with
-            tokens far above the average scale (SmolLM2's position 0: docs/normfree_smollm2.md).
-        diverge_factor, spike_factor: the fail-safe's loss bounds: a step is rolled back when its loss exceeds
-            ``diverge_factor`` x the first loss (and the first + 2), or ``spike_factor`` x the running median of
-            recent losses (and it + 2); non-finite values always are. Raise them to watch a run the defaults
-            would stop (an experiment, not a recipe).
-        positional_sigma: k > 0 freezes each site at a positional scale (positions 0..k-1 keep their own EMA
-            sigma, later ones share one; every training row must start with one fixed token: `bos_token_id`).
-            A positional scale is a fixed linear map per position, so the model is norm-free, but it cannot
-            be folded into weights: those sites end frozen, not removed (`model.is_norm_free`).
-        site_aux: weight w of lnfree's norm-input loss (`lnfree.removal.loss.site_scale_loss`, not the paper's):
-            at every norm's input (live, frozen or removed), each token's scale is pulled towards the typical
-            one: what the norm did, kept up where it is gone. Without it SmolLM2's gated MLPs, reading frozen
-            scales, square a rare token's excess layer after layer until it overflows (docs/normfree_smollm2.md).
-            Also in the loss of the vanilla control (only freezing differs).
 
-    Under ``torchrun --nproc_per_node N`` each process runs this same call: the model is wrapped in
-    DistributedDataParallel, each rank takes its share of every global batch, sigma statistics are
-    all-reduced so all ranks freeze the same sigma, and only rank 0 writes files (out_dir must be on
-    a filesystem every rank can read, for rollbacks and resume).
+    With ``sites=[...]`` only those sites are frozen (each at its schedule step) and folded at the end: the
+    returned model keeps every other site live. Under ``torchrun --nproc_per_node N`` each process runs this
+    same call: the model is wrapped in DistributedDataParallel, each rank takes its share of every global
+    batch, sigma statistics are all-reduced so all ranks freeze the same sigma, and only rank 0 writes files
+    (out_dir must be on a filesystem every rank can read, for rollbacks and resume).
 
     The summary dict is also attached to the returned model as ``model.removal_summary``.
 
@@ -859,21 +840,17 @@ def remove_layernorm(
         ...                            eval_data="heldout.npy", out_dir="runs/removal")  # doctest: +SKIP
         >>> ln_free.is_ln_free                                                            # doctest: +SKIP
         True
+        >>> settings = RemovalSettings(steps=300, batch_size=16, seq_len=256, freeze_ramp=3)
+        >>> partial = remove_layernorm(model, "train_tokens.npy", settings=settings.replace(sites=["blocks.0.ln1"]))
+        ... # doctest: +SKIP
     """
-    check_arguments(dict(steps=steps, batch_size=batch_size, micro_batch_size=micro_batch_size, seq_len=seq_len,
-                         lr=lr, min_lr=min_lr, warmup=warmup, aux_lambda=aux_lambda, checkpoint_every=checkpoint_every,
-                         max_rollbacks=max_rollbacks, keep_checkpoints=keep_checkpoints, seed=seed,
-                         lora_rank=lora_rank, lora_alpha=lora_alpha, distill=distill,
-                         distill_temperature=distill_temperature, weight_decay=weight_decay,
-                         freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
-                         diverge_factor=diverge_factor, spike_factor=spike_factor, site_aux=site_aux))
-    if momentum is not None:
-        check_arguments({"momentum": momentum})
+    s = RemovalSettings.from_kwargs(settings, setting_kwargs)
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume must be True, False or 'auto', got {resume!r}")
     model = as_lnfree(model)
     if model.is_ln_free:
         raise ValueError("the model has no LayerNorm left (every site removed): nothing to remove")
+    _check_sites(model, s.sites)
     data = as_token_source(data)
     out = None if out_dir is None else Path(out_dir)
     found = _check_out_dir(out, resume)
@@ -882,59 +859,14 @@ def remove_layernorm(
         dev = _resolve_device(model, device, dist)
         if next(model.parameters()).device != dev:
             model.to(dev, print_details=False)
-        tokenizer = model.tokenizer
-        eot = eot_token_id if eot_token_id is not None else getattr(tokenizer, "eos_token_id", None)
-        sched, hp, preset = _resolve_settings(model, schedule, steps, lr, min_lr, warmup, aux_lambda, batch_size,
-                                              seq_len, data)
-        rec = _recipe(recipe, preset)
-        if freeze_ramp and not vanilla and sched.end + freeze_ramp > sched.steps - 1:
-            raise ValueError(f"freeze_ramp={freeze_ramp}: the last site, frozen at step {sched.end}, would be fully "
-                             f"frozen only at step {sched.end + freeze_ramp}, past the run's last step "
-                             f"{sched.steps - 1}; lengthen the run or shorten the ramp")
-        if batch_size is None and "batch_size" in rec:
-            hp["batch_size"] = rec["batch_size"]
-        per_rank = hp["batch_size"] // dist.world
-        mbs = (rec.get("micro_batch_size") or per_rank) if micro_batch_size is None else micro_batch_size
-        if rec.get("micro_batch_size") and micro_batch_size is None and hp["batch_size"] % (mbs * dist.world):
-            mbs = per_rank  # the paper's micro-batch does not divide this process count's share: one per rank
-        if hp["batch_size"] % (mbs * dist.world):
-            raise ValueError(f"batch_size ({hp['batch_size']}) must be a multiple of micro_batch_size ({mbs}) x "
-                             f"processes ({dist.world})")
-        optim = OptimConfig(steps=sched.steps, lr=float(hp["lr"]), min_lr=float(hp["min_lr"]), warmup=hp["warmup"],
-                            weight_decay=rec.get("weight_decay", 0.01) if weight_decay is None else float(weight_decay),
-                            betas=(0.9, 0.999), grad_clip=1.0, horizon=rec.get("horizon"),
-                            no_decay=rec.get("no_decay", "ndim<2"), warmup_from_zero=rec.get("warmup_from_zero", False))
-        cfg = RemovalConfig(optim=optim, batch_size=hp["batch_size"], micro_batch_size=mbs, seq_len=hp["seq_len"],
-                            aux_lambda=float(hp["aux_lambda"]), vanilla=bool(vanilla), seed=seed, bf16=bool(bf16),
-                            schedule=sched.to_dict(), eot_token_id=eot,
-                            momentum=rec.get("momentum", 0.9) if momentum is None else float(momentum),
-                            lora_rank=lora_rank, lora_alpha=None if lora_alpha is None else float(lora_alpha),
-                            distill=float(distill), distill_temperature=float(distill_temperature),
-                            share_ln1_sigma=rec.get("share_ln1_sigma", False),
-                            ln1_momentum_power=rec.get("ln1_momentum_power", 1),
-                            mask_eot_labels=rec.get("mask_eot_labels", False),
-                            vanilla_aux=bool(vanilla) and rec.get("vanilla_aux", False),
-                            dropout=rec.get("dropout", 0.0),
-                            tie_embeddings=resolve_tie(rec.get("tie_embeddings", False), model),
-                            freeze_ramp=freeze_ramp, positional_sigma=positional_sigma,
-                            checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
-                            max_rollbacks=max_rollbacks, diverge_factor=float(diverge_factor),
-                            spike_factor=float(spike_factor), site_aux=float(site_aux))
-        needed = cfg.steps * cfg.batch_size * cfg.seq_len
-        seqs = load_tokens(data, seq_len=cfg.seq_len, tokenizer=tokenizer, eot_token_id=eot,
-                           max_tokens=int(needed * 1.05) + cfg.seq_len, bos_token_id=bos_token_id)
-        tdata = TokenData(seqs, seed=seed)
-        _warn_repeats(cfg, tdata.n_sequences)
-        lo, hi = tdata.token_range()
-        if lo < 0 or hi >= model.cfg.d_vocab:
-            raise ValueError(f"data token ids span [{lo}, {hi}], outside the model's vocabulary [0, {model.cfg.d_vocab})")
-        unscheduled = [s for s in model.ln_sites if model.ln_mode(s) == "live" and s not in sched.sites]
-        if unscheduled:
-            raise ValueError(f"live sites {unscheduled[:3]} are not in the schedule")
+        cfg, sched = _resolve_config(model, s, data, dist)
+        tdata = _training_data(model, data, cfg, s.bos_token_id)
+        _check_scheduled(model, cfg, sched)
         teacher = _teacher(model) if cfg.distill > 0 else None
         try:
             run = _Run(model, tdata, cfg, sched, out_dir=out, dist=dist, device=dev,
-                       eval_tokens=_eval_tokens(eval_data, model, cfg.seq_len, tokenizer, eot, bos_token_id),
+                       eval_tokens=_eval_tokens(eval_data, model, cfg.seq_len, model.tokenizer, cfg.eot_token_id,
+                                                s.bos_token_id),
                        progress=progress, callback=callback, teacher=teacher)
             _start(run, out, found, model)
             with stop_on_interrupt(enabled=not run.dist.active) as run.stop:
@@ -1029,7 +961,8 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
     if is_lora(model):
         merge_lora(model)
     if not run.cfg.vanilla:  # positional scales cannot be folded: those sites stay frozen (still norm-free)
-        model.remove_ln([s for s in model.ln_sites if model.ln_mode(s) != "removed" and not model.is_positional(s)])
+        chosen = model.ln_sites if run.cfg.sites is None else run.cfg.sites  # sites=: the others stay live
+        model.remove_ln([s for s in chosen if model.ln_mode(s) != "removed" and not model.is_positional(s)])
     model.eval()
     ce_after = None
     if run.eval_tokens is not None and run.dist.rank == 0:

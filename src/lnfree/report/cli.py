@@ -90,10 +90,13 @@ def _register_real(subparsers, common) -> None:
     p.add_argument("model", metavar="MODEL", choices=["smollm2-135m"], help="smollm2-135m")
     p.add_argument("--full", action="store_true", help="larger sizes (hours on a 2-core CPU)")
     p.add_argument("--out", default="docs/real_model.md", help="the page (default: docs/real_model.md)")
-    p.add_argument("--resume", action="store_true", help="keep the stages an interrupted run finished (same sizes)")
+    p.add_argument("--resume", action="store_true",
+                   help="load the stages an earlier run saved in OUT's _results directory (same model and sizes) "
+                        "instead of recomputing them")
     p.add_argument("--render", action="store_true", help="rewrite the page from OUT's JSON (no computing)")
-    p.add_argument("--render-partial", action="store_true", help="write the page and JSON from an interrupted "
-                                                                  "run's numbers")
+    p.add_argument("--render-partial", action="store_true",
+                   help="write the page and JSON from the stages saved in OUT's _results directory (e.g. of an "
+                        "interrupted run)")
     p.set_defaults(func=run_real)
 
 
@@ -319,41 +322,41 @@ def run_reproduce(args) -> int:
 def run_real(args) -> int:
     """``lnfree report smollm2-135m``: `lnfree.report.real_stages.run_real_report`, then the page."""
     import json
-    import platform
-
-    import torch
 
     from lnfree.report.real_page import render
-    from lnfree.report.real_stages import BOOKS, DEFAULT, FULL, QUICK, run_real_report
+    from lnfree.report.real_stages import (
+        BOOKS, DEFAULT, FULL, QUICK, finish_numbers, run_real_report, saved_numbers,
+    )
 
     if args.quick and args.full:
         raise CLIError("--quick and --full are exclusive")
     t0 = _setup(args)
     out = Path(args.out)
-    numbers_path, partial = out.with_suffix(".json"), out.with_suffix(".partial.json")
+    numbers_path, saved = out.with_suffix(".json"), out.with_name(out.stem + "_results")
+    sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     if args.render or args.render_partial:
-        source = partial if args.render_partial else numbers_path
-        if not source.is_file():
-            raise CLIError(f"{source} does not exist: nothing to render (run without --render first)")
-        numbers = json.loads(source.read_text())
         if args.render_partial:
-            numbers.setdefault("total_s", sum(numbers["timings_s"].values()))
-            numbers.setdefault("machine", f"{platform.machine()}, torch {torch.__version__}")
+            try:
+                numbers = finish_numbers(saved_numbers(saved, sizes))
+            except FileNotFoundError as e:
+                raise CLIError(f"{e}: nothing to render (run without --render-partial first)") from None
             numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+        elif not numbers_path.is_file():
+            raise CLIError(f"{numbers_path} does not exist: nothing to render (run without --render first)")
+        else:
+            numbers = json.loads(numbers_path.read_text())
         out.write_text(render(numbers), encoding="utf-8")
-        print(f"wrote {out} from {source}")
+        print(f"wrote {out} from {saved if args.render_partial else numbers_path}")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        partial.unlink(missing_ok=True)
-    sizes = QUICK if args.quick else FULL if args.full else DEFAULT
     model = load_any(args.model, device=args.device)
     from lnfree import zoo
 
     books = {b: zoo.heldout(b, model=model, seq_len=sizes.seq_len) for b in BOOKS}
-    numbers = run_real_report(model, books, sizes, name=args.model, progress=not args.no_progress, partial=partial)
+    numbers = run_real_report(model, books, sizes, name=args.model, progress=not args.no_progress, saved=saved,
+                              resume=args.resume)
     numbers_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
     out.write_text(render(numbers), encoding="utf-8")
-    partial.unlink(missing_ok=True)
-    print(f"wrote {out} and {numbers_path} ({numbers['total_s']:.0f} s; {time.perf_counter() - t0:.0f} s in all)")
+    print(f"wrote {out}, {numbers_path} and the stage results in {saved} ({numbers['total_s']:.0f} s; "
+          f"{time.perf_counter() - t0:.0f} s in all)")
     return 0

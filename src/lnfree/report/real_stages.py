@@ -2,9 +2,10 @@
 
 Each stage is a `RealStage` (name, title, the `RealSizes` fields it reads, ``run(ctx) -> numbers``) in
 `REAL_STAGES`, in page order; ``run`` reads the same `lnfree.report.stages.Context` as the comparison
-report's stages (one model, its held-out books, the sizes). `run_real_report` runs the registry, keeping
-the stages an interrupted run finished with the same sizes (``--resume``); `lnfree.report.real_page`
-writes the page from its numbers only.
+report's stages (one model, its held-out books, the sizes). `run_real_report` runs the registry; each
+stage's outcome is a `RealStageResult`, saved with `Result.save` under ``saved/<stage>`` and, with
+``resume=True``, loaded back with `lnfree.load_result` instead of recomputed when the model and the sizes the
+stage reads are unchanged (``--resume``); `lnfree.report.real_page` writes the page from the numbers only.
 
 Example:
     >>> from lnfree.report.real_stages import REAL_STAGES, QUICK
@@ -29,7 +30,9 @@ from typing import Callable, Mapping, Optional
 import torch
 from jaxtyping import Float, Int
 
+from lnfree._results import Result, load_result, result
 from lnfree.report.stages import Context
+from lnfree.stats import Estimate
 
 BOOKS = ("persuasion", "cfi")
 MASSIVE = 10.0  # first-token |activation| / the largest |activation| elsewhere above which a neuron is "massive"
@@ -249,14 +252,85 @@ def stage_sizes(sizes: dict) -> dict:
     return {k: {f: sizes.get(f) for f in s.sizes} for k, s in REAL_STAGES.items()}
 
 
-def _reusable(done: dict, current: dict) -> dict:
-    """The stages of an earlier (interrupted) run whose sizes equal `current`'s (older files: all sizes)."""
-    old = done.get("stage_sizes") or stage_sizes(done.get("sizes", {}))
-    return {k: v for k, v in done.items() if k in REAL_STAGES and old.get(k) == current[k]}
+def _is_estimate(x) -> bool:
+    return isinstance(x, dict) and set(x) == {"value", "low", "high", "n"}
+
+
+def _leaves(x, path: str = ""):
+    """(key path, value) of every estimate dict and scalar in a stage's numbers."""
+    if _is_estimate(x) or not isinstance(x, (dict, list)):
+        yield path, x
+        return
+    items = x.items() if isinstance(x, dict) else enumerate(x)
+    for k, v in items:
+        yield from _leaves(v, f"{path}.{k}" if path else str(k))
+
+
+@result
+class RealStageResult(Result):
+    """One stage of the real-model report: the numbers its page section shows, and what produced them.
+
+    ``numbers`` is the stage's JSON (estimates as ``{"value", "low", "high", "n"}`` dicts); ``sizes`` the whole
+    `RealSizes` of the run (``stage_sizes(sizes)[stage]`` is what the stage read), ``data`` the held-out books'
+    shapes, ``seconds`` the stage's own run time, ``model_id`` the name the report was run for. Saved with
+    ``save(path)``, read with `lnfree.load_result`.
+
+    Example:
+        >>> res = RealStageResult(stage="dla", title="DLA", numbers={"nmae": {"value": 1.0, "low": 0.5,
+        ...     "high": 2.0, "n": 8}}, sizes=QUICK.to_dict(), data={}, seconds=1.5, model_id="tiny",
+        ...     model_name="tiny (LN)", labels=("nmae",))
+        >>> res.estimates()["nmae"]
+        Estimate(value=1.0, low=0.5, high=2.0, n=8, level=0.95, n_nan=0)
+        >>> res.to_frame()[["key", "value"]].values.tolist()
+        [['nmae', 1.0]]
+    """
+
+    stage: str
+    title: str
+    numbers: dict
+    sizes: dict
+    data: dict
+    seconds: float
+    model_id: str
+    model_name: str
+    labels: tuple
+
+    def estimates(self) -> dict[str, Estimate]:
+        """Every estimate among the numbers, by key path (e.g. ``"persuasion.ce"``)."""
+        return {k: Estimate(float(v["value"]), float(v["low"]), float(v["high"]), int(v["n"]))
+                for k, v in _leaves(self.numbers) if _is_estimate(v)}
+
+    def to_frame(self):
+        """One row per number (key path, value; low, high and n for estimates), in the page's order."""
+        import pandas as pd
+
+        rows = [{"key": k, **v} if _is_estimate(v) else {"key": k, "value": v} for k, v in _leaves(self.numbers)]
+        return pd.DataFrame(rows, columns=["key", "value", "low", "high", "n"])
+
+    def plot(self):
+        """The stage's estimates with their CIs, one bar per key path."""
+        import plotly.graph_objects as go
+
+        est = list(self.estimates().items())
+        fig = go.Figure(go.Bar(x=[k for k, _ in est], y=[e.value for _, e in est],
+                               error_y=dict(type="data", symmetric=False, array=[e.high - e.value for _, e in est],
+                                            arrayminus=[e.value - e.low for _, e in est])))
+        fig.update_layout(title=f"{self.model_name}: {self.title}", xaxis_title="number", yaxis_title="value")
+        return fig
+
+
+def _saved(saved: Optional[Path], stage: RealStage, sizes: dict, label: str) -> Optional[RealStageResult]:
+    """The stage's saved result if it was computed on this model with the sizes it reads now, else None."""
+    if saved is None or not (saved / stage.name / "result.json").is_file():
+        return None
+    res = load_result(saved / stage.name, RealStageResult)
+    same = stage_sizes(res.sizes)[stage.name] == stage_sizes(sizes)[stage.name]
+    return res if same and res.model_name == label else None
 
 
 def run_real_report(model, books: Mapping[str, Int[torch.Tensor, "n pos"]], sizes: RealSizes = DEFAULT, *,
-                    name: str = "smollm2-135m", progress: bool = True, partial: Optional[Path] = None) -> dict:
+                    name: str = "smollm2-135m", progress: bool = True, saved: Optional[Path] = None,
+                    resume: bool = False) -> dict:
     """Run `REAL_STAGES` on `model` and return the page's numbers (JSON-able).
 
     Args:
@@ -264,8 +338,9 @@ def run_real_report(model, books: Mapping[str, Int[torch.Tensor, "n pos"]], size
         books: ``{"persuasion": rows, "cfi": rows}`` held-out token rows [n, seq_len] (persuasion also
             calibrates the frozen scales and feeds DLA, entropy neurons and geometry).
         sizes: a `RealSizes` (`DEFAULT`, `QUICK`, `FULL` or your own).
-        partial: a JSON file rewritten after every stage; the stages it holds with the same sizes are
-            reused, not recomputed (``--resume``).
+        saved: a directory: each stage's `RealStageResult` is saved to ``saved/<stage>`` as it finishes.
+        resume: load the stages saved there on the same model with the sizes they read now
+            (`lnfree.load_result`) instead of recomputing them (``--resume``).
 
     Example:
         >>> books = {b: zoo.heldout(b, model=model, seq_len=64) for b in BOOKS}   # doctest: +SKIP
@@ -278,25 +353,50 @@ def run_real_report(model, books: Mapping[str, Int[torch.Tensor, "n pos"]], size
     if set(books) != set(BOOKS):
         raise ValueError(f"books must hold exactly {list(BOOKS)} token rows, got {list(books)}")
     t0 = time.perf_counter()
+    saved = None if saved is None else Path(saved)
     out: dict = {"model": name, "model_label": model_label(model), "sizes": sizes.to_dict(), "timings_s": {}}
     out["stage_sizes"] = stage_sizes(out["sizes"])
-    done = json.loads(partial.read_text()) if partial is not None and partial.is_file() else {}
-    reuse, old_times = _reusable(done, out["stage_sizes"]), done.get("timings_s", {})
     books = {b: books[b] for b in BOOKS}
     out["data"] = {b: list(t.shape) for b, t in books.items()}
     ctx = Context(models={name: model}, data=books, baseline=name, sizes=sizes, token_bytes=None,
                   tokenizer=getattr(model, "tokenizer", None), ioi=None, progress=progress)
     for stage in REAL_STAGES.values():
-        if stage.name in reuse:  # computed by an earlier, interrupted run with the same sizes
-            out[stage.name], out["timings_s"][stage.name] = reuse[stage.name], old_times[stage.name]
-            continue
-        t = time.perf_counter()
-        out[stage.name] = stage.run(ctx)
-        out["timings_s"][stage.name] = round(time.perf_counter() - t, 1)
-        if partial is not None:
-            partial.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
-        if progress:
-            print(f"[{time.perf_counter() - t0:6.0f}s] {stage.name} done", file=sys.stderr, flush=True)
-    out["total_s"] = round(sum(out["timings_s"].values()), 1)  # the stages' own times, resumed ones included
+        res = _saved(saved, stage, out["sizes"], out["model_label"]) if resume else None
+        if res is None:
+            t = time.perf_counter()
+            numbers = json.loads(json.dumps(stage.run(ctx)))  # plain JSON types: as a saved result loads back
+            res = RealStageResult(stage=stage.name, title=stage.title, numbers=numbers, sizes=out["sizes"],
+                                  data=out["data"], seconds=round(time.perf_counter() - t, 1), model_id=name,
+                                  model_name=out["model_label"], labels=tuple(numbers))
+            if saved is not None:
+                res.save(saved / stage.name)
+            if progress:
+                print(f"[{time.perf_counter() - t0:6.0f}s] {stage.name} done", file=sys.stderr, flush=True)
+        out[stage.name], out["timings_s"][stage.name] = res.numbers, res.seconds
+    return finish_numbers(out)
+
+
+def finish_numbers(out: dict) -> dict:
+    """The run's totals: the stages' own times (resumed ones included) and the machine."""
+    out["total_s"] = round(sum(out["timings_s"].values()), 1)
     out["machine"] = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return out
+
+
+def saved_numbers(saved: Path, sizes: RealSizes) -> dict:
+    """The page's numbers from the stages saved under `saved` with `sizes` (those a ``--resume`` would reuse);
+    the stages not saved there are missing (the page says so)."""
+    found = {}
+    for stage in REAL_STAGES.values():
+        if (Path(saved) / stage.name / "result.json").is_file():
+            res = load_result(Path(saved) / stage.name, RealStageResult)
+            if stage_sizes(res.sizes)[stage.name] == stage_sizes(sizes.to_dict())[stage.name]:
+                found[stage.name] = res
+    if not found:
+        raise FileNotFoundError(f"no stage results saved under {saved} with these sizes")
+    first = next(iter(found.values()))
+    out = {"model": first.model_id, "model_label": first.model_name, "sizes": sizes.to_dict(), "timings_s": {},
+           "stage_sizes": stage_sizes(sizes.to_dict()), "data": first.data}
+    for name, res in found.items():
+        out[name], out["timings_s"][name] = res.numbers, res.seconds
     return out
