@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--site-start", type=int, default=5)
     ap.add_argument("--site-gap", type=int, default=3)
     ap.add_argument("--freeze-ramp", type=int, default=3)
+    ap.add_argument("--order", choices=("cheapest", "costliest"), default="cheapest",
+                    help="site order by the measured single-site cost (site_costs.json)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=5)
@@ -173,6 +175,8 @@ def main(argv=None) -> None:
         model.unfreeze_ln()
     costs = json.loads(costs_file.read_text())["costs"]
     order = order_by_cost(costs)
+    if args.order == "costliest":  # the hardest sites while most norms are live and the LR is high
+        order = order[::-1]
     schedule = Schedule.from_order(model.cfg.n_layers, args.steps, order, start=args.site_start, gap=args.site_gap)
     held = None
     if args.heldout:
