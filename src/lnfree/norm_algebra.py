@@ -71,7 +71,7 @@ class NormSite:
         """The forward pass applies a scale, w and b here (live or frozen); False: identity (removed, none)."""
         return self.mode != "removed"
 
-    def input_direction(self, u: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    def input_direction(self, u: Float[torch.Tensor, "..."], dim: int = -1) -> Float[torch.Tensor, "..."]:
         """The direction of the norm's input that the output direction `u` reads, at scale 1: C (w * u).
 
         ``x . result / s == norm(x) . u - b . u`` at a fixed scale s (centering when the kind centres, w
