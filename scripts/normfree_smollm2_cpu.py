@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     ap.add_argument("--site-start", type=int, default=5)
     ap.add_argument("--site-gap", type=int, default=3)
     ap.add_argument("--freeze-ramp", type=int, default=3)
+    ap.add_argument("--skip-nonfinite", type=int, default=0,
+                    help="non-finite steps skipped (no update) before rolling back (resume-free)")
     ap.add_argument("--order", choices=("cheapest", "costliest"), default="cheapest",
                     help="site order by the measured single-site cost (site_costs.json)")
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -186,7 +188,8 @@ def main(argv=None) -> None:
         min_lr=args.min_lr, warmup=args.warmup, aux_lambda=args.aux_lambda, lora_rank=args.lora_rank,
         distill=args.distill, freeze_ramp=args.freeze_ramp, positional_sigma=0 if args.vanilla else 1,
         vanilla=args.vanilla, bos_token_id=first_token(model.tokenizer), site_aux=args.site_aux,
-        checkpoint_every=args.checkpoint_every, keep_checkpoints=2, max_rollbacks=args.max_rollbacks)
+        checkpoint_every=args.checkpoint_every, keep_checkpoints=2, max_rollbacks=args.max_rollbacks,
+        skip_nonfinite=args.skip_nonfinite)
     remove_layernorm(model, rows, settings=settings, out_dir=out / "run", resume="auto", eval_data=held)
     print("done", json.dumps({k: v for k, v in model.removal_summary.items() if k in
                               ("steps", "wall_time_s", "ce_before", "ce_after", "rollbacks", "norm_free")}), flush=True)

@@ -101,3 +101,42 @@ def test_site_aux_gradient_pulls_outliers_in():
 def test_site_aux_must_be_a_non_negative_number():
     with pytest.raises(ValueError, match="site_aux must be"):
         remove_layernorm(make_llama(), removal_data(), site_aux=-1.0, **REMOVAL_RUN)
+
+
+def _nan_on_forwards(model, which):
+    """Make the grad-enabled forwards numbered in `which` (1-based) produce NaN logits."""
+    calls = [0]
+
+    def hook(module, inputs, output):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] in which:
+                return output * float("nan")
+        return output
+
+    model.unembed.register_forward_hook(hook)
+
+
+def test_skip_nonfinite_drops_the_step_and_keeps_the_lr():
+    """A NaN step within the budget is skipped: a 'skip' event, no rollback, the LR scale kept, the run completes
+    its steps with finite weights; one more NaN than the budget is rolled back as before."""
+    events = []
+    model = make_llama()
+    _nan_on_forwards(model, {7})  # step 4's first micro-batch (two micro-batches a step)
+    run = {**REMOVAL_RUN, "schedule": None, "steps": 8}
+    out = remove_layernorm(model, removal_data(), vanilla=True, skip_nonfinite=1, callback=events.append, **run)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("skip") == 1 and "rollback" not in kinds
+    skip = next(e for e in events if e["event"] == "skip")
+    assert skip["step"] == 3 and "non-finite" in skip["reason"]
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == list(range(1, 9))  # the skipped step is done again on the next batch
+    assert out.removal_summary["skips"] == 1 and out.removal_summary["lr_scale"] == 1.0
+    assert all(bool(torch.isfinite(p).all()) for p in out.parameters())
+
+    events.clear()
+    model = make_llama()
+    _nan_on_forwards(model, {7, 9})
+    remove_layernorm(model, removal_data(), vanilla=True, skip_nonfinite=1, callback=events.append, **run)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("skip") == 1 and kinds.count("rollback") == 1

@@ -20,7 +20,7 @@ import numpy as np
 from lnfree.training.optim import OptimConfig
 
 # settings that may differ when a run is resumed (they do not change the trained weights)
-RESUME_FREE_KEYS = {"checkpoint_every", "keep_checkpoints", "max_rollbacks"}
+RESUME_FREE_KEYS = {"checkpoint_every", "keep_checkpoints", "max_rollbacks", "skip_nonfinite"}
 LORA_TARGETS = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
 
 # name -> (kind, lower bound, None allowed); kinds: int, num (finite >= bound), pos (finite > 0), frac ([0, 1]),
@@ -29,6 +29,7 @@ ARGUMENTS = {
     "steps": ("int", 2, True), "batch_size": ("int", 1, True), "micro_batch_size": ("int", 1, True),
     "seq_len": ("int", 2, True), "lr": ("pos", 0, True), "min_lr": ("num", 0, True), "warmup": ("int", 0, True),
     "aux_lambda": ("num", 0, True), "checkpoint_every": ("int", 1, False), "max_rollbacks": ("int", 0, False),
+    "skip_nonfinite": ("int", 0, False),
     "keep_checkpoints": ("int", 1, False), "seed": ("int", 0, False), "momentum": ("mom", 0, True),
     "lora_rank": ("int", 1, True), "lora_alpha": ("pos", 0, True), "distill": ("frac", 0, False),
     "distill_temperature": ("pos", 0, False), "weight_decay": ("num", 0, True), "freeze_ramp": ("int", 0, False),
@@ -109,6 +110,10 @@ class RemovalSettings:
         max_rollbacks: bad steps (non-finite, diverged, spiking) are rolled back to the last good
             checkpoint with the LR halved; after this many the run stops with `DivergedError`
             (a RuntimeError) naming the last good checkpoint.
+        skip_nonfinite: up to this many steps whose loss or gradient is not finite are skipped instead (no
+            update, the batch consumed, a "skip" event logged) before such steps are rolled back: one rare
+            token overflowing a model whose norms are frozen then costs one batch, not half the LR. Only
+            non-finite steps are skipped (a diverged or spiking loss is still rolled back); resume-free.
         keep_checkpoints: checkpoints kept in ``out_dir`` (older ones are deleted).
         weight_decay: AdamW weight decay on matrices (default 0.01, or the recipe's).
         recipe: "paper" with a preset: the paper's code's run of that size (see
@@ -168,6 +173,7 @@ class RemovalSettings:
     bos_token_id: Optional[int] = None
     momentum: Optional[float] = None
     max_rollbacks: int = 3
+    skip_nonfinite: int = 0
     keep_checkpoints: int = 2
     weight_decay: Optional[float] = None
     recipe: Union[None, str, dict] = None
@@ -288,6 +294,7 @@ class RemovalConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     max_rollbacks: int = 3
+    skip_nonfinite: int = 0
     lr_backoff: float = 0.5
     diverge_factor: float = 3.0
     diverge_margin: float = 2.0

@@ -198,7 +198,7 @@ class _Run:
         self.optimizer = make_optimizer(model, cfg.optim)
         self.ckpts = _Checkpoints(out_dir, cfg.keep_checkpoints, dist)
         self.log = JsonlLog(out_dir / "log.jsonl" if out_dir is not None and dist.rank == 0 else None)
-        self.step = self.position = self.tokens_seen = self.n_rollbacks = 0
+        self.step = self.position = self.tokens_seen = self.n_rollbacks = self.n_skips = 0
         self.lr_scale = 1.0
         self.ce_before = None
         self.wall_prev = 0.0
@@ -237,6 +237,7 @@ class _Run:
         return {
             "format": CHECKPOINT_FORMAT, "version": 2, "step": self.step, "position": self.position,
             "tokens_seen": self.tokens_seen, "lr_scale": self.lr_scale, "n_rollbacks": self.n_rollbacks,
+            "n_skips": self.n_skips,
             "sigma_ema": self.ema.state_dict(), "site_modes": self.model.ln_modes(),
             "site_scales": {s: self.model.ln_scale(s) for s in self.model.ln_sites}, "ln_state": self.model.ln_state(),
             "guard": self.guard.state_dict(), "loss_history": list(self.guard.history), "rng": _rng_state(),
@@ -291,6 +292,7 @@ class _Run:
         if not keep_position:
             self.position, self.tokens_seen = state["position"], state["tokens_seen"]
             self.lr_scale, self.n_rollbacks = state["lr_scale"], state["n_rollbacks"]
+            self.n_skips = state.get("n_skips", 0)
             self.wall_prev = state["wall_time"]
             self.t0 = time.time()
         if state.get("ce_before") is not None:
@@ -506,6 +508,18 @@ class _Run:
         self.position += self.cfg.batch_size
         self.tokens_seen += self.cfg.batch_size * self.cfg.seq_len
 
+    def skippable(self, stats: StepStats) -> bool:
+        """A non-finite step within the ``skip_nonfinite`` budget (a diverged or spiking one never is)."""
+        finite = math.isfinite(stats.loss) and math.isfinite(stats.grad_norm)
+        return not finite and self.n_skips < self.cfg.skip_nonfinite
+
+    def skip(self, reason: str) -> None:
+        """Drop this step's gradients and batch: no update, no EMA or guard record, the same step next."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.n_skips += 1
+        self.position += self.cfg.batch_size
+        self._emit({"event": "skip", "step": self.step, "reason": reason, "skips": self.n_skips})
+
     def rollback(self, reason: str) -> None:
         """Return to the last good checkpoint with a lower LR; the failed batch is not replayed."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -556,6 +570,9 @@ class _Run:
                 self.apply_schedule()
                 stats = self.forward_backward()
                 reason = self.check(stats)
+                if reason and self.skippable(stats):
+                    self.skip(reason)
+                    continue
                 if reason:
                     self.rollback(reason)
                     bar.n = self.step
@@ -713,7 +730,8 @@ def _resolve_config(model: LNFreeTransformer, s: RemovalSettings, data, dist: _D
                         tie_embeddings=resolve_tie(rec.get("tie_embeddings", False), model),
                         freeze_ramp=s.freeze_ramp, positional_sigma=s.positional_sigma,
                         checkpoint_every=s.checkpoint_every, keep_checkpoints=s.keep_checkpoints,
-                        max_rollbacks=s.max_rollbacks, diverge_factor=float(s.diverge_factor),
+                        max_rollbacks=s.max_rollbacks, skip_nonfinite=s.skip_nonfinite,
+                        diverge_factor=float(s.diverge_factor),
                         spike_factor=float(s.spike_factor), site_aux=float(s.site_aux), sites=s.sites)
     return cfg, sched
 
@@ -974,7 +992,7 @@ def _finish(run: _Run, out: Optional[Path], model: LNFreeTransformer) -> LNFreeT
         "ce_before": None if run.ce_before is None else run.ce_before.to_dict(),
         "ce_after": None if ce_after is None else ce_after.to_dict(),
         "ce_delta": None if (ce_after is None or run.ce_before is None) else ce_after.value - run.ce_before.value,
-        "ln_free": model.is_ln_free, "norm_free": model.is_norm_free, "rollbacks": run.n_rollbacks, "lr_scale": run.lr_scale,
+        "ln_free": model.is_ln_free, "norm_free": model.is_norm_free, "rollbacks": run.n_rollbacks, "skips": run.n_skips, "lr_scale": run.lr_scale,
         "sigma": frozen_sigma, "schedule": run.schedule.to_dict(), "config": run.cfg.to_dict(),
         "variant": ("lora" if run.cfg.lora_rank else "full") + ("+distill" if run.cfg.distill > 0 else ""),
     }
