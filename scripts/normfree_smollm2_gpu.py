@@ -49,7 +49,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 DEFAULTS = dict(steps=360, batch_size=32, micro_batch_size=8, seq_len=1024, lr=1e-3, min_lr=1e-4, warmup=5,
-                lora_rank=32, distill=1.0, distill_temperature=1.0, aux_lambda=0.0, positional_sigma=1,
+                lora_rank=32, distill=1.0, distill_temperature=1.0, aux_lambda=0.0, site_aux=10.0, skip_nonfinite=100,
+                positional_sigma=1,
                 site_start=5, site_gap=3, freeze_ramp=3, checkpoint_every=40, calib_rows=8, rows=1024,
                 cfi_rows=512, any_rows=256, small_rows=32)
 # --smoke: the whole path on CPU in ~2 minutes (every site frozen at step 1, phased in over 2 steps)
@@ -80,7 +81,8 @@ def _sibling(name: str):
 # ---- the two runs' settings ----------------------------------------------------------------------------
 def run_settings(a: argparse.Namespace, schedule, bos: int, *, vanilla: bool, bf16: bool):
     """The `RemovalSettings` of one run. The control differs from the norm-free run in the freezing only:
-    the same losses (distillation weight and temperature, aux loss), LoRA, optimiser, data, steps and batch."""
+    the same losses (distillation weight and temperature, aux loss, the norm-input loss ``site_aux``, which the
+    trainer keeps in both), LoRA, optimiser, data, steps and batch."""
     from lnfree.removal import RemovalSettings
 
     return RemovalSettings(
@@ -88,7 +90,8 @@ def run_settings(a: argparse.Namespace, schedule, bos: int, *, vanilla: bool, bf
         seq_len=a.seq_len, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup, aux_lambda=a.aux_lambda, lora_rank=a.lora_rank,
         distill=a.distill, distill_temperature=a.distill_temperature, freeze_ramp=a.freeze_ramp,
         positional_sigma=a.positional_sigma, bos_token_id=bos, bf16=bf16, seed=a.seed,
-        checkpoint_every=a.checkpoint_every, keep_checkpoints=2, vanilla=vanilla,
+        checkpoint_every=a.checkpoint_every, keep_checkpoints=2, vanilla=vanilla, site_aux=a.site_aux,
+        skip_nonfinite=a.skip_nonfinite,
         # the trainer drops the aux loss from vanilla runs unless told to keep it
         recipe={"vanilla_aux": True} if vanilla and a.aux_lambda > 0 else None)
 

@@ -74,6 +74,7 @@ def test_control_kwargs_differ_from_the_normfree_run_only_in_freezing(gpu, aux):
     differ = {k for k in set(nf) | set(van) if nf.get(k) is not van.get(k) and nf.get(k) != van.get(k)}
     assert differ == ({"vanilla", "recipe"} if aux else {"vanilla"})
     assert van["distill"] == nf["distill"] == 1.0 and van["lora_rank"] == 32 and van["aux_lambda"] == aux
+    assert van["site_aux"] == nf["site_aux"] == 10.0  # the norm-input loss, in both (the CPU runs' finding)
     if aux:
         assert van["recipe"] == {"vanilla_aux": True}  # else the trainer would drop the control's aux loss
 
