@@ -143,6 +143,25 @@ def removal_data(n: int = 48, seed: int = 5) -> torch.Tensor:
     return torch.randint(0, 61, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
+def removal_tl_dir(tmp_path):
+    """A tiny `make_model()` written as an lnfree (TL) directory, ``tmp_path / "base"``, with ``train.npy``
+    (`removal_data(64)` as one stream) beside it: what ``lnfree remove-ln BASE --data train.npy`` reads."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from lnfree.io.tl_dir import cfg_to_json
+
+    model = make_model()
+    src = tmp_path / "base"
+    src.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"model": cfg_to_json(model.cfg)}))
+    np.save(tmp_path / "train.npy", removal_data(64).numpy().reshape(-1))
+    return src
+
+
 def sigkill_mid_run(out_dir, data, make, **kwargs):
     """The target of a forked child: `remove_layernorm(make(), data, out_dir=out_dir, **REMOVAL_RUN, **kwargs)`,
     SIGKILLed mid-way through step 6 (after the step-4 checkpoint), as a crash would stop it."""

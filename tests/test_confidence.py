@@ -91,6 +91,15 @@ def brute_force_logits(model, tokens, layer, neurons, means, freeze_final_scale)
     return model.run_with_hooks(tokens, fwd_hooks=hooks)
 
 
+def _planted_logit_changes(m, tokens, means):
+    """(direct, total): the logit changes of mean-ablating layer 1's planted neuron, with the final norm's
+    scale held at its clean value and not, each centred over the vocabulary (a logit difference sees that)."""
+    clean = m(tokens)
+    direct = brute_force_logits(m, tokens, 1, [PLANTED], means, True) - clean
+    total = brute_force_logits(m, tokens, 1, [PLANTED], means, False) - clean
+    return direct - direct.mean(-1, keepdim=True), total - total.mean(-1, keepdim=True)
+
+
 def per_token(logits, tokens):
     """Per-token entropy and CE of every position with a next token (torch.distributions)."""
     lg = logits[:, :-1].double()
@@ -174,10 +183,7 @@ def test_rms_entropy_neuron_along_the_mean_direction(tokens):
     assert abl.ln_mediated_fraction(1).value < 0.9
     # brute force: the direct effect (final RMS scale hooked to its clean value) moves no logit difference
     means = abl.mean_activation[:1]
-    clean = m(tokens)
-    direct = brute_force_logits(m, tokens, 1, [PLANTED], means, True) - clean
-    total = brute_force_logits(m, tokens, 1, [PLANTED], means, False) - clean
-    direct, total = direct - direct.mean(-1, keepdim=True), total - total.mean(-1, keepdim=True)
+    direct, total = _planted_logit_changes(m, tokens, means)
     assert direct.abs().max() < 1e-4 * total.abs().max() and total.abs().max() > 0.1
     # fold the final RMS away: the same geometry (diag(w) / sigma W_U), the same ranking, no norm pathway
     free = ln_free_copy(planted_llama(), tokens)
@@ -259,10 +265,7 @@ def test_planted_neuron_effect_is_all_through_the_final_layernorm(tokens):
     abl = ablate_neurons(m, tokens, [f"L1N{PLANTED}", "L1N20"])
     means = abl.mean_activation[:1]
     # direct effect (scale frozen at clean value) on every logit difference is ~0 ...
-    clean = m(tokens)
-    direct = brute_force_logits(m, tokens, 1, [PLANTED], means, True) - clean
-    total = brute_force_logits(m, tokens, 1, [PLANTED], means, False) - clean
-    direct, total = direct - direct.mean(-1, keepdim=True), total - total.mean(-1, keepdim=True)
+    direct, total = _planted_logit_changes(m, tokens, means)
     assert direct.abs().max() < 1e-3 * total.abs().max()
     assert total.abs().max() > 1.0
     # ... while its total effect on entropy is large and entirely LN-mediated

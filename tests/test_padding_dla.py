@@ -174,21 +174,19 @@ def test_pad_id_in_an_unpadded_batch_is_a_real_token(model, tokens):
     tokens = tokens.clone()
     tokens[:, 0] = PAD  # a real leading token that shares the pad id
     tokens[2, 5] = PAD
-    plain = {
-        "dla": direct_logit_attribution(model, tokens, components="heads").direct_effect,
-        "ce": cross_entropy(model, tokens).per_sequence,
-        "norm": first_token_norm(model, tokens).first,
-        "sink": attention_sink_rate(model, tokens).per_prompt,
-    }
+    def four():  # the same four analyses, before and after the tokenizer sets a pad id
+        return {
+            "dla": direct_logit_attribution(model, tokens, components="heads").direct_effect,
+            "ce": cross_entropy(model, tokens).per_sequence,
+            "norm": first_token_norm(model, tokens).first,
+            "sink": attention_sink_rate(model, tokens).per_prompt,
+        }
+
+    plain = four()
     model.tokenizer = SimpleNamespace(padding_side="left", pad_token_id=PAD, bos_token_id=60, eos_token_id=PAD)
     with torch.no_grad():  # the trap is real: TransformerLens alone would mask those tokens
         assert not torch.allclose(model(tokens), model(tokens, attention_mask=torch.ones_like(tokens)), atol=1e-3)
-    left = {
-        "dla": direct_logit_attribution(model, tokens, components="heads").direct_effect,
-        "ce": cross_entropy(model, tokens).per_sequence,
-        "norm": first_token_norm(model, tokens).first,
-        "sink": attention_sink_rate(model, tokens).per_prompt,
-    }
+    left = four()
     for key in plain:
         torch.testing.assert_close(left[key], plain[key], atol=1e-6, rtol=1e-6, msg=key)
 

@@ -75,6 +75,24 @@ def test_analysis_package_exports_every_analysis():
         analysis.nope  # noqa: B018
 
 
+def test_every_lazy_package_routes_and_refuses_through_one_getattr():
+    """The five lazy packages share lnfree._lazy.lazy_getattr: tables name modules from the top or relative."""
+    from lnfree._lazy import lazy_getattr
+    from lnfree.removal.trainer import remove_layernorm
+    from lnfree.stats import bootstrap
+
+    get = lazy_getattr("lnfree.removal", {"remove_layernorm": "trainer", "bootstrap": "lnfree.stats"}, ("costs",))
+    assert get("remove_layernorm") is remove_layernorm and get("bootstrap") is bootstrap
+    assert get("costs") is importlib.import_module("lnfree.removal.costs")
+    with pytest.raises(AttributeError, match=r"^module 'lnfree.removal' has no attribute 'sigma'$"):
+        get("sigma")  # a submodule not listed is not routed
+    for pkg in ("lnfree", "lnfree.analysis", "lnfree.removal", "lnfree.report", "lnfree.zoo"):
+        mod = importlib.import_module(pkg)
+        assert mod.__getattr__.__qualname__ == "lazy_getattr.<locals>.__getattr__", pkg
+        with pytest.raises(AttributeError, match=rf"^module '{pkg}' has no attribute 'nope'$"):
+            mod.nope  # noqa: B018
+
+
 def test_lnfree_exports_resolve():
     for name in lnfree.__all__:
         assert getattr(lnfree, name) is not None, name

@@ -13,14 +13,14 @@ import pytest
 import torch
 
 from _ddp import run_two_ranks
-from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data, sigkill_mid_run
+from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data, removal_tl_dir, sigkill_mid_run
 from lnfree.removal import (
     PRESETS, Schedule, SigmaEMA, SpikeDetector, TokenData, aux_norm_loss, latest_checkpoint, load_checkpoint,
     load_tokens, lr_at, remove_layernorm,
 )
 from lnfree.removal.data import chunk, split_holdout
 from lnfree.removal.sigma import global_micro_batch_means
-from lnfree.removal.trainer import RemovalConfig, load_tl_dir, cfg_to_json, read_checkpoint
+from lnfree.removal.trainer import RemovalConfig, load_tl_dir, read_checkpoint
 from lnfree.training import OptimConfig
 
 # a 12-step schedule for the 2-layer test model: ln2 at 2,3; ln1.qk at 4,5; ln1.v at 6,8; ln_final at 10
@@ -400,16 +400,9 @@ def test_bf16_autocast_runs():
 
 
 def test_cli_remove_ln_from_tl_dir(tmp_path, tokens):
-    from safetensors.torch import save_file
-
     from lnfree.cli import main
 
-    model = make_model()
-    src = tmp_path / "base"
-    src.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps({"model": cfg_to_json(model.cfg)}))
-    np.save(tmp_path / "train.npy", _data(64).numpy().reshape(-1))
+    src = removal_tl_dir(tmp_path)
     out = tmp_path / "run"
     args = ["remove-ln", str(src), "--data", str(tmp_path / "train.npy"), "--out", str(out), "--steps", "12",
             "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "16", "--eval-seqs", "8",

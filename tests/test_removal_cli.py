@@ -8,27 +8,21 @@ import shlex
 import signal
 import warnings
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import lnfree
-from conftest import make_model
+from conftest import REMOVAL_RUN, make_model, removal_data, removal_tl_dir
 from lnfree.cli import build_parser, main
-from lnfree.removal import Schedule, latest_checkpoint, remove_layernorm
+from lnfree.removal import latest_checkpoint, remove_layernorm
 from lnfree.removal import trainer as trainer_mod
-from lnfree.removal.trainer import cfg_to_json
 from lnfree.training.interrupt import TrainingInterrupted
 
-SCHED = Schedule.from_gaps(2, 12, 2, 1, 1, 2)
-RUN = dict(schedule=SCHED, batch_size=4, micro_batch_size=2, seq_len=16, lr=3e-3, min_lr=1e-3, warmup=2,
-           checkpoint_every=4, progress=False)
+RUN = REMOVAL_RUN
 
 
 def _data(n=48, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 61, (n, 16), generator=g).numpy()
+    return removal_data(n, seed).numpy()
 
 
 def _sigint_at(step):
@@ -62,13 +56,7 @@ def test_sigint_on_a_checkpoint_step_writes_nothing_new(tmp_path):
 
 @pytest.fixture
 def tl_dir(tmp_path):
-    model = make_model()
-    src = tmp_path / "base"
-    src.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps({"model": cfg_to_json(model.cfg)}))
-    np.save(tmp_path / "train.npy", _data(64).reshape(-1))
-    return src
+    return removal_tl_dir(tmp_path)
 
 
 def _args(tl_dir, out, *extra):

@@ -391,6 +391,22 @@ def test_commands_bad_input(tiny_zoo, tmp_path, monkeypatch, capsys):
         main(["reproduce", "not-a-figure"])
 
 
+def test_threads_flag_one_rule_for_every_command(tmp_path, capsys):
+    """--threads < 1 is refused, before any model loads, by each command (lnfree.training.device.set_threads)."""
+    before = torch.get_num_threads()
+    for argv in (["demo", "--out", str(tmp_path / "d")], ["compare", "no-such-a", "no-such-b"],
+                 ["reproduce", "dla"], ["site-costs", "no-such-model", "--out", str(tmp_path / "c.json")]):
+        _one_line_error(*_run(argv + ["--threads", "0"], capsys)[::2], "--threads must be >= 1, got 0")
+    assert torch.get_num_threads() == before
+    from lnfree.training.device import set_threads
+
+    set_threads(before + 1)
+    try:
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_demo_on_the_packaged_zoo(tmp_path):
     """`lnfree demo --quick` as a user runs it (subprocess), on the shipped family."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data
+from conftest import REMOVAL_RUN, REMOVAL_SCHED, make_model, removal_data, removal_tl_dir
 from lnfree.removal import DivergedError, latest_checkpoint, read_checkpoint, remove_layernorm
 from lnfree.training import CheckpointDir, DivergenceGuard, JsonlLog, sigma_problem
 
@@ -90,8 +90,7 @@ def test_sigma_leaving_its_range_is_rolled_back():
 def test_cli_divergence_is_one_line_and_exit_2(tmp_path, capsys):
     from lnfree.cli import main
 
-    np.save(tmp_path / "train.npy", _data(64).numpy().reshape(-1))
-    src = _tl_dir(tmp_path)
+    src = removal_tl_dir(tmp_path)
     args = ["remove-ln", str(src), "--data", str(tmp_path / "train.npy"), "--out", str(tmp_path / "run"),
             "--steps", "12", "--batch-size", "4", "--micro-batch-size", "2", "--seq-len", "16", "--eval-seqs", "0",
             "--lr", "100", "--min-lr", "1", "--checkpoint-every", "1", "--no-progress"]
@@ -100,19 +99,6 @@ def test_cli_divergence_is_one_line_and_exit_2(tmp_path, capsys):
         assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in err[0] and "step_000000" in err[0] and "gave up" in err[0]
-
-
-def _tl_dir(tmp_path):
-    from safetensors.torch import save_file
-
-    from lnfree.removal.trainer import cfg_to_json
-
-    model = make_model()
-    src = tmp_path / "base"
-    src.mkdir(exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"))
-    (src / "config.json").write_text(json.dumps({"model": cfg_to_json(model.cfg)}))
-    return src
 
 
 # ---- resume guards and the log ------------------------------------------------------------------------
@@ -127,8 +113,7 @@ def test_resume_needs_something_to_resume(tmp_path, capsys):
     assert out.is_ln_free and latest_checkpoint(tmp_path / "auto").name == "step_000012"
     from lnfree.cli import main
 
-    np.save(tmp_path / "train.npy", _data(64).numpy().reshape(-1))
-    assert main(["remove-ln", str(_tl_dir(tmp_path)), "--data", str(tmp_path / "train.npy"), "--out",
+    assert main(["remove-ln", str(removal_tl_dir(tmp_path)), "--data", str(tmp_path / "train.npy"), "--out",
                  str(tmp_path / "typo2"), "--resume", "--no-progress"]) == 2
     assert "nothing to resume" in capsys.readouterr().err
 

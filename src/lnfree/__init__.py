@@ -9,10 +9,10 @@ The public API, imported lazily so that `import lnfree` stays fast:
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 from lnfree import _hooks
+from lnfree._lazy import lazy_getattr
 
 # TransformerLens 3.9 deprecates HookedTransformer in favour of 4.x's TransformerBridge; this
 # package is built on HookedTransformer on purpose (see README), so the warning is noise here.
@@ -104,12 +104,7 @@ _hooks.register("from_pretrained", _from_pretrained)
 _hooks.register("save_pretrained", _save_pretrained)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"lnfree.{name}")
-    raise AttributeError(f"module 'lnfree' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, _SUBMODULES)
 
 
 def __dir__():

@@ -14,7 +14,7 @@ attention sinks). Names are imported lazily, so ``import lnfree.analysis`` stays
 
 from __future__ import annotations
 
-import importlib
+from lnfree._lazy import lazy_getattr
 
 # name -> the module defining it (a test checks the table against the modules' public names)
 _EXPORTS = {
@@ -34,12 +34,7 @@ _SUBMODULES = ("dla", "patching", "confidence", "calibration", "geometry")
 __all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"lnfree.analysis.{_EXPORTS[name]}"), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"lnfree.analysis.{name}")
-    raise AttributeError(f"module 'lnfree.analysis' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, _SUBMODULES)
 
 
 def __dir__():

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from lnfree._errors import CLIError
+from lnfree.training.device import set_threads
 
 SMALL = ("gpt2", "schaeff/gpt2-small_vanilla300", "schaeff/gpt2-small_LNFree300")  # load_models.py:219-223
 MEDIUM = ("gpt2-medium", "schaeff/gpt2-medium_vanilla500", "schaeff/gpt2-medium_LNFree500")  # :224-228
@@ -276,10 +277,7 @@ def run_reproduce(args, *, load=None, names=None, load_data=None, zoo_data=None)
     from lnfree.report.html import Report, write_json
 
     t0 = time.perf_counter()
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise _err(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(getattr(args, "threads", None))
     fig = args.figure
     if fig not in FIGURES:
         raise _err(f"FIGURE must be one of {', '.join(FIGURES)}, got {fig!r}")

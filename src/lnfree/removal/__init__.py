@@ -16,7 +16,7 @@ Names are imported lazily so that the ``lnfree`` command starts fast.
 
 from __future__ import annotations
 
-import importlib
+from lnfree._lazy import lazy_getattr
 
 _EXPORTS = {
     "remove_layernorm": "trainer",
@@ -52,10 +52,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"lnfree.removal.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'lnfree.removal' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__():

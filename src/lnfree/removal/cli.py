@@ -222,17 +222,15 @@ def resume_command(args) -> str:
 
 
 def run(args) -> int:
-    import torch
-
     from lnfree.cli import CLIError
     from lnfree.removal.data import load_tokens, split_holdout
     from lnfree.removal.trainer import remove_layernorm
+    from lnfree.training.device import set_threads
     from lnfree.training.guards import DivergedError
     from lnfree.training.interrupt import TrainingInterrupted
 
     settings = check_args(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = load_model_arg(args.model, args.tokenizer, args.device)
     if args.site_order is not None:
         settings = settings.replace(schedule=schedule_from_order_file(

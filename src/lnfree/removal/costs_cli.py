@@ -64,15 +64,11 @@ def _rows(args, model):
 
 
 def run(args) -> int:
-    import torch
-
     from lnfree.removal.costs import site_costs
     from lnfree.report.cli import load_any
+    from lnfree.training.device import set_threads
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     model = load_any(args.model, device=args.device)
     tokens, calib = _rows(args, model)
     res = site_costs(model, tokens, calib=calib, sites=args.sites, batch_size=args.batch_size, n_boot=args.n_boot,

@@ -14,7 +14,7 @@ registry: one `Stage` per section), `figures` (one figure function per stage), `
 
 from __future__ import annotations
 
-import importlib
+from lnfree._lazy import lazy_getattr
 
 _EXPORTS = {
     "run_report": "lnfree.report.pipeline",
@@ -37,12 +37,7 @@ _SUBMODULES = {"pipeline", "stages", "figures", "html", "cli", "saved"}
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"lnfree.report.{name}")
-    raise AttributeError(f"module 'lnfree.report' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS, _SUBMODULES)
 
 
 def __dir__():

@@ -250,12 +250,9 @@ def _check_same_tokenizer(models: dict) -> None:
 
 # ---- the commands --------------------------------------------------------------------------
 def _setup(args) -> float:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CLIError(f"--threads must be >= 1, got {args.threads}")
-        import torch
+    from lnfree.training.device import set_threads
 
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     return time.perf_counter()
 
 

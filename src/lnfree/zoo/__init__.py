@@ -39,12 +39,12 @@ with one line in `lnfree.io.zoo.DERIVED_MODELS`.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from typing import Optional, Union
 
 import torch
 
+from lnfree._lazy import lazy_getattr
 from lnfree.io.zoo import (  # noqa: F401  (the zoo's tables and files live with their reader)
     DERIVED_MODELS, ENV_VAR, FORMAT, FORMAT_VERSION, MANIFEST, NAMES, PACKAGE_DATA, REAL_MODELS, all_names, data_dir,
     info, real_model_path, tokenizer,
@@ -73,10 +73,7 @@ __all__ = ["NAMES", "REAL_MODELS", "HELDOUT_NAMES", "names", "all_names", "load"
            "data_dir", "real_model_path", "heldout_text"] + sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'lnfree.zoo' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 def names() -> list[str]:
