@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
+CORPUS = os.environ.get("LNFREE_CORPUS", "corpus")
 
 
 def main(argv=None) -> None:
@@ -47,7 +47,10 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     base = zoo.load("tiny-ln", device="cpu")
     tok = zoo.tokenizer()
-    stream = tokenize_files(sorted(glob.glob(f"{CORPUS}/train/*.txt")), tok)
+    files = sorted(glob.glob(f"{CORPUS}/train/*.txt"))
+    if not files:
+        raise SystemExit(f"no {CORPUS}/train/*.txt: set LNFREE_CORPUS to a folder with train/*.txt")
+    stream = tokenize_files(files, tok)
     rows = chunk_with_bos(stream, a.seq_len, 0)
     need = a.steps * a.batch_size
     rows = rows[np.random.default_rng(0).permutation(len(rows))[: need + 64]]

@@ -344,7 +344,7 @@ def _sink_tokens(cpu, model, out: Path):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--corpus", default=os.environ.get("LNFREE_CORPUS", "/work/shared/corpus"),
+    p.add_argument("--corpus", default=os.environ.get("LNFREE_CORPUS", "corpus"),
                    help="a directory with train/*.txt (copy it into the working tree for the device machine)")
     p.add_argument("--costs", default=None, help="site -> single-site cost JSON (the CPU run's site_costs.json); "
                    "default: computed once into OUT/site_costs.json")

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
+CORPUS = os.environ.get("LNFREE_CORPUS", "corpus")
 
 
 @torch.no_grad()
@@ -157,6 +157,8 @@ def main(argv=None) -> None:
     books = {b: zoo.heldout(b, model=model, seq_len=a.seq_len)[: a.eval_rows] for b in ("persuasion", "cfi")}
     steps = 1 + a.ramp + a.frozen_steps
     files = sorted(glob.glob(f"{CORPUS}/train/*.txt"))
+    if not files:
+        raise SystemExit(f"no {CORPUS}/train/*.txt: set LNFREE_CORPUS to a folder with train/*.txt")
     seqs = load_tokens(files, seq_len=a.seq_len, tokenizer=model.tokenizer,
                        max_tokens=int(steps * a.batch_size * a.seq_len * 1.2) + a.seq_len)
     with tempfile.TemporaryDirectory() as run_dir:  # the run's checkpoints (its last one: the site frozen)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 
-CORPUS = os.environ.get("LNFREE_CORPUS", "/work/shared/corpus")
+CORPUS = os.environ.get("LNFREE_CORPUS", "corpus")
 VARIANTS = {"full": {}, "lora": {"lora_rank": 16, "lr": 1e-3}, "distill": {"distill": 1.0}}
 
 
@@ -48,6 +48,8 @@ def one(variant: str, steps: int, batch: int, micro: int, seq_len: int, eval_row
     model = zoo.load("smollm2-135m", device="cpu")
     load_s = time.time() - t0
     files = sorted(glob.glob(f"{CORPUS}/train/*.txt"))
+    if not files:
+        raise SystemExit(f"no {CORPUS}/train/*.txt: set LNFREE_CORPUS to a folder with train/*.txt")
     need = steps * batch * seq_len
     seqs = load_tokens(files, seq_len=seq_len, tokenizer=model.tokenizer, max_tokens=int(need * 1.2) + seq_len)
     held = load_tokens([f"{CORPUS}/heldout/austen_persuasion.txt"], seq_len=seq_len, tokenizer=model.tokenizer,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CORPUS = Path(os.environ.get("LNFREE_CORPUS", "/work/shared/corpus"))
+CORPUS = Path(os.environ.get("LNFREE_CORPUS", "corpus"))
 TRAIN_FILES = ("austen_emma.txt", "mhcc.txt", "tdavid.txt", "web_bible.txt")
 
 
