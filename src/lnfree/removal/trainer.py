@@ -39,6 +39,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from lnfree.layernorm import RemovableLayerNorm
 from lnfree.model import LNFreeTransformer, as_lnfree
 from lnfree.removal.checkpoint import (  # noqa: F401  (re-exported: the historical import path)
     CHECKPOINT_FORMAT, cfg_from_json, cfg_to_json, latest_checkpoint, load_checkpoint, load_tl_dir, read_checkpoint,
@@ -49,7 +50,7 @@ from lnfree.removal.config import (  # noqa: F401  (check_arguments, ARGUMENTS: 
 )
 from lnfree.removal.data import TokenData, as_token_source, load_tokens
 from lnfree.removal.hf_training import dropout, resolve_tie, tie_embeddings, untie_embeddings
-from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce, site_scale_loss
+from lnfree.removal.loss import aux_norm_loss, distill_kl, next_token_ce, site_scale_loss, token_std
 from lnfree.removal.schedule import PRESETS, Preset, Schedule, get_preset
 from lnfree.removal.sigma import SigmaEMA, global_micro_batch_means, stats_tensor
 from lnfree.training.checkpoints import CheckpointDir
@@ -420,9 +421,6 @@ class _Run:
         if not self.cfg.site_aux:
             yield scales
             return
-        from lnfree.layernorm import RemovableLayerNorm
-        from lnfree.removal.loss import token_std
-
         eps, center = self.model.cfg.eps, self.center
 
         def grab(module, inputs):  # ln1's q/k and v paths read one input: one entry per module
